@@ -1,0 +1,1 @@
+"""Orchestra's services: router, budget, cache, audit, discovery, and the CLI."""

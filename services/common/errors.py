@@ -1,0 +1,258 @@
+"""The error model every Orchestra service shares.
+
+Domain code raises an :class:`OrchestraError` subclass; one server interceptor
+(:mod:`services.common.interceptors`) turns it into a ``google.rpc.Status``
+carrying an ``ErrorInfo`` (reason from ``orchestra.common.v1.ErrorReason``,
+domain ``orchestra.dev``) plus ``BadRequest``, ``QuotaFailure`` or
+``RetryInfo`` where they fit. Clients decode it back with :func:`decode`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from orchestra.common.v1 import errors_pb2
+
+DOMAIN = "orchestra.dev"
+_REASON_PREFIX = "ERROR_REASON_"
+
+
+def reason_name(reason: errors_pb2.ErrorReason.ValueType) -> str:
+    """Returns the wire form of a reason: the enum name without its prefix."""
+    return errors_pb2.ErrorReason.Name(reason).removeprefix(_REASON_PREFIX)
+
+
+class OrchestraError(Exception):
+    """An error with a canonical gRPC code and an ``ErrorInfo`` reason.
+
+    Attributes:
+        code: The canonical gRPC status code.
+        reason: One of ``orchestra.common.v1.ErrorReason``.
+        metadata: Request specifics for ``ErrorInfo.metadata`` (never secrets).
+        retry_after: Seconds after which a retry may succeed (adds ``RetryInfo``).
+        field: The request field at fault (adds ``BadRequest``).
+        quota_subject: What ran out (adds ``QuotaFailure``).
+    """
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(
+        self,
+        reason: errors_pb2.ErrorReason.ValueType,
+        message: str,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        retry_after: float | None = None,
+        field: str | None = None,
+        quota_subject: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+        self.retry_after = retry_after
+        self.field = field
+        self.quota_subject = quota_subject
+        if field is not None:
+            self.metadata.setdefault("field", field)
+
+    def to_status(self) -> grpc.Status:
+        """Builds the ``grpc.Status`` (with rich details) for this error."""
+        details: list[any_pb2.Any] = []
+        info = error_details_pb2.ErrorInfo(
+            reason=reason_name(self.reason), domain=DOMAIN, metadata=self.metadata
+        )
+        details.append(_pack(info))
+        if self.field is not None:
+            details.append(
+                _pack(
+                    error_details_pb2.BadRequest(
+                        field_violations=[
+                            error_details_pb2.BadRequest.FieldViolation(
+                                field=self.field, description=self.message
+                            )
+                        ]
+                    )
+                )
+            )
+        if self.quota_subject is not None:
+            details.append(
+                _pack(
+                    error_details_pb2.QuotaFailure(
+                        violations=[
+                            error_details_pb2.QuotaFailure.Violation(
+                                subject=self.quota_subject, description=self.message
+                            )
+                        ]
+                    )
+                )
+            )
+        if self.retry_after is not None:
+            delay = duration_pb2.Duration()
+            delay.FromMilliseconds(int(self.retry_after * 1000))
+            details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+        status = status_pb2.Status(
+            code=_CODE_NUMBERS[self.code], message=self.message, details=details
+        )
+        result: grpc.Status = rpc_status.to_status(status)
+        return result
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+_CODE_NUMBERS: dict[grpc.StatusCode, int] = {code: code.value[0] for code in grpc.StatusCode}
+
+
+class InvalidArgument(OrchestraError):
+    """The request is malformed (INVALID_ARGUMENT)."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(OrchestraError):
+    """A named thing does not exist (NOT_FOUND)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(OrchestraError):
+    """A resource with that id exists (ALREADY_EXISTS)."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class Unauthenticated(OrchestraError):
+    """No valid credential (UNAUTHENTICATED)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(OrchestraError):
+    """A valid caller may not do this (PERMISSION_DENIED)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class ResourceExhausted(OrchestraError):
+    """A budget or rate limit is reached (RESOURCE_EXHAUSTED)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class FailedPrecondition(OrchestraError):
+    """The system is not in a state that allows this (FAILED_PRECONDITION)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unavailable(OrchestraError):
+    """A dependency is down; retrying may help (UNAVAILABLE)."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(OrchestraError):
+    """The caller's deadline expired (DEADLINE_EXCEEDED)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Internal(OrchestraError):
+    """A bug (INTERNAL)."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+# --- client side ---------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorDetails:
+    """What a client learns from a failed call.
+
+    Attributes:
+        code: The status code.
+        message: The human-readable message.
+        reason: The ``ErrorInfo`` reason ("" when the server sent none).
+        metadata: The ``ErrorInfo`` metadata.
+        retry_after: Seconds from ``RetryInfo``, if sent.
+        field_violations: ``BadRequest`` field -> description.
+    """
+
+    code: grpc.StatusCode
+    message: str
+    reason: str = ""
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    retry_after: float | None = None
+    field_violations: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+def decode(error: grpc.RpcError) -> ErrorDetails:
+    """Decodes the rich status of a failed call (sync or asyncio stubs).
+
+    Args:
+        error: The exception a stub raised.
+
+    Returns:
+        The status code, message, and whatever details the server attached.
+    """
+    call = error  # grpc.Call and grpc.aio.AioRpcError both carry the trailers
+    code: grpc.StatusCode = call.code()
+    message: str = call.details() or ""
+    status = _status_from_trailers(call)
+    if status is None:
+        return ErrorDetails(code=code, message=message)
+    reason, metadata, retry_after, fields = "", {}, None, {}
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_after = retry.retry_delay.ToMilliseconds() / 1000
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields = {v.field: v.description for v in bad.field_violations}
+    return ErrorDetails(code, message, reason, metadata, retry_after, fields)
+
+
+def _status_from_trailers(call: object) -> status_pb2.Status | None:
+    trailers = call.trailing_metadata() or ()  # type: ignore[attr-defined]
+    for key, value in trailers:
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status()
+            status.ParseFromString(value)
+            return status
+    return None
+
+
+__all__ = [
+    "DOMAIN",
+    "AlreadyExists",
+    "DeadlineExceeded",
+    "ErrorDetails",
+    "FailedPrecondition",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "OrchestraError",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "Unauthenticated",
+    "Unavailable",
+    "decode",
+    "reason_name",
+]

@@ -1,0 +1,93 @@
+"""The one server interceptor that maps exceptions to rich gRPC statuses.
+
+Servicers raise :class:`~services.common.errors.OrchestraError`; this turns it
+into ``context.abort_with_status``. Anything else is a bug: it is logged with an
+incident id and the client gets INTERNAL with that id, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from orchestra.common.v1 import errors_pb2
+from services.common.errors import Internal, OrchestraError
+
+log = logging.getLogger(__name__)
+
+_Context = grpc.aio.ServicerContext[Any, Any]
+_Unary = Callable[[Any, _Context], Awaitable[Any]]
+_Stream = Callable[[Any, _Context], AsyncIterator[Any]]
+
+
+async def _abort(context: _Context, exc: BaseException, method: str) -> None:
+    if isinstance(exc, OrchestraError):
+        error = exc
+    else:
+        incident = uuid.uuid4().hex[:12]
+        log.exception("unhandled error in %s (incident %s)", method, incident, exc_info=exc)
+        error = Internal(
+            errors_pb2.ERROR_REASON_INTERNAL,
+            f"internal error; incident {incident}",
+            metadata={"incident_id": incident},
+        )
+    await context.abort_with_status(error.to_status())
+
+
+def _wrap_unary(behavior: _Unary, method: str) -> _Unary:
+    async def handler(request: Any, context: _Context) -> Any:
+        try:
+            return await behavior(request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a status, see module doc
+            await _abort(context, exc, method)
+
+    return handler
+
+
+def _wrap_stream(behavior: _Stream, method: str) -> _Stream:
+    async def handler(request: Any, context: _Context) -> AsyncIterator[Any]:
+        try:
+            async for item in behavior(request, context):
+                yield item
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a status, see module doc
+            await _abort(context, exc, method)
+
+    return handler
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions raised by unary-unary and unary-stream handlers to statuses."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method),  # type: ignore[arg-type]
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method),  # type: ignore[arg-type]
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # no client-streaming RPCs in our contracts

@@ -1,0 +1,124 @@
+"""Process settings, read once at start from the environment and the config file.
+
+Precedence: environment variable > the ``server:`` section of the YAML file
+named by ``ORCHESTRA_CONFIG`` > default. Settings are frozen; a bad value fails
+at start with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from services.common.config_file import OrchestraFile, load_config_file
+
+# Default ports of the suite's parts (docs/architecture.md lists them).
+DEFAULT_ADDRS: Mapping[str, str] = {
+    "router": "127.0.0.1:50051",
+    "budget": "127.0.0.1:50052",
+    "cache": "127.0.0.1:50053",
+    "audit": "127.0.0.1:50054",
+    "discovery": "127.0.0.1:50055",
+}
+SERVICES = tuple(DEFAULT_ADDRS)
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a service process needs to know at start.
+
+    Attributes:
+        internal_key: HMAC key for edge-signed identities (ORCHESTRA_INTERNAL_KEY).
+        database_url: PostgreSQL URL (DATABASE_URL).
+        redis_url: Redis URL (REDIS_URL).
+        addrs: host:port of every service (ORCHESTRA_<SERVICE>_ADDR); a service
+            listens on the port of its own entry.
+        listen_host: Interface services bind to (ORCHESTRA_LISTEN_HOST).
+        config: The parsed declarative config file (empty when none given).
+        config_path: Where it came from (ORCHESTRA_CONFIG).
+        otel: "" (off), "console" or "otlp" (ORCHESTRA_OTEL).
+        grace_seconds: Drain time on SIGTERM (ORCHESTRA_GRACE_SECONDS).
+        log_level: Python logging level name (ORCHESTRA_LOG_LEVEL).
+    """
+
+    internal_key: bytes
+    database_url: str
+    redis_url: str
+    addrs: Mapping[str, str]
+    listen_host: str
+    config: OrchestraFile
+    config_path: Path | None
+    otel: str
+    grace_seconds: float
+    log_level: str
+
+    def listen_addr(self, service: str) -> str:
+        """The address ``service`` binds to: its port on ``listen_host``."""
+        port = self.addrs[service].rsplit(":", 1)[1]
+        return f"{self.listen_host}:{port}"
+
+
+def load(env: Mapping[str, str] | None = None) -> Settings:
+    """Reads the settings.
+
+    Args:
+        env: The environment (defaults to ``os.environ``).
+
+    Raises:
+        SettingsError: A required variable is missing or a value is malformed.
+        ConfigFileError: The config file does not validate.
+    """
+    env = os.environ if env is None else env
+    config_path = Path(env["ORCHESTRA_CONFIG"]) if env.get("ORCHESTRA_CONFIG") else None
+    config = load_config_file(config_path) if config_path else OrchestraFile()
+    server = config.server
+
+    def pick(var: str, from_file: str | None, default: str = "") -> str:
+        return env.get(var) or from_file or default
+
+    key = pick("ORCHESTRA_INTERNAL_KEY", server.internal_key)
+    if len(key) < 16:
+        raise SettingsError(
+            "ORCHESTRA_INTERNAL_KEY must be set to a secret of at least 16 characters "
+            "(`orchestra up` generates one in its state directory)"
+        )
+    addrs = {
+        name: pick(f"ORCHESTRA_{name.upper()}_ADDR", server.addrs.get(name), default)
+        for name, default in DEFAULT_ADDRS.items()
+    }
+    for name, addr in addrs.items():
+        host, _, port = addr.rpartition(":")
+        if not host or not port.isdigit():
+            raise SettingsError(f"ORCHESTRA_{name.upper()}_ADDR must be host:port, got {addr!r}")
+    otel = pick("ORCHESTRA_OTEL", server.otel).lower()
+    if otel not in ("", "off", "console", "otlp"):
+        raise SettingsError(f"ORCHESTRA_OTEL must be off, console or otlp, got {otel!r}")
+    try:
+        grace = float(pick("ORCHESTRA_GRACE_SECONDS", None, "5"))
+    except ValueError:
+        raise SettingsError("ORCHESTRA_GRACE_SECONDS must be a number") from None
+    return Settings(
+        internal_key=key.encode(),
+        database_url=pick("DATABASE_URL", server.database_url),
+        redis_url=pick("REDIS_URL", server.redis_url),
+        addrs=addrs,
+        listen_host=pick("ORCHESTRA_LISTEN_HOST", server.listen_host, "127.0.0.1"),
+        config=config,
+        config_path=config_path,
+        otel="" if otel == "off" else otel,
+        grace_seconds=grace,
+        log_level=pick("ORCHESTRA_LOG_LEVEL", None, "INFO").upper(),
+    )
+
+
+def require(value: str, var: str, service: str) -> str:
+    """Returns ``value`` or fails naming the variable ``service`` needs."""
+    if not value:
+        raise SettingsError(f"the {service} service needs {var}")
+    return value

@@ -1,0 +1,91 @@
+"""Connections to PostgreSQL (asyncpg) and Redis (redis-py), and migrations.
+
+Each service owns one PostgreSQL schema named after it and keeps its DDL in
+``services/<name>/migrations/NNN_description.sql``; :func:`migrate` applies the
+new ones in order under an advisory lock, so replicas starting together agree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from importlib import resources
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from orchestra.common.v1 import errors_pb2
+from services.common.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+
+async def connect_postgres(
+    url: str, *, min_size: int = 1, max_size: int = 10, wait_seconds: float = 30.0
+) -> asyncpg.Pool:
+    """Opens a pool, retrying while the server starts.
+
+    Raises:
+        Unavailable: STORE_UNAVAILABLE if it does not answer in ``wait_seconds``.
+    """
+    deadline = asyncio.get_running_loop().time() + wait_seconds
+    while True:
+        try:
+            pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size)
+            assert pool is not None
+            return pool
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                raise Unavailable(
+                    errors_pb2.ERROR_REASON_STORE_UNAVAILABLE,
+                    f"PostgreSQL did not answer: {exc}",
+                    retry_after=1.0,
+                ) from exc
+            await asyncio.sleep(0.2)
+
+
+def connect_redis(url: str) -> aioredis.Redis:
+    """A Redis client (connections open lazily) with short, explicit timeouts."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_connect_timeout=2.0,
+        socket_timeout=2.0,
+        health_check_interval=30,
+        decode_responses=False,
+    )
+
+
+async def migrate(pool: asyncpg.Pool, service: str) -> list[str]:
+    """Applies the service's pending migrations; returns the names applied."""
+    folder = resources.files(f"services.{service}") / "migrations"
+    scripts = sorted(
+        (entry.name, entry.read_text()) for entry in folder.iterdir() if entry.name.endswith(".sql")
+    )
+    applied: list[str] = []
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('orchestra.migrate'))")
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS public.orchestra_migrations ("
+            " service text NOT NULL, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now(),"
+            " PRIMARY KEY (service, name))"
+        )
+        done = {
+            r["name"]
+            for r in await conn.fetch(
+                "SELECT name FROM public.orchestra_migrations WHERE service = $1", service
+            )
+        }
+        for name, sql in scripts:
+            if name in done:
+                continue
+            await conn.execute(sql)
+            await conn.execute(
+                "INSERT INTO public.orchestra_migrations (service, name) VALUES ($1, $2)",
+                service,
+                name,
+            )
+            applied.append(name)
+    if applied:
+        log.info("%s: applied migrations %s", service, ", ".join(applied))
+    return applied
