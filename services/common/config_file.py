@@ -165,6 +165,8 @@ def parse_config(text: str, source: str = "<config>") -> OrchestraFile:
         raise ConfigFileError(f"{source}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigFileError(f"{source}: the top level must be a mapping")
+    # A section holding only comments parses as null: treat it as absent.
+    raw = {key: value for key, value in raw.items() if value is not None}
     try:
         return OrchestraFile.model_validate(_expand(raw))
     except ValidationError as exc:

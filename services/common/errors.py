@@ -59,11 +59,15 @@ class OrchestraError(Exception):
         self.retry_after = retry_after
         self.field = field
         self.quota_subject = quota_subject
+        self.forwarded_status: status_pb2.Status | None = None
         if field is not None:
             self.metadata.setdefault("field", field)
 
     def to_status(self) -> grpc.Status:
         """Builds the ``grpc.Status`` (with rich details) for this error."""
+        if self.forwarded_status is not None:
+            forwarded: grpc.Status = rpc_status.to_status(self.forwarded_status)
+            return forwarded
         details: list[any_pb2.Any] = []
         info = error_details_pb2.ErrorInfo(
             reason=reason_name(self.reason), domain=DOMAIN, metadata=self.metadata
@@ -229,6 +233,33 @@ def decode(error: grpc.RpcError) -> ErrorDetails:
     return ErrorDetails(code, message, reason, metadata, retry_after, fields)
 
 
+def from_rpc_error(error: grpc.RpcError, *, dependency: str) -> OrchestraError:
+    """Re-raises a peer service's failure to our own caller, details intact.
+
+    A failure with an Orchestra ErrorInfo keeps its code, reason, metadata and
+    RetryInfo; one without (the peer is down, say) becomes UNAVAILABLE
+    DEPENDENCY_UNAVAILABLE naming the peer.
+    """
+    details = decode(error)
+    if details.reason:
+        try:
+            reason = errors_pb2.ErrorReason.Value(_REASON_PREFIX + details.reason)
+        except ValueError:
+            reason = errors_pb2.ERROR_REASON_INTERNAL
+        forwarded = OrchestraError(
+            reason, details.message, metadata=details.metadata, retry_after=details.retry_after
+        )
+        forwarded.code = details.code
+        forwarded.forwarded_status = _status_from_trailers(error)  # every detail, as sent
+        return forwarded
+    return Unavailable(
+        errors_pb2.ERROR_REASON_DEPENDENCY_UNAVAILABLE,
+        f"the {dependency} service did not answer: {details.code.name} {details.message}",
+        metadata={"dependency": dependency},
+        retry_after=1.0,
+    )
+
+
 def _status_from_trailers(call: object) -> status_pb2.Status | None:
     trailers = call.trailing_metadata() or ()  # type: ignore[attr-defined]
     for key, value in trailers:
@@ -254,5 +285,6 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "decode",
+    "from_rpc_error",
     "reason_name",
 ]

@@ -1,7 +1,9 @@
 """The one server interceptor that maps exceptions to rich gRPC statuses.
 
 Servicers raise :class:`~services.common.errors.OrchestraError`; this turns it
-into ``context.abort_with_status``. Anything else is a bug: it is logged with an
+into ``context.abort_with_status``. ``NotImplementedError`` (what the generated
+base servicer raises for an RPC a service does not offer yet) becomes
+UNIMPLEMENTED. Anything else is a bug: it is logged with an
 incident id and the client gets INTERNAL with that id, never a stack trace.
 """
 
@@ -26,6 +28,9 @@ _Stream = Callable[[Any, _Context], AsyncIterator[Any]]
 
 
 async def _abort(context: _Context, exc: BaseException, method: str) -> None:
+    if isinstance(exc, NotImplementedError):
+        # The generated base servicer's answer for an RPC a service does not offer yet.
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented yet")
     if isinstance(exc, OrchestraError):
         error = exc
     else:

@@ -75,7 +75,7 @@ class AuditRecord(_message.Message):
     """RFC 6962 leaf hash of the canonical record (set by the service)."""
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
-        """When the event happened (set by the producer)."""
+        """When the event happened. Required: set by the producer."""
 
     @_builtins.property
     def chat(self) -> Global___ChatEvent:
@@ -236,7 +236,7 @@ class Checkpoint(_message.Message):
     root_hash: _builtins.bytes
     """RFC 6962 Merkle tree hash of those records."""
     signature: _builtins.bytes
-    """Ed25519 signature over the checkpoint's canonical text (docs/audit.md)."""
+    """Ed25519 signature over the checkpoint's canonical text."""
     key_id: _builtins.str
     """Which signing key (hex fingerprint of the public key)."""
     @_builtins.property

@@ -151,7 +151,8 @@ class AuditServiceServicer:
 
     def ExportRecords(self, request, context):
         """Streams records of a range, oldest first, for offline verification.
-        Needs SCOPE_READ (an operator may export the whole log).
+        Needs SCOPE_READ; an operator gets every tenant's records, anyone else
+        only their own tenant's.
         Errors: INVALID_ARGUMENT. Idempotent. Deadline: proportional to the range.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

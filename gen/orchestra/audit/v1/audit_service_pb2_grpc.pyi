@@ -73,7 +73,8 @@ class AuditServiceStub:
     """
     ExportRecords: _grpc.UnaryStreamMultiCallable[_audit_service_pb2.ExportRecordsRequest, _audit_service_pb2.ExportRecordsResponse]
     """Streams records of a range, oldest first, for offline verification.
-    Needs SCOPE_READ (an operator may export the whole log).
+    Needs SCOPE_READ; an operator gets every tenant's records, anyone else
+    only their own tenant's.
     Errors: INVALID_ARGUMENT. Idempotent. Deadline: proportional to the range.
     """
 
@@ -122,7 +123,8 @@ class AuditServiceAsyncStub(AuditServiceStub):
     """
     ExportRecords: _aio.UnaryStreamMultiCallable[_audit_service_pb2.ExportRecordsRequest, _audit_service_pb2.ExportRecordsResponse]  # type: ignore[assignment]
     """Streams records of a range, oldest first, for offline verification.
-    Needs SCOPE_READ (an operator may export the whole log).
+    Needs SCOPE_READ; an operator gets every tenant's records, anyone else
+    only their own tenant's.
     Errors: INVALID_ARGUMENT. Idempotent. Deadline: proportional to the range.
     """
 
@@ -216,7 +218,8 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_audit_service_pb2.ExportRecordsResponse], _abc.AsyncIterator[_audit_service_pb2.ExportRecordsResponse]]:
         """Streams records of a range, oldest first, for offline verification.
-        Needs SCOPE_READ (an operator may export the whole log).
+        Needs SCOPE_READ; an operator gets every tenant's records, anyone else
+        only their own tenant's.
         Errors: INVALID_ARGUMENT. Idempotent. Deadline: proportional to the range.
         """
 

@@ -1,0 +1,110 @@
+"""The cache service's own settings, read once from the environment.
+
+| variable | default | meaning |
+| --- | --- | --- |
+| ``ORCHESTRA_CACHE_MAX_TEMPERATURE`` | 0.5 | answers sampled hotter are not stored |
+| ``ORCHESTRA_CACHE_STORE_UNSET_TEMPERATURE`` | true | store answers whose request left temperature unset (see :mod:`services.cache.policy`) |
+| ``ORCHESTRA_CACHE_TTL_SECONDS`` | 86400 | lifetime of an entry when Store gives none |
+| ``ORCHESTRA_CACHE_MAX_ENTRY_BYTES`` | 1048576 | larger answers are not stored |
+| ``ORCHESTRA_CACHE_LATENCY_WINDOW`` | 1024 | lookups per tenant behind the p50/p99 |
+"""  # noqa: E501 - a table reads better unwrapped
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping
+
+from services.common.settings import SettingsError
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """Eligibility, lifetime and measurement settings of the cache.
+
+    Attributes:
+        max_temperature: Highest temperature whose answers are stored.
+        store_unset_temperature: Whether answers to requests that left the
+            temperature unset are stored.
+        default_ttl_seconds: Lifetime of an entry when Store gives none.
+        max_entry_bytes: Largest serialised answer that is stored.
+        latency_window: How many recent lookups per tenant the latency
+            percentiles are computed over.
+    """
+
+    max_temperature: float = 0.5
+    store_unset_temperature: bool = True
+    default_ttl_seconds: int = 86_400
+    max_entry_bytes: int = 1_048_576
+    latency_window: int = 1024
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> CacheConfig:
+        """Reads the settings.
+
+        Args:
+            env: The environment (defaults to ``os.environ``).
+
+        Raises:
+            SettingsError: A value is malformed; the message names the variable.
+        """
+        env = os.environ if env is None else env
+        defaults = cls()
+        return cls(
+            max_temperature=_float(
+                env, "ORCHESTRA_CACHE_MAX_TEMPERATURE", defaults.max_temperature, 0.0, 2.0
+            ),
+            store_unset_temperature=_bool(
+                env, "ORCHESTRA_CACHE_STORE_UNSET_TEMPERATURE", defaults.store_unset_temperature
+            ),
+            default_ttl_seconds=_int(
+                env, "ORCHESTRA_CACHE_TTL_SECONDS", defaults.default_ttl_seconds, 2**31 - 1
+            ),
+            max_entry_bytes=_int(
+                env, "ORCHESTRA_CACHE_MAX_ENTRY_BYTES", defaults.max_entry_bytes, 2**31 - 1
+            ),
+            latency_window=_int(
+                env, "ORCHESTRA_CACHE_LATENCY_WINDOW", defaults.latency_window, 1_000_000
+            ),
+        )
+
+
+def _float(env: Mapping[str, str], var: str, default: float, low: float, high: float) -> float:
+    raw = env.get(var, "")
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{var} must be a number, got {raw!r}") from None
+    if not math.isfinite(value) or not low <= value <= high:
+        raise SettingsError(f"{var} must be between {low:g} and {high:g}, got {raw!r}")
+    return value
+
+
+def _int(env: Mapping[str, str], var: str, default: int, high: int) -> int:
+    raw = env.get(var, "")
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{var} must be a whole number, got {raw!r}") from None
+    if not 1 <= value <= high:
+        raise SettingsError(f"{var} must be between 1 and {high}, got {raw!r}")
+    return value
+
+
+def _bool(env: Mapping[str, str], var: str, default: bool) -> bool:
+    raw = env.get(var, "").strip().lower()
+    if not raw:
+        return default
+    if raw in _TRUE:
+        return True
+    if raw in _FALSE:
+        return False
+    raise SettingsError(f"{var} must be true or false, got {raw!r}")

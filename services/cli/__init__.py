@@ -1,0 +1,1 @@
+"""The `orchestra` command line and the embedded runtime it starts."""

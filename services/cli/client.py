@@ -1,0 +1,216 @@
+"""``orchestra chat``, ``models`` and ``status``: the suite seen from a client.
+
+They talk to the edge like any application would: generated stubs, an API key
+in the ``authorization`` metadata. The key comes from ``--api-key``,
+``ORCHESTRA_API_KEY``, or the state directory of ``orchestra up``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TextIO
+
+import grpc
+import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from orchestra.common.v1 import chat_pb2
+from orchestra.discovery.v1 import discovery_service_pb2 as discovery_pb2
+from orchestra.discovery.v1 import discovery_service_pb2_grpc as discovery_grpc
+from orchestra.router.v1 import chat_service_pb2 as chat_api
+from orchestra.router.v1 import chat_service_pb2_grpc as chat_grpc
+from services.cli import up
+from services.common import errors
+
+
+class CliError(Exception):
+    """A failure to report to the user in one line (exit code 1)."""
+
+
+def api_key(explicit: str | None, state_dir: Path) -> str:
+    """The API key to send, from the flag, the environment or the state directory."""
+    key = explicit or os.environ.get("ORCHESTRA_API_KEY")
+    if key:
+        return key
+    path = state_dir / up.API_KEY_FILE
+    if path.exists():
+        return path.read_text().strip()
+    raise CliError(
+        f"no API key: pass --api-key, set ORCHESTRA_API_KEY, or run `orchestra up` "
+        f"(which writes one to {path})"
+    )
+
+
+def _metadata(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+def describe(error: grpc.RpcError) -> str:
+    """One line for a failed call: code, ErrorInfo reason, message."""
+    details = errors.decode(error)
+    reason = f" {details.reason}" if details.reason else ""
+    return f"{details.code.name}{reason}: {details.message}"
+
+
+async def chat(
+    edge: str,
+    key: str,
+    prompt: str,
+    *,
+    model: str = "",
+    system: str = "",
+    max_tokens: int | None = None,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> None:
+    """Streams an answer to ``out`` as it arrives, then a summary line to ``err``."""
+    messages = []
+    if system:
+        messages.append(
+            chat_pb2.Message(role=chat_pb2.ROLE_SYSTEM, content=[chat_pb2.ContentPart(text=system)])
+        )
+    messages.append(
+        chat_pb2.Message(role=chat_pb2.ROLE_USER, content=[chat_pb2.ContentPart(text=prompt)])
+    )
+    request = chat_api.ChatRequest(model=model, messages=messages)
+    if max_tokens is not None:
+        request.generation.max_tokens = max_tokens
+    started = time.monotonic()
+    async with grpc.aio.insecure_channel(edge) as channel:
+        stub = chat_grpc.ChatServiceStub(channel)
+        start: chat_api.ChatStart | None = None
+        end: chat_api.ChatEnd | None = None
+        try:
+            async for event in stub.ChatStream(request, metadata=_metadata(key)):
+                kind = event.WhichOneof("event")
+                if kind == "start":
+                    start = event.start
+                elif kind == "text_delta":
+                    out.write(event.text_delta.text)
+                    out.flush()
+                elif kind == "end":
+                    end = event.end
+        except grpc.aio.AioRpcError as exc:
+            out.write("\n")
+            raise CliError(describe(exc)) from None
+    out.write("\n")
+    if start is not None and end is not None:
+        usage = end.usage
+        estimated = " (estimated)" if usage.estimated else ""
+        err.write(
+            f"[{start.model}{' · cache hit' if end.cache_hit else ''}] "
+            f"tokens {usage.prompt_tokens} in / {usage.completion_tokens} out{estimated} · "
+            f"cost ${end.cost_micro_usd / 1e6:.6f} · "
+            f"first token {end.time_to_first_token_ms} ms · "
+            f"total {int((time.monotonic() - started) * 1000)} ms\n"
+        )
+
+
+def _price(micro_per_mtok: int, source: int) -> str:
+    if source == discovery_pb2.PRICE_SOURCE_UNSPECIFIED:
+        return "unpriced"
+    return f"${micro_per_mtok / 1e6:.2f}"
+
+
+async def models(edge: str, key: str, out: TextIO = sys.stdout) -> None:
+    """Prints every model discovery knows: price, context, capabilities, health."""
+    rows: list[tuple[str, ...]] = []
+    async with grpc.aio.insecure_channel(edge) as channel:
+        stub = discovery_grpc.DiscoveryServiceStub(channel)
+        token = ""
+        while True:
+            try:
+                page = await stub.ListModels(
+                    discovery_pb2.ListModelsRequest(page_token=token),
+                    metadata=_metadata(key),
+                    timeout=10,
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise CliError(describe(exc)) from None
+            for m in page.models:
+                caps = [
+                    name
+                    for name, on in (
+                        ("tools", m.capabilities.tools),
+                        ("vision", m.capabilities.vision),
+                        ("json", m.capabilities.json_mode),
+                    )
+                    if on
+                ]
+                rows.append(
+                    (
+                        m.name,
+                        str(m.context_window or "?"),
+                        _price(m.pricing.input_micro_usd_per_mtok, m.price_source),
+                        _price(m.pricing.output_micro_usd_per_mtok, m.price_source),
+                        ",".join(caps) or "-",
+                        discovery_pb2.HealthStatus.Name(m.health.status)
+                        .removeprefix("HEALTH_STATUS_")
+                        .lower(),
+                        f"{m.health.ttft_p50_ms} ms" if m.health.ttft_p50_ms else "-",
+                    )
+                )
+            token = page.next_page_token
+            if not token:
+                break
+    header = ("MODEL", "CONTEXT", "IN/MTOK", "OUT/MTOK", "CAPABILITIES", "HEALTH", "TTFT")
+    _table([header, *rows], out)
+
+
+def _table(rows: Sequence[tuple[str, ...]], out: TextIO) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        out.write("\n")
+
+
+async def _grpc_health(target: str) -> str:
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=2
+            )
+    except grpc.aio.AioRpcError as exc:
+        return f"DOWN ({exc.code().name})"
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+async def _http_ok(url: str) -> str:
+    try:
+        async with httpx.AsyncClient(timeout=2) as client:
+            response = await client.get(url)
+    except httpx.HTTPError as exc:
+        return f"DOWN ({type(exc).__name__})"
+    return "SERVING" if response.status_code == 200 else f"DOWN (HTTP {response.status_code})"
+
+
+async def status(state_dir: Path, out: TextIO = sys.stdout) -> bool:
+    """Prints each component's health; returns whether all are serving."""
+    suite = up.read_suite_file(state_dir)
+    if suite is None:
+        raise CliError(f"no suite recorded in {state_dir}; start one with `orchestra up`")
+    services = suite["services"]
+    assert isinstance(services, dict)
+    checks: dict[str, asyncio.Future[str] | asyncio.Task[str]] = {
+        f"{name} ({addr})": asyncio.ensure_future(_grpc_health(str(addr)))
+        for name, addr in services.items()
+    }
+    checks[f"edge ({suite['edge']})"] = asyncio.ensure_future(_grpc_health(str(suite["edge"])))
+    checks[f"envoy admin ({suite['admin']})"] = asyncio.ensure_future(
+        _http_ok(f"{suite['admin']}/ready")
+    )
+    if suite.get("local_model"):
+        checks[f"local model ({suite['local_model']})"] = asyncio.ensure_future(
+            _http_ok(f"{suite['local_model']}/models")
+        )
+    results = {name: await future for name, future in checks.items()}
+    rows = [("COMPONENT", "STATUS")] + [(name, state) for name, state in results.items()]
+    rows.append((f"postgres ({suite['postgres']})", "used by budget, audit, discovery"))
+    rows.append((f"redis ({suite['redis']})", "used by budget, cache, router"))
+    _table(rows, out)
+    return all(state == "SERVING" for state in results.values())

@@ -1,0 +1,1 @@
+"""The discovery service: providers, the model catalog, health, WatchModels."""

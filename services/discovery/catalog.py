@@ -1,0 +1,194 @@
+"""The packaged model catalog and how it merges with what listing finds.
+
+``catalog.yaml`` (beside this module) holds prices, limits, capabilities and a
+quality tier for well-known models. :meth:`Catalog.lookup` matches a listed
+model id to an entry; :func:`build_model` combines the listing, the entry and
+the provider into the ``Model`` that GetModel, ListModels and WatchModels
+return. Pricing rules: a model of a ``local`` provider costs nothing
+(PRICE_SOURCE_LOCAL); otherwise the catalog price (PRICE_SOURCE_CATALOG);
+otherwise zero prices with PRICE_SOURCE_UNSPECIFIED, which the router treats
+as unpriced, never as free.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from importlib import resources
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from orchestra.discovery.v1 import discovery_service_pb2 as pb
+from services.discovery.records import ProviderRecord, StoredModel
+
+# What may follow a catalog id in a dated or pinned variant of the same model:
+# "-2024-08-06", "-20241022", "-0125", "-001", "-latest", "@20250514".
+_DATED_SUFFIX = re.compile(r"^[-@](\d{4}-\d{2}-\d{2}|\d{8}|\d{3,4}|latest)$")
+
+
+class CatalogError(ValueError):
+    """The catalog file does not validate (a packaging bug)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PriceEntry(_Strict):
+    """Micro-USD per million tokens."""
+
+    input: int = Field(ge=0)
+    output: int = Field(ge=0)
+    cached_input: int = Field(default=0, ge=0)
+
+
+class CapabilityEntry(_Strict):
+    """What the model can do."""
+
+    tools: bool = False
+    vision: bool = False
+    json_mode: bool = False
+    streaming: bool = True
+
+
+class CatalogEntry(_Strict):
+    """One model of the catalog."""
+
+    id: str = Field(min_length=1)
+    aliases: list[str] = Field(default_factory=list)
+    context_window: int = Field(default=0, ge=0)
+    max_output_tokens: int = Field(default=0, ge=0)
+    pricing: PriceEntry | None = None
+    capabilities: CapabilityEntry = Field(default_factory=CapabilityEntry)
+    quality: float = Field(default=0.0, ge=0.0, le=1.0)
+
+
+class CatalogFile(_Strict):
+    """The whole file."""
+
+    version: int
+    models: list[CatalogEntry]
+
+
+class Catalog:
+    """Catalog entries indexed by lower-cased id and alias."""
+
+    def __init__(self, entries: Iterable[CatalogEntry]) -> None:
+        self._by_key: dict[str, CatalogEntry] = {}
+        for entry in entries:
+            for key in (entry.id, *entry.aliases):
+                self._by_key[key.lower()] = entry
+
+    @classmethod
+    def packaged(cls) -> Catalog:
+        """The catalog shipped with the package."""
+        text = (resources.files("services.discovery") / "catalog.yaml").read_text()
+        return cls.parse(text)
+
+    @classmethod
+    def parse(cls, text: str) -> Catalog:
+        """Parses a catalog document.
+
+        Raises:
+            CatalogError: It does not validate.
+        """
+        try:
+            return cls(CatalogFile.model_validate(yaml.safe_load(text)).models)
+        except (ValidationError, yaml.YAMLError) as exc:
+            raise CatalogError(f"model catalog does not validate: {exc}") from None
+
+    def lookup(self, model_id: str) -> CatalogEntry | None:
+        """The entry for a listed model id, or None.
+
+        Tries the id as listed, then without an "org/" prefix
+        ("meta-llama/Llama-3.1-8B-Instruct") and without Ollama's ":latest";
+        for each, an exact id or alias first, then the longest id that the
+        candidate extends by a dated suffix ("gpt-4o-2024-08-06" -> "gpt-4o").
+        """
+        for candidate in _candidates(model_id):
+            entry = self._by_key.get(candidate)
+            if entry is not None:
+                return entry
+        for candidate in _candidates(model_id):
+            entry = self._dated(candidate)
+            if entry is not None:
+                return entry
+        return None
+
+    def _dated(self, candidate: str) -> CatalogEntry | None:
+        best: tuple[int, CatalogEntry] | None = None
+        for key, entry in self._by_key.items():
+            dated = candidate.startswith(key) and _DATED_SUFFIX.match(candidate[len(key) :])
+            if dated and (best is None or len(key) > best[0]):
+                best = (len(key), entry)
+        return best[1] if best else None
+
+
+def _candidates(model_id: str) -> Sequence[str]:
+    lowered = model_id.strip().lower()
+    forms = [lowered, lowered.rsplit("/", 1)[-1]]
+    forms += [f.removesuffix(":latest") for f in forms]
+    return list(dict.fromkeys(forms))
+
+
+def build_model(stored: StoredModel, provider: ProviderRecord, catalog: Catalog) -> pb.Model:
+    """The catalog view of a listed model.
+
+    Args:
+        stored: What listing found.
+        provider: Its provider (type, ``local``, health).
+        catalog: The packaged catalog.
+    """
+    entry = catalog.lookup(stored.model_id)
+    model = pb.Model(
+        name=stored.name,
+        provider_id=stored.provider_id,
+        model_id=stored.model_id,
+        provider_type=provider.type,  # type: ignore[arg-type]
+        # The running server knows its real limits (vLLM's max_model_len,
+        # Gemini's token limits) better than a catalog written in advance.
+        context_window=stored.context_window or (entry.context_window if entry else 0),
+        max_output_tokens=stored.max_output_tokens or (entry.max_output_tokens if entry else 0),
+        loaded=stored.loaded,
+        quality=entry.quality if entry else 0.0,
+        health=provider_health(provider),
+    )
+    caps = entry.capabilities if entry else CapabilityEntry()
+    model.capabilities.CopyFrom(
+        pb.Capabilities(
+            tools=caps.tools, vision=caps.vision, json_mode=caps.json_mode, streaming=caps.streaming
+        )
+    )
+    if provider.local:
+        model.price_source = pb.PRICE_SOURCE_LOCAL
+        model.pricing.CopyFrom(pb.Pricing())
+    elif entry is not None and entry.pricing is not None:
+        model.price_source = pb.PRICE_SOURCE_CATALOG
+        model.pricing.CopyFrom(
+            pb.Pricing(
+                input_micro_usd_per_mtok=entry.pricing.input,
+                output_micro_usd_per_mtok=entry.pricing.output,
+                cached_input_micro_usd_per_mtok=entry.pricing.cached_input,
+            )
+        )
+    else:
+        model.price_source = pb.PRICE_SOURCE_UNSPECIFIED
+    if stored.last_seen_time is not None:
+        model.last_seen_time.FromDatetime(stored.last_seen_time)
+    return model
+
+
+def provider_health(provider: ProviderRecord) -> pb.Health:
+    """The health recorded by the provider's last listing.
+
+    Per-model probes (time to first token, tokens per second) come later; for
+    now a model's health is its provider's.
+    """
+    health = pb.Health(
+        status=provider.health_status,  # type: ignore[arg-type]
+        last_error=provider.last_error,
+    )
+    if provider.last_probe_time is not None:
+        health.last_probe_time.FromDatetime(provider.last_probe_time)
+    return health

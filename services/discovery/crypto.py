@@ -1,0 +1,82 @@
+"""Provider credentials at rest: AES-256-GCM under a key derived from the internal key.
+
+The data key is HKDF-SHA256 of ``ORCHESTRA_INTERNAL_KEY`` with a purpose label,
+so the identity MAC key and this key never coincide. Each sealed value is
+``version byte || 12-byte nonce || ciphertext+tag`` and is bound to its
+provider id as associated data, so a ciphertext copied onto another provider's
+row does not decrypt. The version byte leaves room for key rotation (a key id),
+which comes later: today a changed internal key makes stored credentials
+unreadable, and discovery reports that per provider instead of failing.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+_VERSION = 1
+_NONCE_BYTES = 12
+_SALT = b"orchestra.discovery"
+_INFO = b"provider-credential/v1"
+
+
+class CredentialError(Exception):
+    """A stored credential cannot be decrypted (wrong key or tampered row)."""
+
+
+class CredentialCipher:
+    """Seals and opens provider credentials."""
+
+    def __init__(self, internal_key: bytes) -> None:
+        """Derives the data key.
+
+        Args:
+            internal_key: The suite's internal key (``Settings.internal_key``).
+        """
+        key = HKDF(algorithm=hashes.SHA256(), length=32, salt=_SALT, info=_INFO).derive(
+            internal_key
+        )
+        self._aead = AESGCM(key)
+
+    def seal(self, provider_id: str, credential: str) -> bytes:
+        """Encrypts ``credential`` for the provider ``provider_id``."""
+        nonce = os.urandom(_NONCE_BYTES)
+        sealed = self._aead.encrypt(nonce, credential.encode(), provider_id.encode())
+        return bytes([_VERSION]) + nonce + sealed
+
+    def open(self, provider_id: str, sealed: bytes) -> str:
+        """Decrypts a value :meth:`seal` produced for ``provider_id``.
+
+        Raises:
+            CredentialError: The value is malformed, or was sealed under another
+                key or for another provider.
+        """
+        if len(sealed) < 1 + _NONCE_BYTES or sealed[0] != _VERSION:
+            raise CredentialError("stored credential has an unknown format")
+        nonce, body = sealed[1 : 1 + _NONCE_BYTES], sealed[1 + _NONCE_BYTES :]
+        try:
+            return self._aead.decrypt(nonce, body, provider_id.encode()).decode()
+        except InvalidTag:
+            raise CredentialError(
+                "stored credential does not decrypt (was ORCHESTRA_INTERNAL_KEY changed?)"
+            ) from None
+
+
+def credential_hint(credential: str) -> str:
+    """A redacted hint that helps an operator recognise a key without revealing it.
+
+    Long keys show their first 3 and last 4 characters ("sk-…a1b2"); shorter
+    ones only their last 2, and very short ones nothing but the ellipsis, so
+    the hint never carries most of a secret. Empty for no credential.
+    """
+    if not credential:
+        return ""
+    if len(credential) >= 16:
+        return f"{credential[:3]}…{credential[-4:]}"
+    if len(credential) >= 8:
+        return f"…{credential[-2:]}"
+    return "…"

@@ -1,0 +1,203 @@
+"""Builds the discovery service: store, catalog, feed, servicer, periodic pass.
+
+Environment (besides the common settings):
+
+* ``ORCHESTRA_DISCOVERY_INTERVAL_SECONDS``: time between discovery passes
+  (default 60).
+* ``ORCHESTRA_DISCOVERY_HEARTBEAT_SECONDS``: WatchModels heartbeat interval
+  (default 15, at most 30 as the contract promises).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping, Sequence
+
+import asyncpg
+import grpc
+import httpx
+
+from orchestra.discovery.v1 import discovery_service_pb2 as pb
+from orchestra.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
+from services.common import stores
+from services.common.identity import IdentitySigner
+from services.common.settings import Settings, SettingsError, require
+from services.discovery import listing, providers
+from services.discovery.catalog import Catalog
+from services.discovery.crypto import CredentialCipher
+from services.discovery.discovery import Discovery
+from services.discovery.feed import ModelFeed
+from services.discovery.service import DiscoveryServicer
+from services.discovery.store import DiscoveryStore
+
+log = logging.getLogger(__name__)
+
+MAX_HEARTBEAT_SECONDS = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscoveryOptions:
+    """Discovery's own knobs.
+
+    Attributes:
+        interval_seconds: Time between periodic discovery passes.
+        heartbeat_seconds: WatchModels heartbeat interval (at most 30).
+        listing_deadline_seconds: Time allowed to list one provider.
+    """
+
+    interval_seconds: float = 60.0
+    heartbeat_seconds: float = 15.0
+    listing_deadline_seconds: float = listing.DEFAULT_DEADLINE_SECONDS
+
+    def __post_init__(self) -> None:
+        if self.interval_seconds <= 0:
+            raise SettingsError("ORCHESTRA_DISCOVERY_INTERVAL_SECONDS must be greater than 0")
+        if not 0 < self.heartbeat_seconds <= MAX_HEARTBEAT_SECONDS:
+            raise SettingsError(
+                f"ORCHESTRA_DISCOVERY_HEARTBEAT_SECONDS must be in (0, {MAX_HEARTBEAT_SECONDS:g}]"
+            )
+        if self.listing_deadline_seconds <= 0:
+            raise SettingsError("the listing deadline must be greater than 0")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> DiscoveryOptions:
+        """Reads the options from the environment.
+
+        Raises:
+            SettingsError: A value is not a number or out of range.
+        """
+        env = os.environ if env is None else env
+        return cls(
+            interval_seconds=_number(env, "ORCHESTRA_DISCOVERY_INTERVAL_SECONDS", 60.0),
+            heartbeat_seconds=_number(env, "ORCHESTRA_DISCOVERY_HEARTBEAT_SECONDS", 15.0),
+        )
+
+
+def _number(env: Mapping[str, str], var: str, default: float) -> float:
+    text = env.get(var)
+    if not text:
+        return default
+    try:
+        return float(text)
+    except ValueError:
+        raise SettingsError(f"{var} must be a number, got {text!r}") from None
+
+
+class DiscoveryService:
+    """The discovery service as :mod:`services.common.server` runs it."""
+
+    name = "discovery"
+
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        options: DiscoveryOptions,
+        catalog: Catalog | None = None,
+    ) -> None:
+        self._settings = settings
+        self._pool = pool
+        self._options = options
+        self._cipher = CredentialCipher(settings.internal_key)
+        self._store = DiscoveryStore(pool)
+        self._feed = ModelFeed()
+        # One client for every provider: pooled connections; timeouts per request.
+        self._http = httpx.AsyncClient(follow_redirects=False)
+        self.discovery = Discovery(
+            self._store,
+            self._cipher,
+            catalog or Catalog.packaged(),
+            self._feed,
+            self._http,
+            listing_deadline=options.listing_deadline_seconds,
+        )
+        self._servicer = DiscoveryServicer(
+            signer=IdentitySigner(settings.internal_key),
+            store=self._store,
+            cipher=self._cipher,
+            discovery=self.discovery,
+            feed=self._feed,
+            heartbeat_seconds=options.heartbeat_seconds,
+        )
+        self._loop: asyncio.Task[None] | None = None
+        self._stopped = False
+
+    def full_names(self) -> Sequence[str]:
+        """The gRPC service it serves."""
+        return [pb.DESCRIPTOR.services_by_name["DiscoveryService"].full_name]
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Adds the servicer."""
+        pb_grpc.add_DiscoveryServiceServicer_to_server(self._servicer, server)
+
+    async def start(self) -> None:
+        """Applies the config file's providers, loads the catalog, starts passes."""
+        await self.apply_config()
+        await self.discovery.refresh()  # watchers start from the last known models
+        self._loop = asyncio.create_task(self._periodic(), name="discovery-passes")
+
+    async def stop(self) -> None:
+        """Stops passes and watchers, closes connections (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop
+        self._feed.close()
+        await self._servicer.close()
+        await self._http.aclose()
+        await self._pool.close()
+
+    async def apply_config(self) -> None:
+        """Makes the providers declared in the config file exist as declared.
+
+        Providers the file no longer declares are removed only when a file
+        was given, so a replica started without one cannot wipe them.
+        """
+        entries = self._settings.config.providers
+        records = [providers.from_config(e, self._cipher) for e in entries]
+        written, deleted = await self._store.apply_config(
+            records,
+            prune=self._settings.config_path is not None,
+            same_credential=providers.same_credential(self._cipher),
+        )
+        if written or deleted:
+            log.info(
+                "config providers: wrote %s; removed %s",
+                ", ".join(written) or "none",
+                ", ".join(deleted) or "none",
+            )
+
+    async def _periodic(self) -> None:
+        while True:
+            try:
+                result = await self.discovery.run()
+                if result.errors:
+                    log.warning("discovery pass: %d provider(s) failed", len(result.errors))
+            except Exception:  # the schedule must survive a bad pass
+                log.exception("discovery pass failed")
+            await asyncio.sleep(self._options.interval_seconds)
+
+
+async def build(settings: Settings, options: DiscoveryOptions | None = None) -> DiscoveryService:
+    """Connects PostgreSQL, applies migrations, and builds the service.
+
+    Args:
+        settings: The process settings (DATABASE_URL is required).
+        options: Discovery's knobs; read from the environment when omitted.
+    """
+    options = options or DiscoveryOptions.from_env()
+    url = require(settings.database_url, "DATABASE_URL", "discovery")
+    pool = await stores.connect_postgres(url)
+    try:
+        await stores.migrate(pool, "discovery")
+    except BaseException:
+        await pool.close()
+        raise
+    return DiscoveryService(settings, pool, options)

@@ -1,0 +1,1 @@
+"""The router: the public chat API, routing decisions and provider adapters."""

@@ -1,0 +1,125 @@
+"""The router's view of the other services: budget, accounts, cache and audit.
+
+Calls on the request path (tenant policy, reserve, cache lookup) are made here
+with tight deadlines; follow-up work (settle, release, cache store, audit) is
+handed to the outbox, whose handlers are the ``deliver_*`` methods below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from orchestra.audit.v1 import audit_service_pb2 as audit_pb2
+from orchestra.audit.v1 import audit_service_pb2_grpc as audit_grpc
+from orchestra.budget.v1 import account_service_pb2 as account_pb2
+from orchestra.budget.v1 import account_service_pb2_grpc as account_grpc
+from orchestra.budget.v1 import budget_service_pb2 as budget_pb2
+from orchestra.budget.v1 import budget_service_pb2_grpc as budget_grpc
+from orchestra.cache.v1 import cache_service_pb2 as cache_pb2
+from orchestra.cache.v1 import cache_service_pb2_grpc as cache_grpc
+from services.common.clients import ServiceToken, channel
+from services.common.errors import from_rpc_error
+from services.common.identity import IdentitySigner
+from services.common.settings import Settings
+from services.router.outbox import PermanentFailure
+
+log = logging.getLogger(__name__)
+
+POLICY_TTL_SECONDS = 10.0
+RESERVE_DEADLINE = 2.0
+LOOKUP_DEADLINE = 0.25
+DELIVERY_DEADLINE = 5.0
+# Refusals that no retry can fix: the job goes to the dead-letter stream.
+_PERMANENT = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.PERMISSION_DENIED,
+}
+
+
+class Peers:
+    """Stubs for the services the router depends on."""
+
+    def __init__(self, settings: Settings, signer: IdentitySigner) -> None:
+        token = ServiceToken(signer, "router")
+        self._channels = [
+            channel(settings.addrs[name], token) for name in ("budget", "cache", "audit")
+        ]
+        budget_channel, cache_channel, audit_channel = self._channels
+        self.accounts = account_grpc.AccountServiceStub(budget_channel)
+        self.budget = budget_grpc.BudgetServiceStub(budget_channel)
+        self.cache = cache_grpc.CacheServiceStub(cache_channel)
+        self.audit = audit_grpc.AuditServiceStub(audit_channel)
+        self._policies: dict[str, tuple[float, account_pb2.TenantPolicy]] = {}
+
+    async def close(self) -> None:
+        """Closes every channel."""
+        await asyncio.gather(*(c.close() for c in self._channels))
+
+    async def tenant_policy(self, tenant_id: str) -> account_pb2.TenantPolicy:
+        """The tenant's policy, cached for a few seconds."""
+        cached = self._policies.get(tenant_id)
+        now = time.monotonic()
+        if cached and cached[0] > now:
+            return cached[1]
+        try:
+            reply = await self.accounts.GetTenant(
+                account_pb2.GetTenantRequest(tenant_id=tenant_id), timeout=RESERVE_DEADLINE
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, dependency="budget") from None
+        self._policies[tenant_id] = (now + POLICY_TTL_SECONDS, reply.tenant.policy)
+        return reply.tenant.policy
+
+    async def reserve(self, request: budget_pb2.ReserveRequest) -> budget_pb2.ReserveResponse:
+        """Holds the worst-case cost, or raises the budget's refusal as ours."""
+        try:
+            reply: budget_pb2.ReserveResponse = await self.budget.Reserve(
+                request, timeout=RESERVE_DEADLINE
+            )
+            return reply
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, dependency="budget") from None
+
+    async def lookup(self, request: cache_pb2.LookupRequest) -> cache_pb2.LookupResponse | None:
+        """A cached answer, or None on a miss. A failing cache is a miss, not an error."""
+        try:
+            reply: cache_pb2.LookupResponse = await self.cache.Lookup(
+                request, timeout=LOOKUP_DEADLINE
+            )
+        except grpc.aio.AioRpcError as exc:
+            log.warning("cache lookup failed, treated as a miss: %s", exc.code().name)
+            return None
+        return reply if reply.hit else None
+
+    # --- outbox handlers: raise to retry later, PermanentFailure to dead-letter
+
+    async def deliver_settle(self, payload: bytes) -> None:
+        """Settles a reservation (idempotent per request id)."""
+        await _deliver(self.budget.Settle, budget_pb2.SettleRequest.FromString(payload))
+
+    async def deliver_release(self, payload: bytes) -> None:
+        """Releases a reservation (idempotent)."""
+        await _deliver(self.budget.Release, budget_pb2.ReleaseRequest.FromString(payload))
+
+    async def deliver_cache_store(self, payload: bytes) -> None:
+        """Stores an answer in the cache (idempotent per key)."""
+        await _deliver(self.cache.Store, cache_pb2.StoreRequest.FromString(payload))
+
+    async def deliver_audit(self, payload: bytes) -> None:
+        """Appends an audit record (idempotent per event id)."""
+        await _deliver(self.audit.AppendRecord, audit_pb2.AppendRecordRequest.FromString(payload))
+
+
+async def _deliver(method: grpc.aio.UnaryUnaryMultiCallable, request: object) -> None:  # type: ignore[type-arg]
+    try:
+        await method(request, timeout=DELIVERY_DEADLINE)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() in _PERMANENT:
+            raise PermanentFailure(f"{exc.code().name}: {exc.details()}") from exc
+        raise

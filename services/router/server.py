@@ -1,0 +1,147 @@
+"""Builds the router: peers, the outbox, the model catalog view, provider adapters."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import grpc
+
+from orchestra.discovery.v1 import discovery_service_pb2_grpc as discovery_grpc
+from orchestra.router.v1 import (
+    chat_service_pb2,
+    chat_service_pb2_grpc,
+    router_service_pb2,
+    router_service_pb2_grpc,
+)
+from services.common.clients import ServiceToken, channel
+from services.common.config_file import ProviderEntry
+from services.common.identity import IdentitySigner
+from services.common.settings import Settings, require
+from services.common.stores import connect_redis
+from services.discovery.client import ModelCatalogView
+from services.router.engine import Engine, EngineConfig
+from services.router.outbox import Outbox
+from services.router.peers import Peers
+from services.router.providers.base import ProviderAdapter
+from services.router.providers.openai import OpenAIAdapter
+from services.router.service import ChatServicer, RouterServicer
+
+log = logging.getLogger(__name__)
+
+CATALOG_WAIT_SECONDS = 15.0
+# Provider types whose wire format the router speaks today.
+_OPENAI_WIRE = {"openai", "vllm", "lm_studio", "openai_compatible"}
+
+
+def build_adapter(entry: ProviderEntry) -> ProviderAdapter | None:
+    """The adapter for a configured provider, or None if its format is not supported yet."""
+    if entry.type in _OPENAI_WIRE:
+        return OpenAIAdapter(
+            entry.id,
+            entry.base_url,
+            credential=entry.credential,
+            organization=entry.organization,
+            headers=entry.headers,
+            connect_timeout=entry.connect_timeout_seconds,
+            read_timeout=entry.read_timeout_seconds,
+        )
+    return None
+
+
+class RouterService:
+    """The router process: ChatService and RouterService."""
+
+    name = "router"
+
+    def __init__(self, settings: Settings) -> None:
+        signer = IdentitySigner(settings.internal_key)
+        self._peers = Peers(settings, signer)
+        redis = connect_redis(require(settings.redis_url, "REDIS_URL", "router"))
+        self._redis = redis
+        self.outbox = Outbox(
+            redis,
+            {
+                "settle": self._peers.deliver_settle,
+                "release": self._peers.deliver_release,
+                "cache_store": self._peers.deliver_cache_store,
+                "audit": self._peers.deliver_audit,
+            },
+        )
+        self._discovery_channel = channel(
+            settings.addrs["discovery"], ServiceToken(signer, "router")
+        )
+        self.catalog = ModelCatalogView(
+            discovery_grpc.DiscoveryServiceStub(self._discovery_channel)
+        )
+        adapters: dict[str, ProviderAdapter] = {}
+        for entry in settings.config.providers:
+            adapter = build_adapter(entry)
+            if adapter is None:
+                log.warning(
+                    "provider %s: the %s wire format is not supported by this router yet; "
+                    "its models will not be routed to",
+                    entry.id,
+                    entry.type,
+                )
+            elif entry.enabled:
+                adapters[entry.id] = adapter
+        self._adapters = adapters
+        routing = settings.config.routing
+        self.engine = Engine(
+            EngineConfig(
+                default_max_tokens=routing.default_max_tokens,
+                default_model=routing.default_model,
+                max_request_bytes=routing.max_request_bytes,
+                audit_salt=settings.internal_key,
+            ),
+            self._peers,
+            self.outbox,
+            self.catalog.all,
+            adapters,
+        )
+        self._signer = signer
+
+    def full_names(self) -> Sequence[str]:
+        """See :class:`services.common.server.Service`."""
+        return [
+            chat_service_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name,
+            router_service_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name,
+        ]
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """See :class:`services.common.server.Service`."""
+        chat_service_pb2_grpc.add_ChatServiceServicer_to_server(
+            ChatServicer(self.engine, self._signer), server
+        )
+        router_service_pb2_grpc.add_RouterServiceServicer_to_server(
+            RouterServicer(self.engine, self._signer), server
+        )
+
+    async def start(self) -> None:
+        """Starts the outbox and the catalog watch.
+
+        Waits (briefly) for the first catalog snapshot so the router reports
+        SERVING only once it knows some models; if discovery is down it starts
+        anyway and catches up when discovery answers.
+        """
+        await self.outbox.start()
+        self.catalog.start()
+        if not await self.catalog.wait_ready(CATALOG_WAIT_SECONDS):
+            log.warning("no model catalog from discovery yet; routing will refuse until it comes")
+
+    async def stop(self) -> None:
+        """Hands in-flight accounting to the outbox, then closes everything."""
+        await self.engine.aclose()
+        await self.outbox.stop()
+        await self.catalog.stop()
+        for adapter in self._adapters.values():
+            await adapter.aclose()
+        await self._peers.close()
+        await self._discovery_channel.close()
+        await self._redis.aclose()
+
+
+async def build(settings: Settings) -> RouterService:
+    """Creates the router from its settings."""
+    return RouterService(settings)

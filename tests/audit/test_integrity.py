@@ -1,0 +1,155 @@
+"""The log refuses rewrites, and verification finds the first tampered index."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+import pytest
+
+from orchestra.audit.v1 import audit_service_pb2 as pb
+from services.audit.verify import verify
+from tests.audit.conftest import Audit, Metadata
+from tests.audit.factory import admin, chat
+
+_RECORDS = [chat(f"c{i}", minute=i) if i % 3 else admin(f"a{i}", minute=i) for i in range(10)]
+
+
+async def _seed(audit: Audit, internal: Metadata) -> None:
+    await audit.stub.AppendRecords(pb.AppendRecordsRequest(records=_RECORDS), metadata=internal)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE audit.records SET actor = 'mallory' WHERE index = 3",
+        "UPDATE audit.records SET actor = 'mallory' WHERE false",
+        "DELETE FROM audit.records WHERE index = 9",
+        "DELETE FROM audit.records",
+        "TRUNCATE audit.records",
+    ],
+    ids=["update", "update-nothing", "delete", "delete-all", "truncate"],
+)
+async def test_the_database_refuses_to_rewrite_history(
+    audit: Audit, internal: Metadata, superuser: asyncpg.Connection, statement: str
+) -> None:
+    await _seed(audit, internal)
+
+    with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
+        await superuser.execute(statement)
+
+    assert await superuser.fetchval("SELECT count(*) FROM audit.records") == len(_RECORDS)
+    assert await verify(audit.service.store) is None
+
+
+async def test_an_untouched_log_verifies(audit: Audit, internal: Metadata) -> None:
+    assert await verify(audit.service.store) is None
+    await _seed(audit, internal)
+    assert await verify(audit.service.store) is None
+
+
+# Tampering, as someone holding the database superuser would do it.
+Tamper = Callable[[asyncpg.Connection], Awaitable[None]]
+
+
+async def _edit_record_bytes(conn: asyncpg.Connection) -> None:
+    raw = await conn.fetchval("SELECT record FROM audit.records WHERE index = 4")
+    record = pb.AuditRecord.FromString(raw)
+    record.chat.cost_micro_usd = 1
+    await conn.execute(
+        "UPDATE audit.records SET record = $1 WHERE index = 4", record.SerializeToString()
+    )
+
+
+async def _edit_bytes_and_leaf_hash(conn: asyncpg.Connection) -> None:
+    raw = await conn.fetchval("SELECT record FROM audit.records WHERE index = 4")
+    record = pb.AuditRecord.FromString(raw)
+    record.chat.cost_micro_usd = 1
+    forged = record.SerializeToString(deterministic=True)
+    await conn.execute(
+        "UPDATE audit.records SET record = $1, leaf_hash = $2 WHERE index = 4",
+        forged,
+        hashlib.sha256(b"\x00" + forged).digest(),
+    )
+
+
+async def _flip_one_bit(conn: asyncpg.Connection) -> None:
+    await conn.execute(
+        "UPDATE audit.records SET record = set_bit(record, 100, 1 - get_bit(record, 100))"
+        " WHERE index = 6"
+    )
+
+
+async def _edit_filter_column(conn: asyncpg.Connection) -> None:
+    await conn.execute("UPDATE audit.records SET tenant_id = 'globex' WHERE index = 5")
+
+
+async def _delete_row(conn: asyncpg.Connection) -> None:
+    await conn.execute("DELETE FROM audit.records WHERE index = 2")
+
+
+async def _swap_rows(conn: asyncpg.Connection) -> None:
+    await conn.execute("UPDATE audit.records SET index = 1000 WHERE index = 3")
+    await conn.execute("UPDATE audit.records SET index = 3 WHERE index = 7")
+    await conn.execute("UPDATE audit.records SET index = 7 WHERE index = 1000")
+
+
+async def _delete_first_row(conn: asyncpg.Connection) -> None:
+    await conn.execute("DELETE FROM audit.records WHERE index = 0")
+
+
+@pytest.mark.parametrize(
+    ("tamper", "first_bad", "reason"),
+    [
+        (_edit_record_bytes, 4, "leaf hash"),
+        (_edit_bytes_and_leaf_hash, 4, "chain hash"),
+        (_flip_one_bit, 6, "leaf hash"),
+        (_edit_filter_column, 5, "column tenant_id"),
+        (_delete_row, 2, "expected index 2"),
+        (_swap_rows, 3, "chain hash"),
+        (_delete_first_row, 0, "expected index 0"),
+    ],
+    ids=[
+        "edit-record",
+        "edit-record-and-leaf-hash",
+        "flip-a-bit",
+        "edit-column",
+        "delete",
+        "swap",
+        "delete-first",
+    ],
+)
+async def test_verification_reports_the_first_tampered_index(
+    audit: Audit,
+    internal: Metadata,
+    superuser: asyncpg.Connection,
+    tamper: Tamper,
+    first_bad: int,
+    reason: str,
+) -> None:
+    await _seed(audit, internal)
+
+    await superuser.execute("ALTER TABLE audit.records DISABLE TRIGGER ALL")
+    await tamper(superuser)
+    await superuser.execute("ALTER TABLE audit.records ENABLE TRIGGER ALL")
+
+    mismatch = await verify(audit.service.store, batch_size=3)
+    assert mismatch is not None
+    assert mismatch.index == first_bad
+    assert reason in mismatch.reason
+
+
+async def test_appends_after_tampering_do_not_hide_it(
+    audit: Audit, internal: Metadata, superuser: asyncpg.Connection
+) -> None:
+    await _seed(audit, internal)
+    await superuser.execute("ALTER TABLE audit.records DISABLE TRIGGER ALL")
+    await _edit_record_bytes(superuser)
+    await superuser.execute("ALTER TABLE audit.records ENABLE TRIGGER ALL")
+
+    await audit.stub.AppendRecord(pb.AppendRecordRequest(record=chat("late")), metadata=internal)
+
+    mismatch = await verify(audit.service.store)
+    assert mismatch is not None
+    assert mismatch.index == 4
