@@ -1,4 +1,4 @@
-"""Channels from one service to another, carrying a signed service identity.
+"""Channels from one service to another, and the identity their calls carry.
 
 Service-to-service calls go straight to the peer (not through the edge) and
 authenticate with an identity token the calling service signs itself with
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
-from typing import Any
 
 import grpc
 
@@ -35,29 +33,6 @@ _SERVICE_CONFIG = json.dumps(
 )
 
 
-class _IdentityInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor
-):
-    """Adds the calling service's signed identity to every call."""
-
-    def __init__(self, token: Callable[[], str]) -> None:
-        self._token = token
-
-    def _with_identity(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        metadata = grpc.aio.Metadata(*(details.metadata or ()))
-        if not any(key == HEADER for key, _ in metadata):
-            metadata.add(HEADER, self._token())
-        return grpc.aio.ClientCallDetails(
-            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-        )
-
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._with_identity(details), request)
-
-    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._with_identity(details), request)
-
-
 class ServiceToken:
     """A service's own identity token, re-signed at half its lifetime."""
 
@@ -74,11 +49,18 @@ class ServiceToken:
             self._renew_at = now + 120
         return self._token
 
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """Call metadata carrying the token: pass as ``metadata=`` on every call."""
+        return ((HEADER, self()),)
 
-def channel(address: str, token: Callable[[], str]) -> grpc.aio.Channel:
-    """An insecure channel to a peer service that sends ``token()`` as identity.
+
+def channel(address: str) -> grpc.aio.Channel:
+    """An insecure channel to a peer service, retrying UNAVAILABLE.
 
     The channel is for the suite's private network (or a mesh that adds mTLS).
+    Calls carry the caller's identity explicitly (``ServiceToken.metadata()``):
+    grpc.aio client interceptors would do it implicitly, but a task cancelled
+    while awaiting an intercepted call does not finish cancelling.
     """
     return grpc.aio.insecure_channel(
         address,
@@ -87,5 +69,4 @@ def channel(address: str, token: Callable[[], str]) -> grpc.aio.Channel:
             ("grpc.enable_retries", 1),
             ("grpc.keepalive_time_ms", 30_000),
         ],
-        interceptors=[_IdentityInterceptor(token)],
     )

@@ -26,6 +26,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 
@@ -71,6 +72,7 @@ class ModelCatalogView:
         self._models: dict[str, pb.Model] = {}
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._call: Any = None  # the WatchModels call under way
         self.revision = 0
         self.connected = False
         self.resyncs = 0
@@ -110,6 +112,11 @@ class ModelCatalogView:
 
     async def stop(self) -> None:
         """Stops watching; the last catalog stays readable."""
+        if self._call is not None:
+            # Cancel the call first: a task blocked in read() on an intercepted
+            # stream (service channels add identity by interceptor) does not
+            # wake on task cancellation alone.
+            self._call.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -147,6 +154,7 @@ class ModelCatalogView:
         """Follows one stream until it ends; returns whether it synced."""
         metadata = self._metadata() if callable(self._metadata) else self._metadata
         call = self._stub.WatchModels(pb.WatchModelsRequest(), metadata=metadata)
+        self._call = call
         synced = False
         try:
             while True:
@@ -158,6 +166,7 @@ class ModelCatalogView:
                 synced = self._apply(message) or synced
         finally:
             call.cancel()
+            self._call = None
 
     def _apply(self, message: pb.WatchModelsResponse) -> bool:
         kind = message.WhichOneof("event")

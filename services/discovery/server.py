@@ -37,6 +37,7 @@ from services.discovery.store import DiscoveryStore
 log = logging.getLogger(__name__)
 
 MAX_HEARTBEAT_SECONDS = 30.0
+FIRST_PASS_WAIT_SECONDS = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +125,7 @@ class DiscoveryService:
             heartbeat_seconds=options.heartbeat_seconds,
         )
         self._loop: asyncio.Task[None] | None = None
+        self._first_pass = asyncio.Event()
         self._stopped = False
 
     def full_names(self) -> Sequence[str]:
@@ -139,6 +141,11 @@ class DiscoveryService:
         await self.apply_config()
         await self.discovery.refresh()  # watchers start from the last known models
         self._loop = asyncio.create_task(self._periodic(), name="discovery-passes")
+        # Let the first pass finish before reporting SERVING, so a fresh install
+        # answers with its models rather than an empty catalog; a slow provider
+        # only delays start by FIRST_PASS_WAIT_SECONDS, then completes in the background.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._first_pass.wait(), FIRST_PASS_WAIT_SECONDS)
 
     async def stop(self) -> None:
         """Stops passes and watchers, closes connections (idempotent)."""
@@ -182,6 +189,7 @@ class DiscoveryService:
                     log.warning("discovery pass: %d provider(s) failed", len(result.errors))
             except Exception:  # the schedule must survive a bad pass
                 log.exception("discovery pass failed")
+            self._first_pass.set()
             await asyncio.sleep(self._options.interval_seconds)
 
 

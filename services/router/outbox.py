@@ -55,6 +55,7 @@ class Outbox:
         self._consumer = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._stopping = False
         self._fallback: set[asyncio.Task[None]] = set()
 
     async def put(self, kind: str, payload: bytes) -> None:
@@ -97,9 +98,13 @@ class Outbox:
 
     async def stop(self) -> None:
         """Stops delivering; undelivered jobs stay in the stream for any replica."""
+        self._stopping = True
+        self._wake.set()
         if self._task is not None:
+            # A flag as well as cancel(): redis-py can swallow a cancellation
+            # that lands during a read, and the loop must still end.
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait({self._task})
         if self._fallback:
             await asyncio.gather(*self._fallback, return_exceptions=True)
 
@@ -119,7 +124,7 @@ class Outbox:
 
     async def _run(self) -> None:
         backoff = 0.1
-        while True:
+        while not self._stopping:
             try:
                 await self._reclaim()
                 delivered = await self._read_new()

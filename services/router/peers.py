@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 import grpc
 
@@ -46,10 +47,8 @@ class Peers:
     """Stubs for the services the router depends on."""
 
     def __init__(self, settings: Settings, signer: IdentitySigner) -> None:
-        token = ServiceToken(signer, "router")
-        self._channels = [
-            channel(settings.addrs[name], token) for name in ("budget", "cache", "audit")
-        ]
+        self._token = ServiceToken(signer, "router")
+        self._channels = [channel(settings.addrs[name]) for name in ("budget", "cache", "audit")]
         budget_channel, cache_channel, audit_channel = self._channels
         self.accounts = account_grpc.AccountServiceStub(budget_channel)
         self.budget = budget_grpc.BudgetServiceStub(budget_channel)
@@ -69,7 +68,9 @@ class Peers:
             return cached[1]
         try:
             reply = await self.accounts.GetTenant(
-                account_pb2.GetTenantRequest(tenant_id=tenant_id), timeout=RESERVE_DEADLINE
+                account_pb2.GetTenantRequest(tenant_id=tenant_id),
+                timeout=RESERVE_DEADLINE,
+                metadata=self._token.metadata(),
             )
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc, dependency="budget") from None
@@ -80,7 +81,7 @@ class Peers:
         """Holds the worst-case cost, or raises the budget's refusal as ours."""
         try:
             reply: budget_pb2.ReserveResponse = await self.budget.Reserve(
-                request, timeout=RESERVE_DEADLINE
+                request, timeout=RESERVE_DEADLINE, metadata=self._token.metadata()
             )
             return reply
         except grpc.aio.AioRpcError as exc:
@@ -90,7 +91,7 @@ class Peers:
         """A cached answer, or None on a miss. A failing cache is a miss, not an error."""
         try:
             reply: cache_pb2.LookupResponse = await self.cache.Lookup(
-                request, timeout=LOOKUP_DEADLINE
+                request, timeout=LOOKUP_DEADLINE, metadata=self._token.metadata()
             )
         except grpc.aio.AioRpcError as exc:
             log.warning("cache lookup failed, treated as a miss: %s", exc.code().name)
@@ -101,25 +102,26 @@ class Peers:
 
     async def deliver_settle(self, payload: bytes) -> None:
         """Settles a reservation (idempotent per request id)."""
-        await _deliver(self.budget.Settle, budget_pb2.SettleRequest.FromString(payload))
+        await self._deliver(self.budget.Settle, budget_pb2.SettleRequest.FromString(payload))
 
     async def deliver_release(self, payload: bytes) -> None:
         """Releases a reservation (idempotent)."""
-        await _deliver(self.budget.Release, budget_pb2.ReleaseRequest.FromString(payload))
+        await self._deliver(self.budget.Release, budget_pb2.ReleaseRequest.FromString(payload))
 
     async def deliver_cache_store(self, payload: bytes) -> None:
         """Stores an answer in the cache (idempotent per key)."""
-        await _deliver(self.cache.Store, cache_pb2.StoreRequest.FromString(payload))
+        await self._deliver(self.cache.Store, cache_pb2.StoreRequest.FromString(payload))
 
     async def deliver_audit(self, payload: bytes) -> None:
         """Appends an audit record (idempotent per event id)."""
-        await _deliver(self.audit.AppendRecord, audit_pb2.AppendRecordRequest.FromString(payload))
+        await self._deliver(
+            self.audit.AppendRecord, audit_pb2.AppendRecordRequest.FromString(payload)
+        )
 
-
-async def _deliver(method: grpc.aio.UnaryUnaryMultiCallable, request: object) -> None:  # type: ignore[type-arg]
-    try:
-        await method(request, timeout=DELIVERY_DEADLINE)
-    except grpc.aio.AioRpcError as exc:
-        if exc.code() in _PERMANENT:
-            raise PermanentFailure(f"{exc.code().name}: {exc.details()}") from exc
-        raise
+    async def _deliver(self, method: Any, request: object) -> None:
+        try:
+            await method(request, timeout=DELIVERY_DEADLINE, metadata=self._token.metadata())
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in _PERMANENT:
+                raise PermanentFailure(f"{exc.code().name}: {exc.details()}") from exc
+            raise

@@ -68,11 +68,10 @@ class RouterService:
                 "audit": self._peers.deliver_audit,
             },
         )
-        self._discovery_channel = channel(
-            settings.addrs["discovery"], ServiceToken(signer, "router")
-        )
+        self._discovery_channel = channel(settings.addrs["discovery"])
         self.catalog = ModelCatalogView(
-            discovery_grpc.DiscoveryServiceStub(self._discovery_channel)
+            discovery_grpc.DiscoveryServiceStub(self._discovery_channel),
+            metadata=ServiceToken(signer, "router").metadata,
         )
         adapters: dict[str, ProviderAdapter] = {}
         for entry in settings.config.providers:

@@ -93,7 +93,7 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Suite]:
     yield running
     running.stop()
     assert running.process.returncode == 0, running.output()
-    gone, alive = psutil.wait_procs(children, timeout=10)
+    _gone, alive = psutil.wait_procs(children, timeout=10)
     assert not alive, f"left behind: {[p.info for p in alive]}"
 
 

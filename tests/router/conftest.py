@@ -24,7 +24,7 @@ from services.common.server import Running, start
 from tests.fakes.openai_upstream import FakeOpenAI
 
 TENANT = "acme"
-BUDGET_USD = 5
+BUDGET_USD = 0.5
 
 
 @dataclasses.dataclass

@@ -127,7 +127,8 @@ class AccountServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetTenant(self, request, context):
-        """Reads a tenant. Needs SCOPE_READ. Errors: NOT_FOUND, PERMISSION_DENIED.
+        """Reads a tenant. Needs SCOPE_READ (or SCOPE_INTERNAL: the router reads
+        policies). Errors: NOT_FOUND, PERMISSION_DENIED.
         Idempotent. Deadline: 1 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -43,7 +43,8 @@ class AccountServiceStub:
     Idempotent per tenant_id (a retry returns ALREADY_EXISTS). Deadline: 2 s.
     """
     GetTenant: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.GetTenantRequest, _account_service_pb2.GetTenantResponse]
-    """Reads a tenant. Needs SCOPE_READ. Errors: NOT_FOUND, PERMISSION_DENIED.
+    """Reads a tenant. Needs SCOPE_READ (or SCOPE_INTERNAL: the router reads
+    policies). Errors: NOT_FOUND, PERMISSION_DENIED.
     Idempotent. Deadline: 1 s.
     """
     ListTenants: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.ListTenantsRequest, _account_service_pb2.ListTenantsResponse]
@@ -112,7 +113,8 @@ class AccountServiceAsyncStub(AccountServiceStub):
     Idempotent per tenant_id (a retry returns ALREADY_EXISTS). Deadline: 2 s.
     """
     GetTenant: _aio.UnaryUnaryMultiCallable[_account_service_pb2.GetTenantRequest, _account_service_pb2.GetTenantResponse]  # type: ignore[assignment]
-    """Reads a tenant. Needs SCOPE_READ. Errors: NOT_FOUND, PERMISSION_DENIED.
+    """Reads a tenant. Needs SCOPE_READ (or SCOPE_INTERNAL: the router reads
+    policies). Errors: NOT_FOUND, PERMISSION_DENIED.
     Idempotent. Deadline: 1 s.
     """
     ListTenants: _aio.UnaryUnaryMultiCallable[_account_service_pb2.ListTenantsRequest, _account_service_pb2.ListTenantsResponse]  # type: ignore[assignment]
@@ -190,7 +192,8 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _account_service_pb2.GetTenantRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_account_service_pb2.GetTenantResponse, _abc.Awaitable[_account_service_pb2.GetTenantResponse]]:
-        """Reads a tenant. Needs SCOPE_READ. Errors: NOT_FOUND, PERMISSION_DENIED.
+        """Reads a tenant. Needs SCOPE_READ (or SCOPE_INTERNAL: the router reads
+        policies). Errors: NOT_FOUND, PERMISSION_DENIED.
         Idempotent. Deadline: 1 s.
         """
 

@@ -1,0 +1,189 @@
+"""The spend ledger in PostgreSQL: one row per settled request, the truth.
+
+Redis counters are a fast view of it; whenever they are lost they are rebuilt
+from here (:meth:`Ledger.spent_in`), and they are never set below it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Sequence
+
+import asyncpg
+
+from orchestra.budget.v1 import budget_service_pb2 as pb
+from services.budget import storage
+from services.budget.windows import Window
+
+
+@dataclasses.dataclass(frozen=True)
+class Charge:
+    """One settled request.
+
+    Attributes:
+        request_id: The idempotency key.
+        tenant_id, team, project, key_id, end_user: Who pays.
+        model: "provider/model".
+        held_micro_usd: What was reserved.
+        cost_micro_usd: What was charged (may exceed the hold).
+        prompt_tokens, completion_tokens: Actual usage.
+        partial: The stream broke; the cost covers what was produced.
+        spend_time: When the request was admitted (the window it counts in).
+    """
+
+    request_id: str
+    tenant_id: str
+    team: str
+    project: str
+    key_id: str
+    end_user: str
+    model: str
+    held_micro_usd: int
+    cost_micro_usd: int
+    prompt_tokens: int
+    completion_tokens: int
+    partial: bool
+    spend_time: dt.datetime
+
+
+_COLUMNS = [f.name for f in dataclasses.fields(Charge)]
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM budget.ledger"
+
+# The ledger column each budget level's subject is matched against.
+_LEVEL_COLUMN = {
+    pb.BUDGET_LEVEL_TEAM: "team",
+    pb.BUDGET_LEVEL_PROJECT: "project",
+    pb.BUDGET_LEVEL_API_KEY: "key_id",
+    pb.BUDGET_LEVEL_END_USER: "end_user",
+}
+
+# SpendGroupBy -> SQL expression of the group key ($4 is the tenant's zone).
+GROUP_KEYS = {
+    pb.SPEND_GROUP_BY_MODEL: "model",
+    pb.SPEND_GROUP_BY_TEAM: "team",
+    pb.SPEND_GROUP_BY_PROJECT: "project",
+    pb.SPEND_GROUP_BY_END_USER: "end_user",
+    pb.SPEND_GROUP_BY_API_KEY: "key_id",
+    pb.SPEND_GROUP_BY_DAY: "to_char(spend_time AT TIME ZONE $4, 'YYYY-MM-DD')",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SpendGroup:
+    """Spend of one group (a ListSpend row)."""
+
+    key: str
+    cost_micro_usd: int
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Ledger:
+    """The ledger table."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @storage.postgres
+    async def record(self, charge: Charge) -> tuple[Charge, bool]:
+        """Writes ``charge`` unless its request id is already recorded.
+
+        Returns:
+            The recorded charge (the earlier one on a repeat) and whether this
+            call wrote it.
+        """
+        placeholders = ", ".join(f"${i}" for i in range(1, len(_COLUMNS) + 1))
+        row = await self._pool.fetchrow(
+            f"INSERT INTO budget.ledger ({', '.join(_COLUMNS)}) VALUES ({placeholders})"
+            " ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
+            *dataclasses.astuple(charge),
+        )
+        if row is not None:
+            return charge, True
+        existing = await self.find(charge.request_id)
+        assert existing is not None  # rows are never deleted
+        return existing, False
+
+    @storage.postgres
+    async def find(self, request_id: str) -> Charge | None:
+        """The charge recorded for ``request_id``, if any."""
+        row = await self._pool.fetchrow(f"{_SELECT} WHERE request_id = $1", request_id)
+        return None if row is None else Charge(**dict(row))
+
+    @storage.postgres
+    async def find_many(self, request_ids: Sequence[str]) -> dict[str, Charge]:
+        """The charges recorded for any of ``request_ids``."""
+        rows = await self._pool.fetch(
+            f"{_SELECT} WHERE request_id = ANY($1::text[])", list(request_ids)
+        )
+        return {r["request_id"]: Charge(**dict(r)) for r in rows}
+
+    @storage.postgres
+    async def spent_in(self, budget: pb.Budget, window: Window) -> dict[str, int]:
+        """Settled spend that counts against ``budget`` in ``window``.
+
+        Returns:
+            Micro-USD by end user for a per-end-user ("*") budget, else {"": total}.
+        """
+        column = _LEVEL_COLUMN.get(budget.level)
+        per_user = budget.level == pb.BUDGET_LEVEL_END_USER and budget.subject == "*"
+        conditions = ["tenant_id = $1"]
+        if column is not None and not per_user:
+            conditions.append(f"{column} = $2")
+        elif per_user:
+            conditions.append("end_user <> '' AND $2 = '*'")
+        else:
+            conditions.append("$2 = ''")
+        conditions.append("($3::timestamptz IS NULL OR spend_time >= $3)")
+        conditions.append("($4::timestamptz IS NULL OR spend_time < $4)")
+        group = "end_user" if per_user else "''"
+        rows = await self._pool.fetch(
+            f"SELECT {group} AS who, sum(cost_micro_usd)::bigint AS spent FROM budget.ledger"
+            f" WHERE {' AND '.join(conditions)} GROUP BY 1",
+            budget.tenant_id,
+            budget.subject,
+            window.start,
+            window.end,
+        )
+        return {r["who"]: r["spent"] for r in rows}
+
+    @storage.postgres
+    async def spend(
+        self,
+        tenant_id: str,
+        group_by: pb.SpendGroupBy.ValueType,
+        start: dt.datetime,
+        end: dt.datetime,
+        time_zone: str,
+        after: tuple[int, str] | None,
+        limit: int,
+    ) -> list[SpendGroup]:
+        """Spend grouped by ``group_by``, largest first, after ``after`` (cost, key)."""
+        key = GROUP_KEYS[group_by]
+        last_cost, last_key = after if after is not None else (None, "")
+        rows = await self._pool.fetch(
+            "WITH groups AS ("
+            f" SELECT {key} AS key, sum(cost_micro_usd)::bigint AS cost, count(*) AS requests,"
+            " sum(prompt_tokens)::bigint AS prompt_tokens,"
+            " sum(completion_tokens)::bigint AS completion_tokens"
+            " FROM budget.ledger WHERE tenant_id = $1 AND spend_time >= $2 AND spend_time < $3"
+            # $4 is referenced by the DAY key; the cast keeps it typed otherwise.
+            " AND $4::text IS NOT NULL GROUP BY 1)"
+            " SELECT * FROM groups WHERE $5::bigint IS NULL OR cost < $5"
+            " OR (cost = $5 AND key > $6) ORDER BY cost DESC, key LIMIT $7",
+            tenant_id,
+            start,
+            end,
+            time_zone or "UTC",
+            last_cost,
+            last_key,
+            limit,
+        )
+        return [
+            SpendGroup(
+                r["key"], r["cost"], r["requests"], r["prompt_tokens"], r["completion_tokens"]
+            )
+            for r in rows
+        ]

@@ -1,0 +1,157 @@
+"""Builds the budget service: stores, core objects, servicers, background tasks.
+
+One process serves AccountService, BudgetService and Envoy's ext_authz
+``Authorization`` API (the edge's key check).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import asyncpg
+import grpc
+import redis.asyncio as aioredis
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+
+from orchestra.budget.v1 import (
+    account_service_pb2,
+    account_service_pb2_grpc,
+    budget_service_pb2,
+    budget_service_pb2_grpc,
+)
+from services.budget.accounts import AccountStore
+from services.budget.admission import Admission
+from services.budget.authn import Authenticator
+from services.budget.authz_service import AuthorizationServicer
+from services.budget.bootstrap import Bootstrap
+from services.budget.budget_service import BudgetServicer
+from services.budget.budgets import BudgetStore
+from services.budget.catalog import Catalog
+from services.budget.counters import Counters
+from services.budget.invalidation import Invalidations
+from services.budget.keystore import KeyStore
+from services.budget.ledger import Ledger
+from services.budget.service import AccountServicer
+from services.common.errors import OrchestraError
+from services.common.identity import IdentitySigner
+from services.common.settings import Settings, require
+from services.common.stores import connect_postgres, connect_redis, migrate
+
+log = logging.getLogger(__name__)
+
+REAP_INTERVAL_SECONDS = 1.0
+REAP_BATCH = 200
+CLOSE_TIMEOUT_SECONDS = 5.0
+
+
+class BudgetApp:
+    """The budget service as a :class:`services.common.server.Service`."""
+
+    name = "budget"
+
+    def __init__(self, pool: asyncpg.Pool, client: aioredis.Redis, signer: IdentitySigner) -> None:
+        self._pool = pool
+        self._redis = client
+        self.accounts = AccountStore(pool)
+        self.keys = KeyStore(pool)
+        self.budgets = BudgetStore(pool)
+        self.ledger = Ledger(pool)
+        self.counters = Counters(client)
+        self.catalog = Catalog(self.accounts, self.budgets)
+        self.admission = Admission(self.catalog, self.counters, self.ledger, self.budgets)
+        self.authenticator = Authenticator(self.keys)
+        self.invalidations = Invalidations(client, self.authenticator)
+        self.bootstrap = Bootstrap(self.accounts, self.keys, self.budgets, self.admission)
+        self._signer = signer
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def full_names(self) -> Sequence[str]:
+        """AccountService, BudgetService and ext_authz Authorization."""
+        return [
+            account_service_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
+            budget_service_pb2.DESCRIPTOR.services_by_name["BudgetService"].full_name,
+            external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
+        ]
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Adds the three servicers."""
+        account_service_pb2_grpc.add_AccountServiceServicer_to_server(
+            AccountServicer(
+                self.accounts,
+                self.keys,
+                self.authenticator,
+                self.invalidations,
+                self.catalog,
+                self._signer,
+            ),
+            server,
+        )
+        budget_service_pb2_grpc.add_BudgetServiceServicer_to_server(
+            BudgetServicer(self.budgets, self.admission, self.catalog, self.ledger, self._signer),
+            server,
+        )
+        external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
+            AuthorizationServicer(self.authenticator, self._signer), server
+        )
+
+    async def start(self) -> None:
+        """Starts the hold reaper and the key invalidation listener."""
+        self._tasks = [
+            asyncio.create_task(self._reap_forever(), name="budget-reaper"),
+            asyncio.create_task(self.invalidations.listen(), name="budget-invalidations"),
+        ]
+
+    async def stop(self) -> None:
+        """Stops background work and closes the stores."""
+        self.invalidations.stop()
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=CLOSE_TIMEOUT_SECONDS)
+        self._tasks = []
+        await self._redis.aclose()
+        try:
+            # Bounded: a connection stuck in a dead query must not hang shutdown.
+            await asyncio.wait_for(self._pool.close(), CLOSE_TIMEOUT_SECONDS)
+        except TimeoutError:
+            self._pool.terminate()
+
+    async def _reap_forever(self) -> None:
+        while True:
+            handled = 0
+            try:
+                handled = await self.admission.reap(REAP_BATCH)
+            except OrchestraError as exc:
+                log.warning("hold reaper: %s", exc.message)
+            except Exception:  # the reaper must survive and retry
+                log.exception("hold reaper failed")
+            if handled < REAP_BATCH:
+                await asyncio.sleep(REAP_INTERVAL_SECONDS)
+
+
+async def build(settings: Settings) -> BudgetApp:
+    """Connects the stores, migrates, applies the config file and rebuilds counters.
+
+    Raises:
+        SettingsError: DATABASE_URL or REDIS_URL is missing.
+        BootstrapError: The config file's tenants cannot be applied.
+        Unavailable: A store does not answer.
+    """
+    database_url = require(settings.database_url, "DATABASE_URL", "budget")
+    redis_url = require(settings.redis_url, "REDIS_URL", "budget")
+    pool = await connect_postgres(database_url)
+    client = connect_redis(redis_url)
+    app = BudgetApp(pool, client, IdentitySigner(settings.internal_key))
+    try:
+        await migrate(pool, "budget")
+        report = await app.bootstrap.apply(list(settings.config.tenants))
+        if report.keys:
+            await app.invalidations.publish(report.keys)
+        await app.admission.ensure_ready()
+    except BaseException:
+        await client.aclose()
+        await pool.close()
+        raise
+    return app

@@ -1,0 +1,142 @@
+"""The shared plumbing: error mapping, identity tokens, page tokens, telemetry."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+import pytest
+
+from orchestra.cache.v1 import cache_service_pb2 as cache_pb2
+from orchestra.cache.v1 import cache_service_pb2_grpc as cache_grpc
+from orchestra.common.v1 import errors_pb2, identity_pb2
+from services.common import errors, paging, telemetry
+from services.common.identity import IdentitySigner, has_scope, tenant_of
+
+
+class _Broken(cache_grpc.CacheServiceServicer):
+    """A servicer whose RPCs fail in the ways the interceptor must handle."""
+
+    async def Lookup(self, request: Any, context: Any) -> Any:  # noqa: N802
+        raise errors.ResourceExhausted(
+            errors_pb2.ERROR_REASON_RATE_LIMITED,
+            "slow down",
+            metadata={"limit": "10"},
+            retry_after=1.5,
+            field="key",
+            quota_subject="tenant:acme",
+        )
+
+    async def Store(self, request: Any, context: Any) -> Any:  # noqa: N802
+        raise RuntimeError("secret internals /etc/passwd")
+
+
+class _Service:
+    name = "broken"
+
+    def full_names(self) -> Sequence[str]:
+        return ["orchestra.cache.v1.CacheService"]
+
+    def register(self, server: grpc.aio.Server) -> None:
+        cache_grpc.add_CacheServiceServicer_to_server(_Broken(), server)
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+
+async def _call(serve: Callable[..., Any], method: str) -> errors.ErrorDetails:
+    running = await serve(_Service())
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        stub = cache_grpc.CacheServiceStub(channel)
+        request = {
+            "Lookup": cache_pb2.LookupRequest(),
+            "Store": cache_pb2.StoreRequest(),
+            "Invalidate": cache_pb2.InvalidateRequest(),
+        }[method]
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await getattr(stub, method)(request)
+    return errors.decode(raised.value)
+
+
+async def test_domain_errors_carry_every_detail(serve: Callable[..., Any]) -> None:
+    details = await _call(serve, "Lookup")
+    assert details.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert details.reason == "RATE_LIMITED"
+    assert details.metadata["limit"] == "10" and details.metadata["field"] == "key"
+    assert details.retry_after == 1.5
+    assert details.field_violations == {"key": "slow down"}
+
+
+async def test_a_bug_is_internal_with_an_incident_id_and_no_internals(
+    serve: Callable[..., Any],
+) -> None:
+    details = await _call(serve, "Store")
+    assert details.code == grpc.StatusCode.INTERNAL and details.reason == "INTERNAL"
+    assert details.metadata["incident_id"] in details.message
+    assert "passwd" not in details.message and "Traceback" not in details.message
+
+
+async def test_an_rpc_not_offered_yet_is_unimplemented(serve: Callable[..., Any]) -> None:
+    details = await _call(serve, "Invalidate")
+    assert details.code == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_identity_tokens_verify_and_refuse_forgery() -> None:
+    signer = IdentitySigner(b"k" * 32)
+    ident = identity_pb2.Identity(tenant_id="acme", key_id="k1", scopes=[identity_pb2.SCOPE_CHAT])
+    token = signer.sign(ident, now=1000)
+    assert signer.verify(token, now=1001) == ident
+    version, body, expiry, mac = token.split(".")
+    forged = [
+        f"{version}.{body}.{int(expiry) + 999}.{mac}",  # extended expiry
+        f"{version}.{body[:-2]}AA.{expiry}.{mac}",  # edited identity
+        IdentitySigner(b"x" * 32).sign(ident, now=1000),  # another key
+        "not-a-token",
+    ]
+    for bad in forged:
+        with pytest.raises(errors.Unauthenticated):
+            signer.verify(bad, now=1001)
+    with pytest.raises(errors.Unauthenticated, match="expired"):
+        signer.verify(token, now=10_000)
+
+
+def test_scopes_imply_and_tenants_are_enforced() -> None:
+    admin = identity_pb2.Identity(tenant_id="a", scopes=[identity_pb2.SCOPE_ADMIN])
+    assert has_scope(admin, identity_pb2.SCOPE_READ)
+    assert not has_scope(admin, identity_pb2.SCOPE_CHAT)
+    assert not has_scope(admin, identity_pb2.SCOPE_INTERNAL)
+    assert tenant_of(admin, "") == "a"
+    with pytest.raises(errors.PermissionDenied):
+        tenant_of(admin, "b")
+    operator = identity_pb2.Identity(tenant_id="a", scopes=[identity_pb2.SCOPE_OPERATOR])
+    assert tenant_of(operator, "b") == "b"
+
+
+def test_page_tokens_are_bound_to_their_filters() -> None:
+    token = paging.encode(41, {"tenant": "a"})
+    assert paging.decode(token, {"tenant": "a"}) == 41
+    assert paging.decode("", {"tenant": "a"}) is None
+    for bad, filters in ((token, {"tenant": "b"}), ("garbage!", {"tenant": "a"})):
+        with pytest.raises(errors.InvalidArgument) as raised:
+            paging.decode(bad, filters)
+        assert raised.value.reason == errors_pb2.ERROR_REASON_INVALID_PAGE_TOKEN
+    assert paging.page_size(0) == paging.DEFAULT_PAGE_SIZE
+    assert paging.page_size(10**6) == paging.MAX_PAGE_SIZE
+
+
+def test_telemetry_is_off_until_switched_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(telemetry, "_enabled", False)
+    telemetry.setup("test", "")
+    assert telemetry.server_interceptors() == []
+    telemetry.setup("test", "console")
+    try:
+        assert len(telemetry.server_interceptors()) == 1
+    finally:  # leave the rest of the session uninstrumented
+        from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient
+
+        GrpcAioInstrumentorClient().uninstrument()  # type: ignore[no-untyped-call]
+        monkeypatch.setattr(telemetry, "_enabled", False)
