@@ -32,7 +32,8 @@ from services.discovery.store import DiscoveryStore, store_unavailable
 log = logging.getLogger(__name__)
 
 _Context = grpc.aio.ServicerContext[Any, Any]
-_ADMIN = identity_pb2.SCOPE_ADMIN
+# Providers serve the whole installation, so changing them is an operator's job.
+_OPERATOR = identity_pb2.SCOPE_OPERATOR
 _READ = identity_pb2.SCOPE_READ
 _INTERNAL = identity_pb2.SCOPE_INTERNAL
 # CreateProvider/UpdateProvider wait this long for the new provider's listing
@@ -84,7 +85,7 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
     async def CreateProvider(
         self, request: pb.CreateProviderRequest, context: _Context
     ) -> pb.CreateProviderResponse:
-        caller(context, self._signer, _ADMIN)
+        caller(context, self._signer, _OPERATOR)
         if not request.HasField("provider"):
             raise InvalidArgument(
                 errors_pb2.ERROR_REASON_INVALID_FIELD, "provider is required", field="provider"
@@ -125,7 +126,7 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
     async def UpdateProvider(
         self, request: pb.UpdateProviderRequest, context: _Context
     ) -> pb.UpdateProviderResponse:
-        caller(context, self._signer, _ADMIN)
+        caller(context, self._signer, _OPERATOR)
         provider_id = providers.validate_id(request.provider.provider_id, "provider.provider_id")
         paths = providers.mask_paths(request.provider, request.update_mask)
         with _store_errors():
@@ -147,7 +148,7 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
     async def DeleteProvider(
         self, request: pb.DeleteProviderRequest, context: _Context
     ) -> pb.DeleteProviderResponse:
-        caller(context, self._signer, _ADMIN)
+        caller(context, self._signer, _OPERATOR)
         provider_id = providers.validate_id(request.provider_id)
         with _store_errors():
             if not await self._store.delete_provider(provider_id):
@@ -159,7 +160,7 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
     async def TestProvider(
         self, request: pb.TestProviderRequest, context: _Context
     ) -> pb.TestProviderResponse:
-        caller(context, self._signer, _ADMIN)
+        caller(context, self._signer, _OPERATOR)
         provider_id = providers.validate_id(request.provider_id)
         with _store_errors():
             record = await self._store.get_provider(provider_id)
@@ -182,7 +183,7 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
     async def RunDiscovery(
         self, request: pb.RunDiscoveryRequest, context: _Context
     ) -> pb.RunDiscoveryResponse:
-        caller(context, self._signer, _ADMIN)
+        caller(context, self._signer, _OPERATOR)
         provider_id = request.provider_id
         if provider_id:
             providers.validate_id(provider_id)

@@ -43,7 +43,7 @@ async def test_run_discovery_finds_models_with_prices(
     discovery: Start, fake_openai: FakeOpenAI, fake_ollama: FakeOllama, as_caller: AsCaller
 ) -> None:
     handle = await discovery(config(fake_openai, fake_ollama))
-    admin, reader = as_caller("acme", "admin"), as_caller("router", "internal")
+    admin, reader = as_caller("acme", "operator"), as_caller("router", "internal")
 
     result = await handle.stub.RunDiscovery(pb.RunDiscoveryRequest(), metadata=admin)
 
@@ -81,7 +81,7 @@ async def test_a_model_gone_upstream_is_removed(
     discovery: Start, fake_openai: FakeOpenAI, fake_ollama: FakeOllama, as_caller: AsCaller
 ) -> None:
     handle = await discovery(config(fake_openai, fake_ollama))
-    admin = as_caller("acme", "admin")
+    admin = as_caller("acme", "operator")
     await handle.stub.RunDiscovery(pb.RunDiscoveryRequest(), metadata=admin)
 
     fake_openai.models.remove("gpt-4o-mini")
@@ -108,7 +108,7 @@ async def test_a_provider_going_down_turns_unhealthy_and_keeps_its_models(
     discovery: Start, fake_openai: FakeOpenAI, fake_ollama: FakeOllama, as_caller: AsCaller
 ) -> None:
     handle = await discovery(config(fake_openai, fake_ollama))
-    admin = as_caller("acme", "admin")
+    admin = as_caller("acme", "operator")
     await handle.stub.RunDiscovery(pb.RunDiscoveryRequest(), metadata=admin)
 
     await fake_openai.refuse_connections()
@@ -144,7 +144,7 @@ async def test_disabling_a_provider_hides_its_models(
     discovery: Start, fake_openai: FakeOpenAI, fake_ollama: FakeOllama, as_caller: AsCaller
 ) -> None:
     handle = await discovery(config(fake_openai, fake_ollama))
-    admin = as_caller("acme", "admin")
+    admin = as_caller("acme", "operator")
     await handle.stub.RunDiscovery(pb.RunDiscoveryRequest(), metadata=admin)
     mask = field_mask_pb2.FieldMask(paths=["enabled"])
 
@@ -172,7 +172,7 @@ async def test_create_provider_runs_discovery(
     discovery: Start, fake_ollama: FakeOllama, as_caller: AsCaller
 ) -> None:
     handle = await discovery()
-    admin = as_caller("acme", "admin")
+    admin = as_caller("acme", "operator")
     provider = pb.Provider(
         provider_id="ollama",
         type=pb.PROVIDER_TYPE_OLLAMA,
@@ -197,7 +197,7 @@ async def test_test_provider_reports_without_storing(
     discovery: Start, fake_openai: FakeOpenAI, fake_ollama: FakeOllama, as_caller: AsCaller
 ) -> None:
     handle = await discovery(config(fake_openai, fake_ollama))
-    admin = as_caller("acme", "admin")
+    admin = as_caller("acme", "operator")
 
     ok = await handle.stub.TestProvider(
         pb.TestProviderRequest(provider_id="openai"), metadata=admin
@@ -232,7 +232,7 @@ async def test_list_models_pages_and_checks_input(
     discovery: Start, fake_openai: FakeOpenAI, fake_ollama: FakeOllama, as_caller: AsCaller
 ) -> None:
     handle = await discovery(config(fake_openai, fake_ollama))
-    md = as_caller("acme", "admin")
+    md = as_caller("acme", "operator")
     await handle.stub.RunDiscovery(pb.RunDiscoveryRequest(), metadata=md)
 
     seen: list[str] = []

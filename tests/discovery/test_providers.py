@@ -79,7 +79,7 @@ async def test_config_is_applied_idempotently_and_pruned(
     discovery: Start, fake_openai: FakeOpenAI, as_caller: AsCaller
 ) -> None:
     first = await discovery(config_for(fake_openai))
-    md = as_caller("acme", "admin")
+    md = as_caller("acme", "operator")
     before = (
         await first.stub.GetProvider(pb.GetProviderRequest(provider_id="openai-main"), metadata=md)
     ).provider
@@ -105,7 +105,7 @@ async def test_credential_never_appears_in_any_response(
     discovery: Start, fake_openai: FakeOpenAI, as_caller: AsCaller, pg_url: str
 ) -> None:
     handle = await discovery(config_for(fake_openai))
-    md = as_caller("acme", "admin")
+    md = as_caller("acme", "operator")
     other_secret = "sk-other-" + "Z" * 30
     responses: list[Any] = [
         await handle.stub.GetProvider(
@@ -150,7 +150,7 @@ async def test_create_get_update_delete(
     discovery: Start, fake_openai: FakeOpenAI, as_caller: AsCaller
 ) -> None:
     handle = await discovery()
-    md = as_caller("acme", "admin")
+    md = as_caller("acme", "operator")
     provider = new_provider(
         fake_openai,
         display_name="Extra",
@@ -236,7 +236,7 @@ async def test_create_rejects_bad_input(
     handle = await discovery()
     request = pb.CreateProviderRequest(provider=new_provider(fake_openai, **fields))
 
-    err = await rpc_error(handle.stub.CreateProvider(request, metadata=as_caller("acme", "admin")))
+    err = await rpc_error(handle.stub.CreateProvider(request, metadata=as_caller("acme", "operator")))
 
     assert (err.code, err.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD")
     assert err.metadata["field"] == field
@@ -247,7 +247,7 @@ async def test_create_without_provider_and_bad_update_masks(
     discovery: Start, fake_openai: FakeOpenAI, as_caller: AsCaller
 ) -> None:
     handle = await discovery(config_for(fake_openai))
-    md = as_caller("acme", "admin")
+    md = as_caller("acme", "operator")
     err = await rpc_error(handle.stub.CreateProvider(pb.CreateProviderRequest(), metadata=md))
     assert (err.reason, err.metadata["field"]) == ("INVALID_FIELD", "provider")
 
@@ -290,7 +290,7 @@ async def test_list_providers_pages(
     discovery: Start, fake_openai: FakeOpenAI, as_caller: AsCaller
 ) -> None:
     handle = await discovery()
-    md = as_caller("acme", "admin")
+    md = as_caller("acme", "operator")
     for name in ("p-c", "p-a", "p-b"):
         provider = new_provider(fake_openai, name, enabled=False)
         await handle.stub.CreateProvider(pb.CreateProviderRequest(provider=provider), metadata=md)
@@ -309,7 +309,7 @@ async def test_list_providers_pages(
     assert (bad.code, bad.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN")
 
 
-ADMIN_CALLS: list[tuple[str, Any]] = [
+CHANGE_CALLS: list[tuple[str, Any]] = [
     ("CreateProvider", pb.CreateProviderRequest(provider=pb.Provider(provider_id="x"))),
     ("UpdateProvider", pb.UpdateProviderRequest(provider=pb.Provider(provider_id="x"))),
     ("DeleteProvider", pb.DeleteProviderRequest(provider_id="x")),
@@ -324,9 +324,9 @@ READ_CALLS: list[tuple[str, Any]] = [
 ]
 
 
-@pytest.mark.parametrize(("method", "request_"), ADMIN_CALLS)
-@pytest.mark.parametrize("scopes", [("read",), ("chat",), ("internal",)])
-async def test_changes_need_admin(
+@pytest.mark.parametrize(("method", "request_"), CHANGE_CALLS)
+@pytest.mark.parametrize("scopes", [("read",), ("chat",), ("internal",), ("admin",)])
+async def test_changes_need_an_operator(
     discovery: Start, as_caller: AsCaller, method: str, request_: Any, scopes: tuple[str, ...]
 ) -> None:
     handle = await discovery()

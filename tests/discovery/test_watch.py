@@ -47,7 +47,7 @@ async def test_watch_sends_a_snapshot_then_changes_and_heartbeats(
     discovery: Start, fake_openai: FakeOpenAI, as_caller: AsCaller
 ) -> None:
     handle = await discovery(config(fake_openai), heartbeat_seconds=0.2)
-    admin = as_caller("acme", "admin")
+    admin = as_caller("acme", "operator")
     await handle.stub.RunDiscovery(pb.RunDiscoveryRequest(), metadata=admin)
     call = handle.stub.WatchModels(
         pb.WatchModelsRequest(), metadata=as_caller("router", "internal")
@@ -132,7 +132,7 @@ async def test_catalog_view_follows_and_resyncs_across_a_restart(
     discovery: Start, fake_openai: FakeOpenAI, as_caller: AsCaller
 ) -> None:
     handle = await discovery(config(fake_openai))
-    admin = as_caller("acme", "admin")
+    admin = as_caller("acme", "operator")
     await handle.stub.RunDiscovery(pb.RunDiscoveryRequest(), metadata=admin)
     view = ModelCatalogView(
         handle.stub,

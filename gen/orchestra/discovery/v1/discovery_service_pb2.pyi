@@ -183,7 +183,9 @@ class Provider(_message.Message):
     organization: _builtins.str
     """Organisation or project id some providers take."""
     enabled: _builtins.bool
-    """Disabled providers are kept but not routed to."""
+    """Disabled providers are kept but not routed to. Proto3's default is false:
+    set it to true when creating a provider by RPC.
+    """
     @_builtins.property
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Extra headers sent with every request (values never logged)."""

@@ -28,7 +28,9 @@ if _version_not_supported:
 class DiscoveryServiceStub:
     """Providers and the model catalog: which models each provider serves, their
     prices, context windows and capabilities, and how healthy and fast they are
-    right now. Routers keep a local copy through WatchModels.
+    right now. Routers keep a local copy through WatchModels. Providers serve the
+    whole installation: reading them needs SCOPE_READ, changing them
+    SCOPE_OPERATOR.
     """
 
     def __init__(self, channel):
@@ -92,11 +94,13 @@ class DiscoveryServiceStub:
 class DiscoveryServiceServicer:
     """Providers and the model catalog: which models each provider serves, their
     prices, context windows and capabilities, and how healthy and fast they are
-    right now. Routers keep a local copy through WatchModels.
+    right now. Routers keep a local copy through WatchModels. Providers serve the
+    whole installation: reading them needs SCOPE_READ, changing them
+    SCOPE_OPERATOR.
     """
 
     def CreateProvider(self, request, context):
-        """Registers a provider and runs discovery on it. Needs SCOPE_ADMIN.
+        """Registers a provider and runs discovery on it. Needs SCOPE_OPERATOR.
         Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS. Deadline: 10 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -120,7 +124,7 @@ class DiscoveryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateProvider(self, request, context):
-        """Changes a provider (the fields in update_mask). Needs SCOPE_ADMIN.
+        """Changes a provider (the fields in update_mask). Needs SCOPE_OPERATOR.
         Errors: NOT_FOUND, INVALID_ARGUMENT. Idempotent. Deadline: 10 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -128,7 +132,7 @@ class DiscoveryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteProvider(self, request, context):
-        """Removes a provider and its models. Needs SCOPE_ADMIN.
+        """Removes a provider and its models. Needs SCOPE_OPERATOR.
         Errors: NOT_FOUND. Idempotent. Deadline: 2 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -137,7 +141,7 @@ class DiscoveryServiceServicer:
 
     def TestProvider(self, request, context):
         """Checks a provider now: lists its models and times a tiny request.
-        Needs SCOPE_ADMIN. Errors: NOT_FOUND. A failing provider is not an error:
+        Needs SCOPE_OPERATOR. Errors: NOT_FOUND. A failing provider is not an error:
         the response says what failed. Deadline: 30 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -171,7 +175,7 @@ class DiscoveryServiceServicer:
 
     def RunDiscovery(self, request, context):
         """Runs discovery on every provider (or one) now instead of waiting for the
-        schedule. Needs SCOPE_ADMIN. Errors: NOT_FOUND. Deadline: 60 s.
+        schedule. Needs SCOPE_OPERATOR. Errors: NOT_FOUND. Deadline: 60 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -241,7 +245,9 @@ def add_DiscoveryServiceServicer_to_server(servicer, server):
 class DiscoveryService:
     """Providers and the model catalog: which models each provider serves, their
     prices, context windows and capabilities, and how healthy and fast they are
-    right now. Routers keep a local copy through WatchModels.
+    right now. Routers keep a local copy through WatchModels. Providers serve the
+    whole installation: reading them needs SCOPE_READ, changing them
+    SCOPE_OPERATOR.
     """
 
     @staticmethod

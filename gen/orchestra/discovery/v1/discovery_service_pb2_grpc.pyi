@@ -29,7 +29,9 @@ GRPC_VERSION: str
 class DiscoveryServiceStub:
     """Providers and the model catalog: which models each provider serves, their
     prices, context windows and capabilities, and how healthy and fast they are
-    right now. Routers keep a local copy through WatchModels.
+    right now. Routers keep a local copy through WatchModels. Providers serve the
+    whole installation: reading them needs SCOPE_READ, changing them
+    SCOPE_OPERATOR.
     """
 
     @_typing.overload
@@ -37,7 +39,7 @@ class DiscoveryServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> DiscoveryServiceAsyncStub: ...
     CreateProvider: _grpc.UnaryUnaryMultiCallable[_discovery_service_pb2.CreateProviderRequest, _discovery_service_pb2.CreateProviderResponse]
-    """Registers a provider and runs discovery on it. Needs SCOPE_ADMIN.
+    """Registers a provider and runs discovery on it. Needs SCOPE_OPERATOR.
     Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS. Deadline: 10 s.
     """
     GetProvider: _grpc.UnaryUnaryMultiCallable[_discovery_service_pb2.GetProviderRequest, _discovery_service_pb2.GetProviderResponse]
@@ -49,16 +51,16 @@ class DiscoveryServiceStub:
     Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 2 s.
     """
     UpdateProvider: _grpc.UnaryUnaryMultiCallable[_discovery_service_pb2.UpdateProviderRequest, _discovery_service_pb2.UpdateProviderResponse]
-    """Changes a provider (the fields in update_mask). Needs SCOPE_ADMIN.
+    """Changes a provider (the fields in update_mask). Needs SCOPE_OPERATOR.
     Errors: NOT_FOUND, INVALID_ARGUMENT. Idempotent. Deadline: 10 s.
     """
     DeleteProvider: _grpc.UnaryUnaryMultiCallable[_discovery_service_pb2.DeleteProviderRequest, _discovery_service_pb2.DeleteProviderResponse]
-    """Removes a provider and its models. Needs SCOPE_ADMIN.
+    """Removes a provider and its models. Needs SCOPE_OPERATOR.
     Errors: NOT_FOUND. Idempotent. Deadline: 2 s.
     """
     TestProvider: _grpc.UnaryUnaryMultiCallable[_discovery_service_pb2.TestProviderRequest, _discovery_service_pb2.TestProviderResponse]
     """Checks a provider now: lists its models and times a tiny request.
-    Needs SCOPE_ADMIN. Errors: NOT_FOUND. A failing provider is not an error:
+    Needs SCOPE_OPERATOR. Errors: NOT_FOUND. A failing provider is not an error:
     the response says what failed. Deadline: 30 s.
     """
     GetModel: _grpc.UnaryUnaryMultiCallable[_discovery_service_pb2.GetModelRequest, _discovery_service_pb2.GetModelResponse]
@@ -76,19 +78,21 @@ class DiscoveryServiceStub:
     """
     RunDiscovery: _grpc.UnaryUnaryMultiCallable[_discovery_service_pb2.RunDiscoveryRequest, _discovery_service_pb2.RunDiscoveryResponse]
     """Runs discovery on every provider (or one) now instead of waiting for the
-    schedule. Needs SCOPE_ADMIN. Errors: NOT_FOUND. Deadline: 60 s.
+    schedule. Needs SCOPE_OPERATOR. Errors: NOT_FOUND. Deadline: 60 s.
     """
 
 @_typing.type_check_only
 class DiscoveryServiceAsyncStub(DiscoveryServiceStub):
     """Providers and the model catalog: which models each provider serves, their
     prices, context windows and capabilities, and how healthy and fast they are
-    right now. Routers keep a local copy through WatchModels.
+    right now. Routers keep a local copy through WatchModels. Providers serve the
+    whole installation: reading them needs SCOPE_READ, changing them
+    SCOPE_OPERATOR.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateProvider: _aio.UnaryUnaryMultiCallable[_discovery_service_pb2.CreateProviderRequest, _discovery_service_pb2.CreateProviderResponse]  # type: ignore[assignment]
-    """Registers a provider and runs discovery on it. Needs SCOPE_ADMIN.
+    """Registers a provider and runs discovery on it. Needs SCOPE_OPERATOR.
     Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS. Deadline: 10 s.
     """
     GetProvider: _aio.UnaryUnaryMultiCallable[_discovery_service_pb2.GetProviderRequest, _discovery_service_pb2.GetProviderResponse]  # type: ignore[assignment]
@@ -100,16 +104,16 @@ class DiscoveryServiceAsyncStub(DiscoveryServiceStub):
     Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 2 s.
     """
     UpdateProvider: _aio.UnaryUnaryMultiCallable[_discovery_service_pb2.UpdateProviderRequest, _discovery_service_pb2.UpdateProviderResponse]  # type: ignore[assignment]
-    """Changes a provider (the fields in update_mask). Needs SCOPE_ADMIN.
+    """Changes a provider (the fields in update_mask). Needs SCOPE_OPERATOR.
     Errors: NOT_FOUND, INVALID_ARGUMENT. Idempotent. Deadline: 10 s.
     """
     DeleteProvider: _aio.UnaryUnaryMultiCallable[_discovery_service_pb2.DeleteProviderRequest, _discovery_service_pb2.DeleteProviderResponse]  # type: ignore[assignment]
-    """Removes a provider and its models. Needs SCOPE_ADMIN.
+    """Removes a provider and its models. Needs SCOPE_OPERATOR.
     Errors: NOT_FOUND. Idempotent. Deadline: 2 s.
     """
     TestProvider: _aio.UnaryUnaryMultiCallable[_discovery_service_pb2.TestProviderRequest, _discovery_service_pb2.TestProviderResponse]  # type: ignore[assignment]
     """Checks a provider now: lists its models and times a tiny request.
-    Needs SCOPE_ADMIN. Errors: NOT_FOUND. A failing provider is not an error:
+    Needs SCOPE_OPERATOR. Errors: NOT_FOUND. A failing provider is not an error:
     the response says what failed. Deadline: 30 s.
     """
     GetModel: _aio.UnaryUnaryMultiCallable[_discovery_service_pb2.GetModelRequest, _discovery_service_pb2.GetModelResponse]  # type: ignore[assignment]
@@ -127,13 +131,15 @@ class DiscoveryServiceAsyncStub(DiscoveryServiceStub):
     """
     RunDiscovery: _aio.UnaryUnaryMultiCallable[_discovery_service_pb2.RunDiscoveryRequest, _discovery_service_pb2.RunDiscoveryResponse]  # type: ignore[assignment]
     """Runs discovery on every provider (or one) now instead of waiting for the
-    schedule. Needs SCOPE_ADMIN. Errors: NOT_FOUND. Deadline: 60 s.
+    schedule. Needs SCOPE_OPERATOR. Errors: NOT_FOUND. Deadline: 60 s.
     """
 
 class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
     """Providers and the model catalog: which models each provider serves, their
     prices, context windows and capabilities, and how healthy and fast they are
-    right now. Routers keep a local copy through WatchModels.
+    right now. Routers keep a local copy through WatchModels. Providers serve the
+    whole installation: reading them needs SCOPE_READ, changing them
+    SCOPE_OPERATOR.
     """
 
     @_abc_1.abstractmethod
@@ -142,7 +148,7 @@ class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _discovery_service_pb2.CreateProviderRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_discovery_service_pb2.CreateProviderResponse, _abc.Awaitable[_discovery_service_pb2.CreateProviderResponse]]:
-        """Registers a provider and runs discovery on it. Needs SCOPE_ADMIN.
+        """Registers a provider and runs discovery on it. Needs SCOPE_OPERATOR.
         Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS. Deadline: 10 s.
         """
 
@@ -172,7 +178,7 @@ class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _discovery_service_pb2.UpdateProviderRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_discovery_service_pb2.UpdateProviderResponse, _abc.Awaitable[_discovery_service_pb2.UpdateProviderResponse]]:
-        """Changes a provider (the fields in update_mask). Needs SCOPE_ADMIN.
+        """Changes a provider (the fields in update_mask). Needs SCOPE_OPERATOR.
         Errors: NOT_FOUND, INVALID_ARGUMENT. Idempotent. Deadline: 10 s.
         """
 
@@ -182,7 +188,7 @@ class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _discovery_service_pb2.DeleteProviderRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_discovery_service_pb2.DeleteProviderResponse, _abc.Awaitable[_discovery_service_pb2.DeleteProviderResponse]]:
-        """Removes a provider and its models. Needs SCOPE_ADMIN.
+        """Removes a provider and its models. Needs SCOPE_OPERATOR.
         Errors: NOT_FOUND. Idempotent. Deadline: 2 s.
         """
 
@@ -193,7 +199,7 @@ class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_discovery_service_pb2.TestProviderResponse, _abc.Awaitable[_discovery_service_pb2.TestProviderResponse]]:
         """Checks a provider now: lists its models and times a tiny request.
-        Needs SCOPE_ADMIN. Errors: NOT_FOUND. A failing provider is not an error:
+        Needs SCOPE_OPERATOR. Errors: NOT_FOUND. A failing provider is not an error:
         the response says what failed. Deadline: 30 s.
         """
 
@@ -235,7 +241,7 @@ class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_discovery_service_pb2.RunDiscoveryResponse, _abc.Awaitable[_discovery_service_pb2.RunDiscoveryResponse]]:
         """Runs discovery on every provider (or one) now instead of waiting for the
-        schedule. Needs SCOPE_ADMIN. Errors: NOT_FOUND. Deadline: 60 s.
+        schedule. Needs SCOPE_OPERATOR. Errors: NOT_FOUND. Deadline: 60 s.
         """
 
 def add_DiscoveryServiceServicer_to_server(servicer: DiscoveryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
