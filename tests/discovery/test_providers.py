@@ -236,7 +236,9 @@ async def test_create_rejects_bad_input(
     handle = await discovery()
     request = pb.CreateProviderRequest(provider=new_provider(fake_openai, **fields))
 
-    err = await rpc_error(handle.stub.CreateProvider(request, metadata=as_caller("acme", "operator")))
+    err = await rpc_error(
+        handle.stub.CreateProvider(request, metadata=as_caller("acme", "operator"))
+    )
 
     assert (err.code, err.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD")
     assert err.metadata["field"] == field
