@@ -163,7 +163,7 @@ class Engine:
             hit = None
         if hit is not None:
             if not isinstance(reserved, BaseException):
-                await self._outbox.put("release", records.release_payload(rid))
+                await self._outbox.put(("release", records.release_payload(rid)))
             async for event in self._replay(rid, identity, request, decision, hit, started):
                 yield event
             return
@@ -212,24 +212,26 @@ class Engine:
             )
         )
         await self._outbox.put(
-            "audit",
-            records.audit_payload(
-                rid,
-                identity,
-                request,
-                self._config.audit_salt,
-                model=answer.model,
-                provider="",
-                reason=reason,
-                cache_hit=True,
-                usage=usage,
-                cost_micro_usd=0,
-                status_code=0,
-                error_reason="",
-                latency_ms=latency_ms,
-                answer_text=text,
-                fallbacks=[],
-            ),
+            (
+                "audit",
+                records.audit_payload(
+                    rid,
+                    identity,
+                    request,
+                    self._config.audit_salt,
+                    model=answer.model,
+                    provider="",
+                    reason=reason,
+                    cache_hit=True,
+                    usage=usage,
+                    cost_micro_usd=0,
+                    status_code=0,
+                    error_reason="",
+                    latency_ms=latency_ms,
+                    answer_text=text,
+                    fallbacks=[],
+                ),
+            )
         )
 
     async def _answer(
@@ -399,19 +401,22 @@ class Engine:
     ) -> None:
         """Settles, stores and audits one answered (or failed) request."""
         end = self._end(answer, decision, fallbacks, started)
+        jobs: list[tuple[str, bytes]] = []
         if answer.started:
-            await self._outbox.put(
-                "settle",
-                records.settle_payload(
-                    rid,
-                    end.cost_micro_usd,
-                    end.usage,
-                    partial=answer.finish
-                    in (chat_pb2.FINISH_REASON_ERROR, chat_pb2.FINISH_REASON_CANCELLED),
-                ),
+            jobs.append(
+                (
+                    "settle",
+                    records.settle_payload(
+                        rid,
+                        end.cost_micro_usd,
+                        end.usage,
+                        partial=answer.finish
+                        in (chat_pb2.FINISH_REASON_ERROR, chat_pb2.FINISH_REASON_CANCELLED),
+                    ),
+                )
             )
         else:
-            await self._outbox.put("release", records.release_payload(rid))
+            jobs.append(("release", records.release_payload(rid)))
         store_allowed = request.cache.mode in (
             chat_api.CACHE_MODE_UNSPECIFIED,
             chat_api.CACHE_MODE_REFRESH,
@@ -422,47 +427,53 @@ class Engine:
                 chat_pb2.FINISH_REASON_STOP,
                 chat_pb2.FINISH_REASON_LENGTH,
             ):
-                await self._outbox.put(
-                    "cache_store",
-                    records.store_payload(
-                        rid,
-                        identity,
-                        request,
-                        decision,
-                        answer.model.name,
-                        "".join(answer.text),
-                        list(answer.tool_calls.values()),
-                        answer.finish,
-                        end.usage,
-                        end.cost_micro_usd,
-                        ttl_seconds=request.cache.ttl_seconds or tenant_policy.cache_ttl_seconds,
-                    ),
+                jobs.append(
+                    (
+                        "cache_store",
+                        records.store_payload(
+                            rid,
+                            identity,
+                            request,
+                            decision,
+                            answer.model.name,
+                            "".join(answer.text),
+                            list(answer.tool_calls.values()),
+                            answer.finish,
+                            end.usage,
+                            end.cost_micro_usd,
+                            ttl_seconds=request.cache.ttl_seconds
+                            or tenant_policy.cache_ttl_seconds,
+                        ),
+                    )
                 )
         status_code = (
             outcome.code.value[0]
             if outcome
             else (1 if answer.finish == chat_pb2.FINISH_REASON_CANCELLED else 0)
         )
-        await self._outbox.put(
-            "audit",
-            records.audit_payload(
-                rid,
-                identity,
-                request,
-                self._config.audit_salt,
-                model=answer.model.name if answer.model else decision.model.name,
-                provider=answer.model.provider_id if answer.model else "",
-                reason=decision.reason,
-                cache_hit=False,
-                usage=end.usage,
-                cost_micro_usd=end.cost_micro_usd,
-                status_code=status_code,
-                error_reason=reason_name(outcome.reason) if outcome else "",
-                latency_ms=end.latency_ms,
-                answer_text="".join(answer.text),
-                fallbacks=[f.model for f in fallbacks],
-            ),
+        jobs.append(
+            (
+                "audit",
+                records.audit_payload(
+                    rid,
+                    identity,
+                    request,
+                    self._config.audit_salt,
+                    model=answer.model.name if answer.model else decision.model.name,
+                    provider=answer.model.provider_id if answer.model else "",
+                    reason=decision.reason,
+                    cache_hit=False,
+                    usage=end.usage,
+                    cost_micro_usd=end.cost_micro_usd,
+                    status_code=status_code,
+                    error_reason=reason_name(outcome.reason) if outcome else "",
+                    latency_ms=end.latency_ms,
+                    answer_text="".join(answer.text),
+                    fallbacks=[f.model for f in fallbacks],
+                ),
+            )
         )
+        await self._outbox.put(*jobs)
 
     async def aclose(self) -> None:
         """Waits for in-flight accounting to reach the outbox."""

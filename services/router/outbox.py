@@ -58,22 +58,26 @@ class Outbox:
         self._stopping = False
         self._fallback: set[asyncio.Task[None]] = set()
 
-    async def put(self, kind: str, payload: bytes) -> None:
-        """Queues a job. If Redis is down, runs it now (retrying) instead of losing it."""
-        if kind not in self._handlers:
-            raise ValueError(f"no outbox handler for {kind!r}")
-        fields: dict[str | bytes, str | bytes] = {
-            "kind": kind,
-            "payload": base64.b64encode(payload),
-        }
+    async def put(self, *jobs: tuple[str, bytes]) -> None:
+        """Queues jobs, given as (kind, payload), in one round trip to Redis.
+
+        If Redis is down, runs them now (retrying) instead of losing them.
+        """
+        for kind, _ in jobs:
+            if kind not in self._handlers:
+                raise ValueError(f"no outbox handler for {kind!r}")
         try:
-            await self._redis.xadd(STREAM, fields)  # type: ignore[arg-type]
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for kind, payload in jobs:
+                    pipe.xadd(STREAM, {"kind": kind, "payload": base64.b64encode(payload)})
+                await pipe.execute()
             self._wake.set()
         except RedisError:
-            log.warning("outbox stream unavailable; delivering %s job directly", kind)
-            task = asyncio.create_task(self._deliver_directly(kind, payload))
-            self._fallback.add(task)
-            task.add_done_callback(self._fallback.discard)
+            log.warning("outbox stream unavailable; delivering %d job(s) directly", len(jobs))
+            for kind, payload in jobs:
+                task = asyncio.create_task(self._deliver_directly(kind, payload))
+                self._fallback.add(task)
+                task.add_done_callback(self._fallback.discard)
 
     async def _deliver_directly(self, kind: str, payload: bytes) -> None:
         for attempt in range(8):
@@ -169,8 +173,10 @@ class Outbox:
         except Exception as exc:  # noqa: BLE001 - left pending; reclaimed and retried later
             log.warning("%s job failed, will retry: %s", kind, exc)
             return
-        await self._redis.xack(STREAM, GROUP, entry_id)
-        await self._redis.xdel(STREAM, entry_id)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xack(STREAM, GROUP, entry_id)
+            pipe.xdel(STREAM, entry_id)
+            await pipe.execute()
 
 
 def _s(value: Any) -> str:

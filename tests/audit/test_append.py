@@ -11,7 +11,6 @@ import pytest
 
 from orchestra.audit.v1 import audit_service_pb2 as pb
 from orchestra.audit.v1 import audit_service_pb2_grpc
-from services.audit import client
 from services.audit.records import canonical_bytes
 from services.audit.verify import verify
 from services.common import clients, errors
@@ -85,14 +84,18 @@ async def test_batch_appends_in_order(audit: Audit, internal: Metadata) -> None:
 async def test_concurrent_appenders_get_gap_free_unique_indices(
     audit: Audit, signer: IdentitySigner
 ) -> None:
-    # Through the helper the router uses, on a channel signing its identity.
-    async with clients.channel(
-        f"127.0.0.1:{audit.port}", clients.ServiceToken(signer, "router")
-    ) as channel:
+    # As the router calls it: a service channel carrying its own signed identity.
+    token = clients.ServiceToken(signer, "router")
+    async with clients.channel(f"127.0.0.1:{audit.port}") as channel:
         stub = audit_service_pb2_grpc.AuditServiceStub(channel)
 
+        async def append(record: pb.AuditRecord) -> int:
+            request = pb.AppendRecordRequest(record=record)
+            reply = await stub.AppendRecord(request, metadata=token.metadata(), timeout=5)
+            return reply.index
+
         async def appender(n: int) -> list[int]:
-            return [await client.append(stub, chat(f"w{n}-{i}")) for i in range(25)]
+            return [await append(chat(f"w{n}-{i}")) for i in range(25)]
 
         results = await asyncio.gather(*(appender(n) for n in range(20)))
 
