@@ -27,7 +27,9 @@ from services.common.server import Running, Service, start
 
 INTERNAL_KEY = "test-internal-key-0123456789abcdef"
 T = TypeVar("T")
-REDIS_TEST_DB = 1
+# A database of Redis' 16 per test session, so sessions sharing one server (CI's
+# second run, several engineers) rarely flush each other's keys.
+REDIS_TEST_DB = int(os.environ.get("ORCHESTRA_TEST_REDIS_DB", 1 + os.getpid() % 15))
 
 
 class _Infra:
