@@ -15,7 +15,6 @@ from orchestra.router.v1 import (
     router_service_pb2_grpc,
 )
 from services.common.clients import ServiceToken, channel
-from services.common.config_file import ProviderEntry
 from services.common.identity import IdentitySigner
 from services.common.settings import Settings, require
 from services.common.stores import connect_redis
@@ -23,30 +22,13 @@ from services.discovery.client import ModelCatalogView
 from services.router.engine import Engine, EngineConfig
 from services.router.outbox import Outbox
 from services.router.peers import Peers
+from services.router.providers import adapter_for
 from services.router.providers.base import ProviderAdapter
-from services.router.providers.openai import OpenAIAdapter
 from services.router.service import ChatServicer, RouterServicer
 
 log = logging.getLogger(__name__)
 
 CATALOG_WAIT_SECONDS = 15.0
-# Provider types whose wire format the router speaks today.
-_OPENAI_WIRE = {"openai", "vllm", "lm_studio", "openai_compatible"}
-
-
-def build_adapter(entry: ProviderEntry) -> ProviderAdapter | None:
-    """The adapter for a configured provider, or None if its format is not supported yet."""
-    if entry.type in _OPENAI_WIRE:
-        return OpenAIAdapter(
-            entry.id,
-            entry.base_url,
-            credential=entry.credential,
-            organization=entry.organization,
-            headers=entry.headers,
-            connect_timeout=entry.connect_timeout_seconds,
-            read_timeout=entry.read_timeout_seconds,
-        )
-    return None
 
 
 class RouterService:
@@ -75,10 +57,10 @@ class RouterService:
         )
         adapters: dict[str, ProviderAdapter] = {}
         for entry in settings.config.providers:
-            adapter = build_adapter(entry)
+            adapter = adapter_for(entry)
             if adapter is None:
                 log.warning(
-                    "provider %s: the %s wire format is not supported by this router yet; "
+                    "provider %s: no adapter speaks the %s wire format yet; "
                     "its models will not be routed to",
                     entry.id,
                     entry.type,

@@ -7,6 +7,7 @@ identity signed as the edge would (Envoy itself is exercised in tests/e2e).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -80,6 +81,45 @@ routing:
 """
 
 
+@contextlib.asynccontextmanager
+async def running_suite(
+    pg_url: str, redis_url: str, config_text: str, config_dir: Path
+) -> AsyncIterator[tuple[settings_mod.Settings, dict[str, Running]]]:
+    """Starts the five real services with ``config_text``; stops them after."""
+    from services.audit.server import build as build_audit
+    from services.budget.server import build as build_budget
+    from services.cache.server import build as build_cache
+    from services.discovery.server import build as build_discovery
+    from services.router.server import build as build_router
+
+    config = config_dir / "orchestra.yaml"
+    config.write_text(config_text)
+    ports = {name: free_port() for name in settings_mod.SERVICES}
+    settings = settings_mod.load({
+        "ORCHESTRA_INTERNAL_KEY": "test-internal-key-0123456789abcdef",
+        "DATABASE_URL": pg_url,
+        "REDIS_URL": redis_url,
+        "ORCHESTRA_CONFIG": str(config),
+        **{f"ORCHESTRA_{n.upper()}_ADDR": f"127.0.0.1:{p}" for n, p in ports.items()},
+    })  # fmt: skip
+    builders = {
+        "budget": build_budget,
+        "audit": build_audit,
+        "cache": build_cache,
+        "discovery": build_discovery,
+        "router": build_router,  # last: it watches discovery's catalog
+    }
+    running: dict[str, Running] = {}
+    try:
+        for name, build in builders.items():
+            service = await build(settings)
+            running[name] = await start(service, settings.listen_addr(name))
+        yield settings, running
+    finally:
+        for running_service in reversed(list(running.values())):
+            await running_service.stop(0)
+
+
 @pytest.fixture
 async def suite(
     pg_url: str,
@@ -91,51 +131,25 @@ async def suite(
     backup = FakeOpenAI(api_key="sk-backup-secret-credential", models=["gpt-4o"])
     await primary.start()
     await backup.start()
-    config = tmp_path / "orchestra.yaml"
-    config.write_text(_config(primary, backup))
-    ports = {name: free_port() for name in settings_mod.SERVICES}
-    env = {
-        "ORCHESTRA_INTERNAL_KEY": "test-internal-key-0123456789abcdef",
-        "DATABASE_URL": pg_url,
-        "REDIS_URL": redis_url,
-        "ORCHESTRA_CONFIG": str(config),
-        **{f"ORCHESTRA_{n.upper()}_ADDR": f"127.0.0.1:{p}" for n, p in ports.items()},
-    }
-    settings = settings_mod.load(env)
-    running: dict[str, Running] = {}
-    from services.audit.server import build as build_audit
-    from services.budget.server import build as build_budget
-    from services.cache.server import build as build_cache
-    from services.discovery.server import build as build_discovery
-    from services.router.server import build as build_router
-
-    builders = {
-        "budget": build_budget,
-        "audit": build_audit,
-        "cache": build_cache,
-        "discovery": build_discovery,
-        "router": build_router,
-    }
     try:
-        for name, build in builders.items():
-            service = await build(settings)
-            running[name] = await start(service, settings.listen_addr(name))
-        channel = grpc.aio.insecure_channel(settings.addrs["router"])
-        budget_channel = grpc.aio.insecure_channel(settings.addrs["budget"])
-        yield Suite(
-            settings=settings,
-            primary=primary,
-            backup=backup,
-            chat=chat_grpc.ChatServiceStub(channel),
-            router=router_grpc.RouterServiceStub(channel),
-            budget=budget_grpc.BudgetServiceStub(budget_channel),
-            metadata=as_caller(TENANT, "chat", "read", key_id="app"),
-            running=running,
-        )
-        await channel.close()
-        await budget_channel.close()
+        async with running_suite(pg_url, redis_url, _config(primary, backup), tmp_path) as (
+            settings,
+            running,
+        ):
+            channel = grpc.aio.insecure_channel(settings.addrs["router"])
+            budget_channel = grpc.aio.insecure_channel(settings.addrs["budget"])
+            yield Suite(
+                settings=settings,
+                primary=primary,
+                backup=backup,
+                chat=chat_grpc.ChatServiceStub(channel),
+                router=router_grpc.RouterServiceStub(channel),
+                budget=budget_grpc.BudgetServiceStub(budget_channel),
+                metadata=as_caller(TENANT, "chat", "read", key_id="app"),
+                running=running,
+            )
+            await channel.close()
+            await budget_channel.close()
     finally:
-        for running_service in reversed(list(running.values())):
-            await running_service.stop(0)
         await primary.stop()
         await backup.stop()

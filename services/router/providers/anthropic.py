@@ -1,0 +1,313 @@
+"""The Anthropic Messages wire format (``POST /v1/messages`` with server-sent events).
+
+Anthropic differs from the OpenAI shape in ways the adapter hides: the system
+prompt is a top-level ``system`` field, ``max_tokens`` is required, tool calls are
+``tool_use`` content blocks whose arguments stream as ``input_json_delta`` pieces,
+and tool results go back as ``tool_result`` blocks in a user message. Requests
+always stream; the unary Chat RPC collects the same stream.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import httpx
+from google.protobuf import json_format
+
+from orchestra.common.v1 import chat_pb2
+from services.router.providers.base import (
+    Event,
+    FailureKind,
+    Finish,
+    TextDelta,
+    ToolCallDelta,
+    UpstreamError,
+    UpstreamRequest,
+    UsageReport,
+)
+
+API_VERSION = "2023-06-01"
+DEFAULT_MAX_TOKENS = 4096  # only when the router did not resolve one (it always should)
+_FINISH = {
+    "end_turn": chat_pb2.FINISH_REASON_STOP,
+    "stop_sequence": chat_pb2.FINISH_REASON_STOP,
+    "pause_turn": chat_pb2.FINISH_REASON_STOP,
+    "max_tokens": chat_pb2.FINISH_REASON_LENGTH,
+    "model_context_window_exceeded": chat_pb2.FINISH_REASON_LENGTH,
+    "tool_use": chat_pb2.FINISH_REASON_TOOL_CALLS,
+    "refusal": chat_pb2.FINISH_REASON_CONTENT_FILTER,
+}
+_TOOL_MODES = {
+    chat_pb2.TOOL_CHOICE_MODE_AUTO: "auto",
+    chat_pb2.TOOL_CHOICE_MODE_NONE: "none",
+    chat_pb2.TOOL_CHOICE_MODE_REQUIRED: "any",
+}
+# Error types Anthropic sends in an ``error`` event, in the router's terms.
+_STREAM_ERRORS = {
+    "rate_limit_error": FailureKind.RATE_LIMITED,
+    "invalid_request_error": FailureKind.CLIENT_ERROR,
+}
+
+
+def _text(message: chat_pb2.Message) -> str:
+    return "".join(p.text for p in message.content if p.WhichOneof("part") == "text")
+
+
+def _image(url: str) -> dict[str, Any]:
+    if url.startswith("data:") and ";base64," in url:
+        media_type, data = url[5:].split(";base64,", 1)
+        return {
+            "type": "image",
+            "source": {"type": "base64", "media_type": media_type, "data": data},
+        }
+    return {"type": "image", "source": {"type": "url", "url": url}}
+
+
+def _arguments(text: str) -> Any:
+    """A tool call's arguments as the object Anthropic wants (``{}`` if not JSON)."""
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _blocks(message: chat_pb2.Message) -> list[dict[str, Any]]:
+    """A message's content blocks."""
+    if message.role == chat_pb2.ROLE_TOOL:
+        return [
+            {"type": "tool_result", "tool_use_id": message.tool_call_id, "content": _text(message)}
+        ]
+    blocks: list[dict[str, Any]] = []
+    for part in message.content:
+        if part.WhichOneof("part") == "text":
+            if part.text:
+                blocks.append({"type": "text", "text": part.text})
+        else:
+            blocks.append(_image(part.image_url.url))
+    for call in message.tool_calls:
+        blocks.append(
+            {
+                "type": "tool_use",
+                "id": call.id,
+                "name": call.name,
+                "input": _arguments(call.arguments),
+            }
+        )
+    return blocks
+
+
+def _messages(messages: list[chat_pb2.Message]) -> tuple[str, list[dict[str, Any]]]:
+    """The system prompt, and the turns with consecutive same-role turns merged.
+
+    Anthropic wants user and assistant turns to alternate, and every tool result of
+    one assistant turn in the single user turn that follows it.
+    """
+    system: list[str] = []
+    turns: list[dict[str, Any]] = []
+    for message in messages:
+        if message.role == chat_pb2.ROLE_SYSTEM:
+            system.append(_text(message))
+            continue
+        role = "assistant" if message.role == chat_pb2.ROLE_ASSISTANT else "user"
+        blocks = _blocks(message)
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"].extend(blocks)
+        else:
+            turns.append({"role": role, "content": blocks})
+    return "\n\n".join(s for s in system if s), turns
+
+
+def request_body(request: UpstreamRequest) -> dict[str, Any]:
+    """The JSON body of a streaming Messages request."""
+    gen = request.generation
+    system, messages = _messages(request.messages)
+    body: dict[str, Any] = {
+        "model": request.model_id,
+        "max_tokens": gen.max_tokens if gen.HasField("max_tokens") else DEFAULT_MAX_TOKENS,
+        "messages": messages,
+        "stream": True,
+    }
+    if system:
+        body["system"] = system
+    if gen.HasField("temperature"):
+        body["temperature"] = gen.temperature
+    if gen.HasField("top_p"):
+        body["top_p"] = gen.top_p
+    if gen.stop:
+        body["stop_sequences"] = list(gen.stop)
+    if request.tools:
+        body["tools"] = [
+            {
+                "name": t.function.name,
+                "description": t.function.description,
+                "input_schema": json_format.MessageToDict(t.function.parameters)
+                or {"type": "object"},
+            }
+            for t in request.tools
+        ]
+    choice = request.tool_choice
+    if choice is not None and choice.WhichOneof("choice") == "function_name":
+        body["tool_choice"] = {"type": "tool", "name": choice.function_name}
+    elif choice is not None and choice.mode in _TOOL_MODES:
+        body["tool_choice"] = {"type": _TOOL_MODES[choice.mode]}
+    return body
+
+
+class _StreamState:
+    """What the events so far said: usage, which blocks are tool calls, the finish."""
+
+    def __init__(self) -> None:
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.tool_index: dict[int, int] = {}  # content block index -> tool call index
+        self.finished = False
+
+    def events(self, data: Mapping[str, Any]) -> list[Event]:
+        """The events in one SSE ``data`` object."""
+        kind = data.get("type")
+        if kind == "message_start":
+            usage = (data.get("message") or {}).get("usage") or {}
+            cached = int(usage.get("cache_read_input_tokens") or 0)
+            created = int(usage.get("cache_creation_input_tokens") or 0)
+            self.prompt_tokens = int(usage.get("input_tokens") or 0) + cached + created
+            self.cached_tokens = cached
+        elif kind == "content_block_start":
+            block = data.get("content_block") or {}
+            if block.get("type") == "tool_use":
+                index = self.tool_index.setdefault(int(data.get("index", 0)), len(self.tool_index))
+                return [ToolCallDelta(index, block.get("id") or "", block.get("name") or "", "")]
+            if block.get("type") == "text" and block.get("text"):
+                return [TextDelta(block["text"])]
+        elif kind == "content_block_delta":
+            delta = data.get("delta") or {}
+            if delta.get("type") == "text_delta" and delta.get("text"):
+                return [TextDelta(delta["text"])]
+            if delta.get("type") == "input_json_delta" and delta.get("partial_json"):
+                index = self.tool_index.get(int(data.get("index", 0)), 0)
+                return [ToolCallDelta(index, "", "", delta["partial_json"])]
+        elif kind == "message_delta":
+            return self._message_delta(data)
+        elif kind == "error":
+            error = data.get("error") or {}
+            kind_ = _STREAM_ERRORS.get(str(error.get("type")), FailureKind.SERVER_ERROR)
+            raise UpstreamError(kind_, f"{error.get('type')}: {error.get('message', '')}")
+        return []  # ping, content_block_stop, message_stop and unknown new event types
+
+    def _message_delta(self, data: Mapping[str, Any]) -> list[Event]:
+        events: list[Event] = []
+        reason = (data.get("delta") or {}).get("stop_reason")
+        if reason:
+            self.finished = True
+            events.append(Finish(_FINISH.get(reason, chat_pb2.FINISH_REASON_STOP)))
+        usage = data.get("usage") or {}
+        if "output_tokens" in usage:  # cumulative, so the last one is the total
+            events.append(
+                UsageReport(
+                    prompt_tokens=self.prompt_tokens,
+                    completion_tokens=int(usage.get("output_tokens") or 0),
+                    cached_prompt_tokens=self.cached_tokens,
+                )
+            )
+        return events
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    value = headers.get("retry-after")
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None  # an HTTP date; rare from these APIs, treated as no hint
+
+
+def _http_error(status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
+    try:
+        error = json.loads(body)["error"]
+        detail = f"{error['type']}: {error['message']}"
+    except (ValueError, KeyError, TypeError):
+        detail = body[:200].decode(errors="replace")
+    if status == 429:
+        kind = FailureKind.RATE_LIMITED
+    elif status >= 500:  # includes 529 overloaded_error
+        kind = FailureKind.SERVER_ERROR
+    else:
+        kind = FailureKind.CLIENT_ERROR
+    return UpstreamError(
+        kind, f"HTTP {status}: {detail}", status=status, retry_after=_retry_after(headers)
+    )
+
+
+class AnthropicAdapter:
+    """Anthropic Messages over HTTP(S) with server-sent events."""
+
+    def __init__(
+        self,
+        provider_id: str,
+        base_url: str,
+        *,
+        credential: str = "",
+        headers: Mapping[str, str] | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+    ) -> None:
+        self.provider_id = provider_id
+        sent = {"anthropic-version": API_VERSION, **(headers or {})}
+        if credential:
+            sent["x-api-key"] = credential
+        self._client = httpx.AsyncClient(
+            base_url=base_url.rstrip("/") + "/",
+            headers=sent,
+            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+        )
+
+    async def stream(self, request: UpstreamRequest) -> AsyncIterator[Event]:
+        """See :meth:`ProviderAdapter.stream`."""
+        try:
+            async with self._client.stream(
+                "POST", "v1/messages", json=request_body(request)
+            ) as response:
+                if response.status_code != 200:
+                    body = await response.aread()
+                    raise _http_error(response.status_code, body, response.headers)
+                async for event in self._events(response):
+                    yield event
+        except httpx.ConnectError as exc:
+            raise UpstreamError(FailureKind.CONNECT, f"cannot connect: {exc}") from exc
+        except httpx.TimeoutException as exc:
+            raise UpstreamError(FailureKind.TIMEOUT, f"timed out: {type(exc).__name__}") from exc
+        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            raise UpstreamError(FailureKind.STREAM_BROKEN, f"connection lost: {exc}") from exc
+
+    async def _events(self, response: httpx.Response) -> AsyncIterator[Event]:
+        state = _StreamState()
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue  # "event:" names (repeated in the data's "type"), blank separators
+            data = line[5:].strip()
+            try:
+                parsed = json.loads(data)
+            except ValueError:
+                raise UpstreamError(
+                    FailureKind.MALFORMED, f"event data is not JSON: {data[:80]!r}"
+                ) from None
+            if not isinstance(parsed, dict):
+                raise UpstreamError(
+                    FailureKind.MALFORMED, f"event data is not an object: {data[:80]!r}"
+                )
+            if parsed.get("type") == "message_stop":
+                if not state.finished:
+                    raise UpstreamError(
+                        FailureKind.STREAM_BROKEN, "message_stop before a stop_reason"
+                    )
+                return
+            for event in state.events(parsed):
+                yield event
+        if not state.finished:
+            raise UpstreamError(FailureKind.STREAM_BROKEN, "stream ended without a stop_reason")
+
+    async def aclose(self) -> None:
+        """See :meth:`ProviderAdapter.aclose`."""
+        await self._client.aclose()

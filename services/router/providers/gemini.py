@@ -1,0 +1,305 @@
+"""The Google Gemini API wire format (``streamGenerateContent?alt=sse``).
+
+Gemini calls the assistant ``model``, takes the system prompt as
+``systemInstruction``, sampling controls in ``generationConfig`` (camelCase), tools
+as ``functionDeclarations`` and tool results as ``functionResponse`` parts. Each
+streamed chunk is a whole ``GenerateContentResponse``: text or ``functionCall``
+parts of ``candidates[0]``, the running ``usageMetadata``, and on the last one a
+``finishReason``. Requests always stream; the unary Chat RPC collects the stream.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import httpx
+from google.protobuf import json_format
+
+from orchestra.common.v1 import chat_pb2
+from services.router.providers.base import (
+    Event,
+    FailureKind,
+    Finish,
+    TextDelta,
+    ToolCallDelta,
+    UpstreamError,
+    UpstreamRequest,
+    UsageReport,
+)
+
+API_VERSION = "v1beta"
+_FILTERED = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"}
+_TOOL_MODES = {
+    chat_pb2.TOOL_CHOICE_MODE_AUTO: "AUTO",
+    chat_pb2.TOOL_CHOICE_MODE_NONE: "NONE",
+    chat_pb2.TOOL_CHOICE_MODE_REQUIRED: "ANY",
+}
+
+
+def _arguments(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _image(url: str) -> dict[str, Any]:
+    if url.startswith("data:") and ";base64," in url:
+        mime_type, data = url[5:].split(";base64,", 1)
+        return {"inlineData": {"mimeType": mime_type, "data": data}}
+    mime_type = mimetypes.guess_type(url)[0] or "image/jpeg"
+    return {"fileData": {"mimeType": mime_type, "fileUri": url}}
+
+
+def _parts(message: chat_pb2.Message, tool_names: Mapping[str, str]) -> list[dict[str, Any]]:
+    text = "".join(p.text for p in message.content if p.WhichOneof("part") == "text")
+    if message.role == chat_pb2.ROLE_TOOL:
+        result = _arguments(text) or {"result": text}  # the response must be an object
+        name = tool_names.get(message.tool_call_id, "")
+        return [{"functionResponse": {"name": name, "response": result}}]
+    parts: list[dict[str, Any]] = []
+    for part in message.content:
+        if part.WhichOneof("part") == "text":
+            if part.text:
+                parts.append({"text": part.text})
+        else:
+            parts.append(_image(part.image_url.url))
+    for call in message.tool_calls:
+        parts.append({"functionCall": {"name": call.name, "args": _arguments(call.arguments)}})
+    return parts
+
+
+def _contents(messages: list[chat_pb2.Message]) -> tuple[str, list[dict[str, Any]]]:
+    """The system instruction, and the turns with consecutive same-role turns merged."""
+    tool_names = {c.id: c.name for m in messages for c in m.tool_calls}
+    system: list[str] = []
+    contents: list[dict[str, Any]] = []
+    for message in messages:
+        if message.role == chat_pb2.ROLE_SYSTEM:
+            system.append("".join(p.text for p in message.content))
+            continue
+        role = "model" if message.role == chat_pb2.ROLE_ASSISTANT else "user"
+        parts = _parts(message, tool_names)
+        if contents and contents[-1]["role"] == role:
+            contents[-1]["parts"].extend(parts)
+        else:
+            contents.append({"role": role, "parts": parts})
+    return "\n\n".join(s for s in system if s), contents
+
+
+def _generation_config(gen: chat_pb2.GenerationConfig) -> dict[str, Any]:
+    config: dict[str, Any] = {}
+    fields = {"temperature": "temperature", "top_p": "topP", "max_tokens": "maxOutputTokens"}
+    fields |= {"seed": "seed", "presence_penalty": "presencePenalty"}
+    fields["frequency_penalty"] = "frequencyPenalty"
+    for field, name in fields.items():
+        if gen.HasField(field):  # type: ignore[arg-type]
+            config[name] = getattr(gen, field)
+    if gen.stop:
+        config["stopSequences"] = list(gen.stop)
+    fmt = gen.response_format
+    if fmt.type in (
+        chat_pb2.RESPONSE_FORMAT_TYPE_JSON_OBJECT,
+        chat_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA,
+    ):
+        config["responseMimeType"] = "application/json"
+    if fmt.type == chat_pb2.RESPONSE_FORMAT_TYPE_JSON_SCHEMA:
+        config["responseJsonSchema"] = json_format.MessageToDict(fmt.json_schema)
+    return config
+
+
+def request_body(request: UpstreamRequest) -> dict[str, Any]:
+    """The JSON body of a ``streamGenerateContent`` request."""
+    system, contents = _contents(request.messages)
+    body: dict[str, Any] = {"contents": contents}
+    if system:
+        body["systemInstruction"] = {"parts": [{"text": system}]}
+    config = _generation_config(request.generation)
+    if config:
+        body["generationConfig"] = config
+    if request.tools:
+        declarations = []
+        for tool in request.tools:
+            declaration: dict[str, Any] = {
+                "name": tool.function.name,
+                "description": tool.function.description,
+            }
+            if tool.function.parameters.fields:
+                declaration["parameters"] = json_format.MessageToDict(tool.function.parameters)
+            declarations.append(declaration)
+        body["tools"] = [{"functionDeclarations": declarations}]
+    choice = request.tool_choice
+    if choice is not None and choice.WhichOneof("choice") == "function_name":
+        calling = {"mode": "ANY", "allowedFunctionNames": [choice.function_name]}
+        body["toolConfig"] = {"functionCallingConfig": calling}
+    elif choice is not None and choice.mode in _TOOL_MODES:
+        body["toolConfig"] = {"functionCallingConfig": {"mode": _TOOL_MODES[choice.mode]}}
+    return body
+
+
+class _StreamState:
+    """What the chunks so far said: how many tool calls, whether it finished."""
+
+    def __init__(self) -> None:
+        self.tool_calls = 0
+        self.finished = False
+
+    def events(self, chunk: Mapping[str, Any]) -> list[Event]:
+        """The events in one streamed ``GenerateContentResponse``."""
+        events: list[Event] = []
+        candidates = chunk.get("candidates") or [{}]
+        candidate = candidates[0]
+        for part in (candidate.get("content") or {}).get("parts") or ():
+            if part.get("text") and not part.get("thought"):
+                events.append(TextDelta(part["text"]))
+            elif "functionCall" in part:
+                call = part["functionCall"] or {}
+                events.append(
+                    ToolCallDelta(
+                        index=self.tool_calls,
+                        id=call.get("id") or f"call_{uuid.uuid4().hex[:24]}",
+                        name=call.get("name") or "",
+                        arguments=json.dumps(call.get("args") or {}),
+                    )
+                )
+                self.tool_calls += 1
+        reason = candidate.get("finishReason")
+        blocked = (chunk.get("promptFeedback") or {}).get("blockReason")
+        if reason or blocked:
+            self.finished = True
+            events.append(Finish(self._finish(reason, blocked)))
+        usage = chunk.get("usageMetadata")
+        if usage and self.finished:  # running totals; the last chunk's are final
+            events.append(
+                UsageReport(
+                    prompt_tokens=int(usage.get("promptTokenCount") or 0),
+                    completion_tokens=int(usage.get("candidatesTokenCount") or 0)
+                    + int(usage.get("thoughtsTokenCount") or 0),
+                    cached_prompt_tokens=int(usage.get("cachedContentTokenCount") or 0),
+                )
+            )
+        return events
+
+    def _finish(self, reason: str | None, blocked: str | None) -> chat_pb2.FinishReason.ValueType:
+        if blocked or reason in _FILTERED:
+            return chat_pb2.FINISH_REASON_CONTENT_FILTER
+        if reason == "MAX_TOKENS":
+            return chat_pb2.FINISH_REASON_LENGTH
+        if self.tool_calls:  # Gemini says STOP after function calls
+            return chat_pb2.FINISH_REASON_TOOL_CALLS
+        return chat_pb2.FINISH_REASON_STOP
+
+
+def _retry_after(headers: httpx.Headers, error: Mapping[str, Any]) -> float | None:
+    """Retry-After, or else the ``google.rpc.RetryInfo`` delay in the error details."""
+    value = headers.get("retry-after")
+    try:
+        if value is not None:
+            return max(0.0, float(value))
+    except ValueError:
+        pass  # an HTTP date; rare from these APIs, treated as no hint
+    for detail in error.get("details") or ():
+        delay = detail.get("retryDelay") if isinstance(detail, dict) else None
+        if isinstance(delay, str) and delay.endswith("s"):
+            try:
+                return max(0.0, float(delay[:-1]))
+            except ValueError:
+                return None
+    return None
+
+
+def _http_error(status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
+    try:
+        error = json.loads(body)["error"]
+        detail = f"{error.get('status')}: {error['message']}"
+    except (ValueError, KeyError, TypeError, AttributeError):
+        error, detail = {}, body[:200].decode(errors="replace")
+    if status == 429:
+        kind = FailureKind.RATE_LIMITED
+    elif status >= 500:
+        kind = FailureKind.SERVER_ERROR
+    else:
+        kind = FailureKind.CLIENT_ERROR
+    return UpstreamError(
+        kind, f"HTTP {status}: {detail}", status=status, retry_after=_retry_after(headers, error)
+    )
+
+
+class GeminiAdapter:
+    """The Gemini API over HTTP(S) with server-sent events."""
+
+    def __init__(
+        self,
+        provider_id: str,
+        base_url: str,
+        *,
+        credential: str = "",
+        headers: Mapping[str, str] | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+    ) -> None:
+        self.provider_id = provider_id
+        sent = dict(headers or {})
+        if credential:
+            sent["x-goog-api-key"] = credential
+        base = base_url.rstrip("/")
+        # The configured URL may name the API version itself (…/v1beta or …/v1).
+        self._prefix = "" if base.rsplit("/", 1)[-1] in ("v1", "v1beta") else f"{API_VERSION}/"
+        self._client = httpx.AsyncClient(
+            base_url=base + "/",
+            headers=sent,
+            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+        )
+
+    async def stream(self, request: UpstreamRequest) -> AsyncIterator[Event]:
+        """See :meth:`ProviderAdapter.stream`."""
+        model = request.model_id.removeprefix("models/")
+        path = f"{self._prefix}models/{model}:streamGenerateContent"
+        try:
+            async with self._client.stream(
+                "POST", path, params={"alt": "sse"}, json=request_body(request)
+            ) as response:
+                if response.status_code != 200:
+                    body = await response.aread()
+                    raise _http_error(response.status_code, body, response.headers)
+                async for event in self._events(response):
+                    yield event
+        except httpx.ConnectError as exc:
+            raise UpstreamError(FailureKind.CONNECT, f"cannot connect: {exc}") from exc
+        except httpx.TimeoutException as exc:
+            raise UpstreamError(FailureKind.TIMEOUT, f"timed out: {type(exc).__name__}") from exc
+        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            raise UpstreamError(FailureKind.STREAM_BROKEN, f"connection lost: {exc}") from exc
+
+    async def _events(self, response: httpx.Response) -> AsyncIterator[Event]:
+        state = _StreamState()
+        async for line in response.aiter_lines():
+            if not line.startswith("data:"):
+                continue  # blank separators
+            data = line[5:].strip()
+            try:
+                chunk = json.loads(data)
+            except ValueError:
+                raise UpstreamError(
+                    FailureKind.MALFORMED, f"chunk is not JSON: {data[:80]!r}"
+                ) from None
+            if not isinstance(chunk, dict):
+                raise UpstreamError(FailureKind.MALFORMED, f"chunk is not an object: {data[:80]!r}")
+            if "error" in chunk:
+                error = chunk["error"] or {}
+                raise UpstreamError(FailureKind.SERVER_ERROR, str(error.get("message", error)))
+            for event in state.events(chunk):
+                yield event
+            if state.finished:
+                return
+        raise UpstreamError(FailureKind.STREAM_BROKEN, "stream ended without a finishReason")
+
+    async def aclose(self) -> None:
+        """See :meth:`ProviderAdapter.aclose`."""
+        await self._client.aclose()
