@@ -9,7 +9,9 @@ import grpc
 
 from orchestra.audit.v1 import audit_service_pb2, audit_service_pb2_grpc
 from services.audit.service import AuditServicer
+from services.audit.signing import Signer, load_signer
 from services.audit.store import AuditStore
+from services.audit.tree_store import TreeStore
 from services.common.identity import IdentitySigner
 from services.common.settings import Settings, require
 from services.common.stores import connect_postgres, migrate
@@ -20,12 +22,12 @@ class AuditService:
 
     name = "audit"
 
-    def __init__(self, pool: asyncpg.Pool, signer: IdentitySigner) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, signer: IdentitySigner, checkpoint_signer: Signer
+    ) -> None:
         self._pool = pool
-        self.store = AuditStore(pool)
-        # The generated stub declares every RPC abstract; the ones not served
-        # yet (checkpoints, proofs) keep the base class's UNIMPLEMENTED answer.
-        self._servicer = AuditServicer(self.store, signer)  # type: ignore[abstract]
+        self.store = AuditStore(pool, TreeStore(pool, checkpoint_signer))
+        self._servicer = AuditServicer(self.store, signer)
 
     def full_names(self) -> Sequence[str]:
         """The gRPC service this serves."""
@@ -36,7 +38,8 @@ class AuditService:
         audit_service_pb2_grpc.add_AuditServiceServicer_to_server(self._servicer, server)
 
     async def start(self) -> None:
-        """Nothing runs in the background yet (the checkpoint signer will)."""
+        """Brings the Merkle tree and checkpoints up to the records already stored."""
+        await self.store.catch_up()
 
     async def stop(self) -> None:
         """Closes the database pool."""
@@ -44,11 +47,16 @@ class AuditService:
 
 
 async def build(settings: Settings) -> AuditService:
-    """Connects to PostgreSQL, applies the audit migrations, builds the service."""
+    """Connects to PostgreSQL, applies the audit migrations, builds the service.
+
+    Raises:
+        SigningKeyError: The checkpoint signing key is misconfigured.
+    """
+    checkpoint_signer = load_signer(None, settings.internal_key)
     pool = await connect_postgres(require(settings.database_url, "DATABASE_URL", "audit"))
     try:
         await migrate(pool, "audit")
     except BaseException:
         await pool.close()
         raise
-    return AuditService(pool, IdentitySigner(settings.internal_key))
+    return AuditService(pool, IdentitySigner(settings.internal_key), checkpoint_signer)

@@ -1,8 +1,8 @@
 """The AuditService servicer: decode, check the caller, call the log, encode.
 
-Checkpoints and proofs (GetLatestCheckpoint, ListCheckpoints,
-GetInclusionProof, GetConsistencyProof) come with the Merkle tree; until then
-they keep the generated base class's UNIMPLEMENTED answer.
+Proof sizes are checked against the latest signed checkpoint: a proof is only
+served for a tree some checkpoint covers, so a client can always obtain the
+root it verifies against.
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ import grpc
 from orchestra.audit.v1 import audit_service_pb2, audit_service_pb2_grpc
 from orchestra.common.v1 import errors_pb2, identity_pb2
 from services.audit import records
-from services.audit.store import AuditStore, RecordFilter, StoredRow
+from services.audit.store import AuditStore, RecordFilter, StoredRow, store_errors
+from services.audit.tree_store import StoredCheckpoint
 from services.common import paging
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, NotFound
 from services.common.identity import IdentitySigner, caller, has_scope, tenant_of
 
 _Context = grpc.aio.ServicerContext[Any, Any]
@@ -37,6 +38,14 @@ def _invalid(field: str, message: str, **metadata: str) -> InvalidArgument:
 
 def _to_proto(row: StoredRow) -> pb.AuditRecord:
     return records.stored_record(row.record, row.index, row.leaf_hash)
+
+
+def _beyond(field: str, size: int, log_size: int) -> InvalidArgument:
+    return _invalid(
+        field,
+        f"{field} {size} is beyond the latest checkpoint ({log_size} records)",
+        log_size=str(log_size),
+    )
 
 
 class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
@@ -89,6 +98,88 @@ class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
         return pb.ListRecordsResponse(
             records=[_to_proto(row) for row in rows[:size]], next_page_token=token
         )
+
+    async def GetLatestCheckpoint(  # noqa: N802 - gRPC method name
+        self, request: pb.GetLatestCheckpointRequest, context: _Context
+    ) -> pb.GetLatestCheckpointResponse:
+        """The newest signed checkpoint (SCOPE_READ); NOT_FOUND for an empty log."""
+        caller(context, self._signer, identity_pb2.SCOPE_READ)
+        return pb.GetLatestCheckpointResponse(checkpoint=(await self._latest()).to_proto())
+
+    async def ListCheckpoints(  # noqa: N802 - gRPC method name
+        self, request: pb.ListCheckpointsRequest, context: _Context
+    ) -> pb.ListCheckpointsResponse:
+        """Pages through signed checkpoints, oldest first (SCOPE_READ)."""
+        caller(context, self._signer, identity_pb2.SCOPE_READ)
+        size = paging.page_size(request.page_size)
+        after = _last_index(paging.decode(request.page_token, "checkpoints"))
+        async with store_errors():
+            found = await self._store.tree.checkpoints(after or 0, size + 1)
+        token = paging.encode(found[size - 1].tree_size, "checkpoints") if len(found) > size else ""
+        return pb.ListCheckpointsResponse(
+            checkpoints=[c.to_proto() for c in found[:size]], next_page_token=token
+        )
+
+    async def GetInclusionProof(  # noqa: N802 - gRPC method name
+        self, request: pb.GetInclusionProofRequest, context: _Context
+    ) -> pb.GetInclusionProofResponse:
+        """The audit path of one record in a checkpointed tree (SCOPE_READ)."""
+        caller(context, self._signer, identity_pb2.SCOPE_READ)
+        if request.leaf_index < 0:
+            raise _invalid("leaf_index", "leaf_index must not be negative")
+        if request.tree_size < 0:
+            raise _invalid("tree_size", "tree_size must not be negative")
+        latest = (await self._latest()).tree_size
+        size = request.tree_size or latest
+        if size > latest:
+            raise _beyond("tree_size", size, latest)
+        if request.leaf_index >= size:
+            raise _invalid(
+                "leaf_index",
+                f"leaf_index {request.leaf_index} is not in a tree of {size} records",
+                tree_size=str(size),
+            )
+        async with store_errors():
+            hashes = await self._store.tree.inclusion_proof(request.leaf_index, size)
+        return pb.GetInclusionProofResponse(
+            leaf_index=request.leaf_index, tree_size=size, hashes=hashes
+        )
+
+    async def GetConsistencyProof(  # noqa: N802 - gRPC method name
+        self, request: pb.GetConsistencyProofRequest, context: _Context
+    ) -> pb.GetConsistencyProofResponse:
+        """Proof that one checkpointed tree extends another (SCOPE_READ)."""
+        caller(context, self._signer, identity_pb2.SCOPE_READ)
+        if request.first_tree_size < 0:
+            raise _invalid("first_tree_size", "first_tree_size must not be negative")
+        if request.second_tree_size < 0:
+            raise _invalid("second_tree_size", "second_tree_size must not be negative")
+        latest = (await self._latest()).tree_size
+        second = request.second_tree_size or latest
+        if second > latest:
+            raise _beyond("second_tree_size", second, latest)
+        if request.first_tree_size > second:
+            raise _invalid(
+                "first_tree_size",
+                f"first_tree_size {request.first_tree_size} is after second_tree_size {second}",
+                second_tree_size=str(second),
+            )
+        async with store_errors():
+            hashes = await self._store.tree.consistency_proof(request.first_tree_size, second)
+        return pb.GetConsistencyProofResponse(
+            first_tree_size=request.first_tree_size, second_tree_size=second, hashes=hashes
+        )
+
+    async def _latest(self) -> StoredCheckpoint:
+        """The latest checkpoint. Raises NotFound (RESOURCE_NOT_FOUND) for an empty log."""
+        async with store_errors():
+            latest = await self._store.tree.latest()
+        if latest is None:
+            raise NotFound(
+                errors_pb2.ERROR_REASON_RESOURCE_NOT_FOUND,
+                "the audit log is empty: no checkpoint yet",
+            )
+        return latest
 
     async def ExportRecords(  # noqa: N802 - gRPC method name
         self, request: pb.ExportRecordsRequest, context: _Context

@@ -6,6 +6,11 @@ record and inserts after it. Indices are therefore gap-free and unique (the
 primary key would refuse a duplicate anyway), and each insert chains onto the
 committed predecessor. The lock is held for a handful of statements; a
 rolled-back append releases it with nothing written.
+
+In the same transaction the sequencer extends the Merkle tree and signs a
+checkpoint of the new size (``tree_store.py``), so every committed batch has
+its signed tree head. A log whose records predate the tree (or whose
+checkpoints lag) is caught up from the stored leaf hashes first.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import asyncpg
 from orchestra.common.v1 import errors_pb2
 from services.audit import hashing
 from services.audit.records import Entry
-from services.common.errors import Unavailable
+from services.audit.tree_store import TreeStore
+from services.common.errors import Internal, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -124,15 +130,16 @@ async def store_errors() -> AsyncIterator[None]:
 
 
 def _row(record: asyncpg.Record) -> StoredRow:
-    # asyncpg's Record iterates its values, so the keys must be asked for.
-    return StoredRow(**{key: record[key] for key in record.keys()})  # noqa: SIM118
+    # Every query selects _COLUMNS, in StoredRow's field order.
+    return StoredRow(*record)
 
 
 class AuditStore:
     """Reads and appends the log."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, tree: TreeStore) -> None:
         self._pool = pool
+        self.tree = tree
 
     async def append(self, entries: Sequence[Entry]) -> list[Appended]:
         """Appends ``entries`` in order, atomically.
@@ -175,7 +182,50 @@ class AuditStore:
                 next_index += 1
             if rows:
                 await conn.execute(_INSERT, *_columns(rows))
+            size = 0 if head is None else head["index"] + 1
+            await self._grow_tree(conn, size, [entry.leaf_hash for _, entry, _ in rows])
         return results
+
+    async def catch_up(self) -> None:
+        """Brings the tree and checkpoints up to the records (at start).
+
+        Raises:
+            Unavailable: STORE_UNAVAILABLE.
+            Internal: The log is shorter than its latest checkpoint.
+        """
+        async with (
+            store_errors(),
+            self._pool.acquire() as conn,
+            conn.transaction(isolation="read_committed"),
+        ):
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", SEQUENCER_LOCK)
+            size = await conn.fetchval("SELECT coalesce(max(index) + 1, 0) FROM audit.records")
+            await self._grow_tree(conn, int(size), [])
+
+    async def _grow_tree(self, conn: Any, size: int, new_leaves: list[bytes]) -> None:
+        """Extends the tree from the latest checkpoint to ``size`` + the new leaves."""
+        latest = await self.tree.latest(conn)
+        covered = 0 if latest is None else latest.tree_size
+        if covered > size:
+            # Only a rewrite behind the service's back removes records.
+            raise Internal(
+                errors_pb2.ERROR_REASON_INTERNAL,
+                f"the log has {size} records but checkpoint {covered} covers more:"
+                " run `orchestra audit verify`",
+                metadata={"log_size": str(size), "checkpoint_size": str(covered)},
+            )
+        lagging: list[bytes] = []
+        if covered < size:
+            found = await conn.fetch(
+                "SELECT leaf_hash FROM audit.records WHERE index >= $1 AND index < $2"
+                " ORDER BY index",
+                covered,
+                size,
+            )
+            lagging = [bytes(r["leaf_hash"]) for r in found]
+        leaves = lagging + new_leaves
+        if leaves:
+            await self.tree.extend(conn, covered, leaves)
 
     @staticmethod
     async def _known(

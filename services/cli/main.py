@@ -7,6 +7,7 @@
     orchestra serve     run one service (containers)
     orchestra edge      render the Envoy configuration and run Envoy (containers)
     orchestra local-model  serve the packaged model over the OpenAI API (containers)
+    orchestra audit     verify or export the audit log, or print its public key
 
 ``orchestra COMMAND --help`` describes each.
 """
@@ -102,6 +103,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8090, help="port (default 8090)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+
+    p = sub.add_parser("audit", help="verify, export or show the key of the audit log")
+    audit = p.add_subparsers(dest="audit_command", required=True, metavar="AUDIT_COMMAND")
+    v = audit.add_parser(
+        "verify",
+        help="recompute the log and check every signed checkpoint; names the first bad index",
+    )
+    v.add_argument("--database-url", help="PostgreSQL (default: $DATABASE_URL)")
+    v.add_argument("--end", type=int, help="verify only the first END records")
+    v.add_argument("--export", type=Path, help="verify this JSONL export offline instead")
+    v.add_argument("--public-key", help="base64 raw Ed25519 public key, or a file holding it")
+    e = audit.add_parser("export", help="write the log and its checkpoints as JSONL")
+    e.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
+    e.add_argument("--database-url", help="PostgreSQL (default: $DATABASE_URL)")
+    e.add_argument("--end", type=int, help="export only the first END records")
+    audit.add_parser("public-key", help="print the checkpoint public key and key_id")
     return parser
 
 
@@ -155,6 +172,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "edge":
             return _edge(args)
+        if args.command == "audit":
+            from services.cli import audit_cmd
+
+            run = {
+                "verify": audit_cmd.run_verify,
+                "export": audit_cmd.run_export,
+                "public-key": audit_cmd.run_public_key,
+            }[args.audit_command]
+            return run(args)
         if args.command == "local-model":
             command = embedded.local_model_command(args.port, args.threads, host=args.host)
             os.execv(command[0], command)

@@ -8,6 +8,7 @@ a second ``up`` on the same state directory keeps the data.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import logging
@@ -52,6 +53,13 @@ def _secret_file(path: Path, make: str) -> str:
     return path.read_text().strip()
 
 
+def _audit_signing_key(state_dir: Path) -> Path:
+    """The audit log's Ed25519 checkpoint key (32 random bytes, base64), made once."""
+    path = state_dir / "audit-signing.key"
+    _secret_file(path, base64.b64encode(secrets.token_bytes(32)).decode())
+    return path
+
+
 def dev_api_key(state_dir: Path) -> str:
     """The development API key of this state directory (created once)."""
     return _secret_file(state_dir / API_KEY_FILE, f"ok_dev_{secrets.token_urlsafe(24)}")
@@ -78,6 +86,7 @@ async def run(
             state_dir / "internal.key", secrets.token_urlsafe(32)
         ),
         "ORCHESTRA_DEV_KEY": dev_api_key(state_dir),
+        "ORCHESTRA_AUDIT_SIGNING_KEY_FILE": str(_audit_signing_key(state_dir)),
         "ORCHESTRA_LOCAL_MODEL_URL": f"http://127.0.0.1:{ports.model}/v1",
         "ORCHESTRA_CONFIG": str(config_path),
         **{f"ORCHESTRA_{n.upper()}_ADDR": f"127.0.0.1:{ports.service(n)}" for n in SERVICES},

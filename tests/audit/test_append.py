@@ -246,21 +246,3 @@ async def test_append_without_identity_is_unauthenticated(audit: Audit) -> None:
 
     error = errors.decode(caught.value)
     assert (error.code, error.reason) == (grpc.StatusCode.UNAUTHENTICATED, "IDENTITY_MISSING")
-
-
-@pytest.mark.parametrize(
-    ("method", "request_message"),
-    [
-        ("GetLatestCheckpoint", pb.GetLatestCheckpointRequest()),
-        ("ListCheckpoints", pb.ListCheckpointsRequest()),
-        ("GetInclusionProof", pb.GetInclusionProofRequest(leaf_index=0, tree_size=1)),
-        ("GetConsistencyProof", pb.GetConsistencyProofRequest(first_tree_size=1)),
-    ],
-)
-async def test_checkpoints_and_proofs_are_not_implemented_yet(
-    audit: Audit, operator: Metadata, method: str, request_message: object
-) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await getattr(audit.stub, method)(request_message, metadata=operator)
-
-    assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -236,9 +236,14 @@ class Checkpoint(_message.Message):
     root_hash: _builtins.bytes
     """RFC 6962 Merkle tree hash of those records."""
     signature: _builtins.bytes
-    """Ed25519 signature over the checkpoint's canonical text."""
+    """Ed25519 signature over the UTF-8 text "orchestra.dev/audit\\n<tree_size>\\n
+    <base64 root_hash, padded>\\n<create_time.seconds>\\n" (create_time has
+    whole seconds only).
+    """
     key_id: _builtins.str
-    """Which signing key (hex fingerprint of the public key)."""
+    """Which signing key: hex of the first 16 bytes of SHA-256 of the raw 32-byte
+    Ed25519 public key (`orchestra audit public-key` prints both).
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was signed."""

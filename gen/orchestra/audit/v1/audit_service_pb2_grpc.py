@@ -115,8 +115,9 @@ class AuditServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetLatestCheckpoint(self, request, context):
-        """The newest signed checkpoint. Needs SCOPE_READ.
-        Errors: NOT_FOUND (empty log). Idempotent. Deadline: 1 s.
+        """The newest signed checkpoint (one is written with every append batch).
+        Needs SCOPE_READ. Errors: NOT_FOUND (RESOURCE_NOT_FOUND) while the log is
+        empty, UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -124,6 +125,7 @@ class AuditServiceServicer:
 
     def ListCheckpoints(self, request, context):
         """Pages through signed checkpoints, oldest first. Needs SCOPE_READ.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD page_size, INVALID_PAGE_TOKEN).
         Idempotent. Deadline: 5 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -132,8 +134,10 @@ class AuditServiceServicer:
 
     def GetInclusionProof(self, request, context):
         """Proof that the record at leaf_index is in the tree of tree_size leaves.
-        Needs SCOPE_READ. Errors: INVALID_ARGUMENT (index >= size, size beyond the
-        log), NOT_FOUND. Idempotent. Deadline: 1 s.
+        Needs SCOPE_READ. Errors: INVALID_ARGUMENT (INVALID_FIELD: leaf_index < 0
+        or >= tree_size, tree_size < 0 or beyond the latest checkpoint; metadata
+        log_size), NOT_FOUND (RESOURCE_NOT_FOUND: empty log). Idempotent.
+        Deadline: 1 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -142,8 +146,9 @@ class AuditServiceServicer:
     def GetConsistencyProof(self, request, context):
         """Proof that the tree of first_tree_size leaves is a prefix of the tree of
         second_tree_size leaves. Needs SCOPE_READ.
-        Errors: INVALID_ARGUMENT (first > second, second beyond the log).
-        Idempotent. Deadline: 1 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: first > second, second beyond the
+        latest checkpoint), NOT_FOUND (empty log). A first_tree_size of 0 gives an
+        empty proof. Idempotent. Deadline: 1 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -53,23 +53,28 @@ class AuditServiceStub:
     Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 5 s.
     """
     GetLatestCheckpoint: _grpc.UnaryUnaryMultiCallable[_audit_service_pb2.GetLatestCheckpointRequest, _audit_service_pb2.GetLatestCheckpointResponse]
-    """The newest signed checkpoint. Needs SCOPE_READ.
-    Errors: NOT_FOUND (empty log). Idempotent. Deadline: 1 s.
+    """The newest signed checkpoint (one is written with every append batch).
+    Needs SCOPE_READ. Errors: NOT_FOUND (RESOURCE_NOT_FOUND) while the log is
+    empty, UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.
     """
     ListCheckpoints: _grpc.UnaryUnaryMultiCallable[_audit_service_pb2.ListCheckpointsRequest, _audit_service_pb2.ListCheckpointsResponse]
     """Pages through signed checkpoints, oldest first. Needs SCOPE_READ.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD page_size, INVALID_PAGE_TOKEN).
     Idempotent. Deadline: 5 s.
     """
     GetInclusionProof: _grpc.UnaryUnaryMultiCallable[_audit_service_pb2.GetInclusionProofRequest, _audit_service_pb2.GetInclusionProofResponse]
     """Proof that the record at leaf_index is in the tree of tree_size leaves.
-    Needs SCOPE_READ. Errors: INVALID_ARGUMENT (index >= size, size beyond the
-    log), NOT_FOUND. Idempotent. Deadline: 1 s.
+    Needs SCOPE_READ. Errors: INVALID_ARGUMENT (INVALID_FIELD: leaf_index < 0
+    or >= tree_size, tree_size < 0 or beyond the latest checkpoint; metadata
+    log_size), NOT_FOUND (RESOURCE_NOT_FOUND: empty log). Idempotent.
+    Deadline: 1 s.
     """
     GetConsistencyProof: _grpc.UnaryUnaryMultiCallable[_audit_service_pb2.GetConsistencyProofRequest, _audit_service_pb2.GetConsistencyProofResponse]
     """Proof that the tree of first_tree_size leaves is a prefix of the tree of
     second_tree_size leaves. Needs SCOPE_READ.
-    Errors: INVALID_ARGUMENT (first > second, second beyond the log).
-    Idempotent. Deadline: 1 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: first > second, second beyond the
+    latest checkpoint), NOT_FOUND (empty log). A first_tree_size of 0 gives an
+    empty proof. Idempotent. Deadline: 1 s.
     """
     ExportRecords: _grpc.UnaryStreamMultiCallable[_audit_service_pb2.ExportRecordsRequest, _audit_service_pb2.ExportRecordsResponse]
     """Streams records of a range, oldest first, for offline verification.
@@ -103,23 +108,28 @@ class AuditServiceAsyncStub(AuditServiceStub):
     Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 5 s.
     """
     GetLatestCheckpoint: _aio.UnaryUnaryMultiCallable[_audit_service_pb2.GetLatestCheckpointRequest, _audit_service_pb2.GetLatestCheckpointResponse]  # type: ignore[assignment]
-    """The newest signed checkpoint. Needs SCOPE_READ.
-    Errors: NOT_FOUND (empty log). Idempotent. Deadline: 1 s.
+    """The newest signed checkpoint (one is written with every append batch).
+    Needs SCOPE_READ. Errors: NOT_FOUND (RESOURCE_NOT_FOUND) while the log is
+    empty, UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.
     """
     ListCheckpoints: _aio.UnaryUnaryMultiCallable[_audit_service_pb2.ListCheckpointsRequest, _audit_service_pb2.ListCheckpointsResponse]  # type: ignore[assignment]
     """Pages through signed checkpoints, oldest first. Needs SCOPE_READ.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD page_size, INVALID_PAGE_TOKEN).
     Idempotent. Deadline: 5 s.
     """
     GetInclusionProof: _aio.UnaryUnaryMultiCallable[_audit_service_pb2.GetInclusionProofRequest, _audit_service_pb2.GetInclusionProofResponse]  # type: ignore[assignment]
     """Proof that the record at leaf_index is in the tree of tree_size leaves.
-    Needs SCOPE_READ. Errors: INVALID_ARGUMENT (index >= size, size beyond the
-    log), NOT_FOUND. Idempotent. Deadline: 1 s.
+    Needs SCOPE_READ. Errors: INVALID_ARGUMENT (INVALID_FIELD: leaf_index < 0
+    or >= tree_size, tree_size < 0 or beyond the latest checkpoint; metadata
+    log_size), NOT_FOUND (RESOURCE_NOT_FOUND: empty log). Idempotent.
+    Deadline: 1 s.
     """
     GetConsistencyProof: _aio.UnaryUnaryMultiCallable[_audit_service_pb2.GetConsistencyProofRequest, _audit_service_pb2.GetConsistencyProofResponse]  # type: ignore[assignment]
     """Proof that the tree of first_tree_size leaves is a prefix of the tree of
     second_tree_size leaves. Needs SCOPE_READ.
-    Errors: INVALID_ARGUMENT (first > second, second beyond the log).
-    Idempotent. Deadline: 1 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: first > second, second beyond the
+    latest checkpoint), NOT_FOUND (empty log). A first_tree_size of 0 gives an
+    empty proof. Idempotent. Deadline: 1 s.
     """
     ExportRecords: _aio.UnaryStreamMultiCallable[_audit_service_pb2.ExportRecordsRequest, _audit_service_pb2.ExportRecordsResponse]  # type: ignore[assignment]
     """Streams records of a range, oldest first, for offline verification.
@@ -174,8 +184,9 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _audit_service_pb2.GetLatestCheckpointRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_audit_service_pb2.GetLatestCheckpointResponse, _abc.Awaitable[_audit_service_pb2.GetLatestCheckpointResponse]]:
-        """The newest signed checkpoint. Needs SCOPE_READ.
-        Errors: NOT_FOUND (empty log). Idempotent. Deadline: 1 s.
+        """The newest signed checkpoint (one is written with every append batch).
+        Needs SCOPE_READ. Errors: NOT_FOUND (RESOURCE_NOT_FOUND) while the log is
+        empty, UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.
         """
 
     @_abc_1.abstractmethod
@@ -185,6 +196,7 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_audit_service_pb2.ListCheckpointsResponse, _abc.Awaitable[_audit_service_pb2.ListCheckpointsResponse]]:
         """Pages through signed checkpoints, oldest first. Needs SCOPE_READ.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD page_size, INVALID_PAGE_TOKEN).
         Idempotent. Deadline: 5 s.
         """
 
@@ -195,8 +207,10 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_audit_service_pb2.GetInclusionProofResponse, _abc.Awaitable[_audit_service_pb2.GetInclusionProofResponse]]:
         """Proof that the record at leaf_index is in the tree of tree_size leaves.
-        Needs SCOPE_READ. Errors: INVALID_ARGUMENT (index >= size, size beyond the
-        log), NOT_FOUND. Idempotent. Deadline: 1 s.
+        Needs SCOPE_READ. Errors: INVALID_ARGUMENT (INVALID_FIELD: leaf_index < 0
+        or >= tree_size, tree_size < 0 or beyond the latest checkpoint; metadata
+        log_size), NOT_FOUND (RESOURCE_NOT_FOUND: empty log). Idempotent.
+        Deadline: 1 s.
         """
 
     @_abc_1.abstractmethod
@@ -207,8 +221,9 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_audit_service_pb2.GetConsistencyProofResponse, _abc.Awaitable[_audit_service_pb2.GetConsistencyProofResponse]]:
         """Proof that the tree of first_tree_size leaves is a prefix of the tree of
         second_tree_size leaves. Needs SCOPE_READ.
-        Errors: INVALID_ARGUMENT (first > second, second beyond the log).
-        Idempotent. Deadline: 1 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: first > second, second beyond the
+        latest checkpoint), NOT_FOUND (empty log). A first_tree_size of 0 gives an
+        empty proof. Idempotent. Deadline: 1 s.
         """
 
     @_abc_1.abstractmethod
