@@ -9,6 +9,11 @@
   applies each settlement at most once.
 * When Redis has lost its data, the current windows' spent counters are
   rebuilt from the ledger before anything else is admitted.
+* Rate limits (requests and tokens per minute, per tenant and per API key)
+  are counted by the same Reserve script (:mod:`services.budget.ratelimits`).
+* When Redis is unreachable, a tenant whose policy says ``fail_open`` is
+  admitted without a hold (:mod:`services.budget.failopen`); others get
+  UNAVAILABLE (STORE_UNAVAILABLE with RetryInfo).
 """
 
 from __future__ import annotations
@@ -24,21 +29,23 @@ from collections.abc import Callable
 
 from orchestra.budget.v1 import budget_service_pb2 as pb
 from orchestra.common.v1 import errors_pb2
+from services.budget import storage
 from services.budget.budgets import BudgetStore
 from services.budget.catalog import Catalog, TenantContext
 from services.budget.counters import Check, Counters, counter_key
+from services.budget.failopen import FailOpen, redis_down
 from services.budget.ledger import Charge, Ledger
+from services.budget.ratelimits import rate_checks
+from services.budget.refusals import already_settled, exhausted, not_reserved, rate_limited
+from services.budget.unheld import Unheld, UnheldStore
 from services.budget.windows import Window, window_of
-from services.common.errors import (
-    FailedPrecondition,
-    NotFound,
-    ResourceExhausted,
-    Unavailable,
-)
+from services.common.errors import Unavailable
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HOLD_TTL_SECONDS = 600
+# After Redis fails, Reserve answers without trying it for this long.
+REDIS_DOWN_SKIP_SECONDS = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,11 +70,12 @@ class Warning:
 
 @dataclasses.dataclass(frozen=True)
 class Hold:
-    """A granted reservation."""
+    """A granted reservation (``unheld``: admitted without a hold, fail open)."""
 
     held_micro_usd: int
     expire_at: float
     warnings: tuple[Warning, ...] = ()
+    unheld: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,46 +131,6 @@ def _utc(epoch: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(epoch, dt.UTC)
 
 
-def _not_reserved(request_id: str) -> NotFound:
-    return NotFound(
-        errors_pb2.ERROR_REASON_RESERVATION_NOT_FOUND,
-        f"no reservation is held for request {request_id!r}",
-        metadata={"request_id": request_id},
-    )
-
-
-def _exhausted(budget: pb.Budget, used: int, amount: int) -> ResourceExhausted:
-    window = pb.BudgetWindow.Name(budget.window).removeprefix("BUDGET_WINDOW_").lower()
-    level = pb.BudgetLevel.Name(budget.level).removeprefix("BUDGET_LEVEL_").lower()
-    return ResourceExhausted(
-        errors_pb2.ERROR_REASON_BUDGET_EXHAUSTED,
-        f"budget {budget.budget_id} ({level} {budget.subject or budget.tenant_id}, {window})"
-        f" would be exceeded: {used} of {budget.limit_micro_usd} micro-USD used,"
-        f" {amount} requested",
-        metadata={
-            "budget_id": budget.budget_id,
-            "level": level,
-            "subject": budget.subject,
-            "window": window,
-            "limit_micro_usd": str(budget.limit_micro_usd),
-            "used_micro_usd": str(used),
-            "requested_micro_usd": str(amount),
-        },
-        quota_subject=f"budgets/{budget.budget_id}",
-    )
-
-
-def _already_settled(prior: Charge, cost: int) -> FailedPrecondition:
-    return FailedPrecondition(
-        errors_pb2.ERROR_REASON_ALREADY_SETTLED,
-        f"request {prior.request_id!r} was settled at {prior.cost_micro_usd} micro-USD, not {cost}",
-        metadata={
-            "request_id": prior.request_id,
-            "charged_micro_usd": str(prior.cost_micro_usd),
-        },
-    )
-
-
 def _settlement(charge: Charge) -> Settlement:
     released = max(charge.held_micro_usd - charge.cost_micro_usd, 0)
     return Settlement(charge.cost_micro_usd, released)
@@ -178,6 +146,7 @@ class Admission:
         ledger: Ledger,
         budgets: BudgetStore,
         *,
+        unheld: UnheldStore | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._catalog = catalog
@@ -186,6 +155,12 @@ class Admission:
         self._budgets = budgets
         self._clock = clock
         self._rebuild_lock = asyncio.Lock()
+        self._redis_down_until = 0.0  # monotonic; Reserve skips Redis until then
+        self._fail_open = (
+            None
+            if unheld is None
+            else FailOpen(unheld, ledger, counters, self._unheld_keys, clock=clock)
+        )
 
     # --- reserve --------------------------------------------------------------
 
@@ -203,13 +178,19 @@ class Admission:
         Raises:
             NotFound: The tenant does not exist.
             ResourceExhausted: BUDGET_EXHAUSTED naming the first hard budget
-                that would be exceeded; nothing was held.
-            Unavailable: STORE_UNAVAILABLE (fail closed).
+                that would be exceeded, or RATE_LIMITED naming the rate limit
+                (with RetryInfo); nothing was held or counted.
+            Unavailable: STORE_UNAVAILABLE (Redis down and the tenant fails
+                closed, or PostgreSQL down).
         """
         context = await self._catalog.tenant(subject.tenant_id)
         now = self._clock()
         applicable = [b for b in context.budgets if applies(b, subject)]
         checks = [self._check(b, context, subject, now) for b in applicable]
+        key_limit = await self._catalog.key_rate_limit(subject.tenant_id, subject.key_id)
+        rates = rate_checks(
+            now, subject.tenant_id, context.policy.rate_limit, subject.key_id, key_limit, tokens
+        )
         ttl = ttl_seconds or DEFAULT_HOLD_TTL_SECONDS
         record = {
             "tenant_id": subject.tenant_id,
@@ -223,18 +204,49 @@ class Admission:
         }
         # Millisecond precision, as stored: a repeated Reserve answers the same.
         expire_at = round(now + ttl, 3)
-        for _ in range(2):
-            outcome = await self._counters.reserve(
-                request_id, amount, ttl, expire_at, checks, record
+        by_id = {b.budget_id: b for b in applicable}
+        try:
+            if time.monotonic() < self._redis_down_until:
+                # Redis just failed: answer within Reserve's deadline instead of
+                # waiting for another connect timeout.
+                raise storage.store_unavailable("redis", ConnectionError("recently unreachable"))
+            for _ in range(2):
+                outcome = await self._counters.reserve(
+                    request_id, amount, ttl, expire_at, checks, record, rates
+                )
+                if outcome.status != "COLD":
+                    break
+                await self.rebuild()
+        except Unavailable as exc:
+            if redis_down(exc) and time.monotonic() >= self._redis_down_until:
+                self._redis_down_until = time.monotonic() + REDIS_DOWN_SKIP_SECONDS
+            if not (redis_down(exc) and context.policy.fail_open and self._fail_open):
+                raise
+            for budget in applicable:  # per-request caps need no counter
+                cap = budget.window == pb.BUDGET_WINDOW_REQUEST and not budget.soft
+                if cap and amount > budget.limit_micro_usd:
+                    raise exhausted(budget, 0, amount) from None
+            row = Unheld(
+                request_id,
+                subject.tenant_id,
+                subject.team,
+                subject.project,
+                subject.key_id,
+                subject.end_user,
+                model,
+                amount,
+                tokens,
+                _utc(now),
+                _utc(expire_at),
             )
-            if outcome.status != "COLD":
-                break
-            await self.rebuild()
+            stored = await self._fail_open.admit(row)
+            return Hold(0, stored.expire_time.timestamp(), unheld=True)
         if outcome.status == "EXISTS":
             return Hold(outcome.held_micro_usd, outcome.expire_at)
-        by_id = {b.budget_id: b for b in applicable}
         if outcome.status == "EXHAUSTED":
-            raise _exhausted(by_id[outcome.budget_id], outcome.used_micro_usd, amount)
+            raise exhausted(by_id[outcome.budget_id], outcome.used_micro_usd, amount)
+        if outcome.status == "RATE_LIMITED":
+            raise rate_limited(outcome.rate_limit, outcome.rate_used, now)
         if outcome.status != "OK":
             raise Unavailable(
                 errors_pb2.ERROR_REASON_STORE_UNAVAILABLE,
@@ -270,17 +282,37 @@ class Admission:
     ) -> Settlement:
         """Charges ``cost`` for a reserved request (in full, even above the hold).
 
+        A request admitted without a hold (fail open) is settled from its
+        ``budget.unheld`` row, even while Redis is still down.
+
         Raises:
             NotFound: RESERVATION_NOT_FOUND.
             FailedPrecondition: ALREADY_SETTLED with a different amount.
+            Unavailable: STORE_UNAVAILABLE (a held request while Redis is down).
         """
-        hold = await self._counters.hold(request_id)
+        try:
+            hold = await self._counters.hold(request_id)
+        except Unavailable as exc:
+            if not redis_down(exc) or self._fail_open is None:
+                raise
+            unheld = await self._fail_open.settle(
+                request_id, cost, prompt_tokens, completion_tokens, partial
+            )
+            if unheld is None:
+                raise
+            return self._settled(unheld, cost)
+        if (not hold or "unheld" in hold) and self._fail_open is not None:
+            unheld = await self._fail_open.settle(
+                request_id, cost, prompt_tokens, completion_tokens, partial
+            )
+            if unheld is not None:
+                return self._settled(unheld, cost)
         if not hold:
             prior = await self._ledger.find(request_id)
             if prior is None:
-                raise _not_reserved(request_id)
+                raise not_reserved(request_id)
             if prior.cost_micro_usd != cost:
-                raise _already_settled(prior, cost)
+                raise already_settled(prior, cost)
             return _settlement(prior)
         charge = Charge(
             request_id=request_id,
@@ -299,22 +331,57 @@ class Admission:
         )
         recorded, _ = await self._ledger.record(charge)
         if recorded.cost_micro_usd != cost:
-            raise _already_settled(recorded, cost)
+            raise already_settled(recorded, cost)
         # Also on a repeat: the earlier attempt may have died before this step.
-        await self._counters.settle(request_id, json.loads(hold["keys"]), cost)
+        used_tokens = prompt_tokens + completion_tokens
+        # Without reported usage (0 tokens) nothing is given back: the worst case stands.
+        unused = int(hold.get("tokens") or 0) - used_tokens if used_tokens else 0
+        await self._counters.settle(
+            request_id,
+            json.loads(hold["keys"]),
+            cost,
+            (json.loads(hold.get("tpm") or "[]"), unused),
+        )
         return _settlement(recorded)
+
+    @staticmethod
+    def _settled(recorded: Charge, cost: int) -> Settlement:
+        if recorded.cost_micro_usd != cost:
+            raise already_settled(recorded, cost)
+        return _settlement(recorded)
+
+    async def _unheld_keys(self, row: Unheld) -> list[str]:
+        """The counters an unheld request's spend counts in (its admission's windows)."""
+        subject = Subject(row.tenant_id, row.team, row.project, row.key_id, row.end_user)
+        context = await self._catalog.tenant(row.tenant_id)
+        at = row.reserve_time
+        keys = []
+        for budget in context.budgets:
+            if applies(budget, subject):
+                key = counter_of(budget, window_of(budget.window, at, context.tz), subject)
+                if key:
+                    keys.append(key)
+        return keys
 
     async def release(self, request_id: str) -> int:
         """Frees a hold without charging; returns the amount released.
 
         A hold already settled releases nothing; a repeated release returns
-        the same amount. Raises NotFound (RESERVATION_NOT_FOUND).
+        the same amount; a request admitted without a hold (fail open)
+        releases nothing. Raises NotFound (RESERVATION_NOT_FOUND).
         """
-        hold = await self._counters.hold(request_id)
+        try:
+            hold = await self._counters.hold(request_id)
+        except Unavailable as exc:
+            if redis_down(exc) and self._fail_open and await self._fail_open.release(request_id):
+                return 0
+            raise
         prior = await self._ledger.find(request_id)
+        if not hold and self._fail_open and await self._fail_open.release(request_id):
+            return 0
         if not hold:
             if prior is None:
-                raise _not_reserved(request_id)
+                raise not_reserved(request_id)
             return 0
         keys = json.loads(hold["keys"])
         if prior is not None:
@@ -324,7 +391,7 @@ class Admission:
             return 0
         state, amount = await self._counters.release(request_id, keys)
         if state == "GONE":
-            raise _not_reserved(request_id)
+            raise not_reserved(request_id)
         return 0 if state == "settled" else amount
 
     async def reap(self, limit: int = 200) -> int:
@@ -333,10 +400,13 @@ class Admission:
         A hold whose request is in the ledger is settled instead. (Settling
         expired holds at their reserved amount is a later step.)
         """
+        handled = 0
+        if self._fail_open is not None:
+            handled = await self._fail_open.reap(limit)
         now = self._clock()
         ids = await self._counters.expired(now, limit)
         if not ids:
-            return 0
+            return handled
         charges = await self._ledger.find_many(ids)
         for request_id in ids:
             hold = await self._counters.hold(request_id)
@@ -345,7 +415,7 @@ class Admission:
                 await self._counters.settle(request_id, keys, charges[request_id].cost_micro_usd)
             else:
                 await self._counters.release(request_id, keys, expired_before=now)
-        return len(ids)
+        return handled + len(ids)
 
     # --- status -------------------------------------------------------------------
 

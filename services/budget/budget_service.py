@@ -28,6 +28,8 @@ ADMIN = identity_pb2.SCOPE_ADMIN
 READ = identity_pb2.SCOPE_READ
 INTERNAL = identity_pb2.SCOPE_INTERNAL
 MAX_HOLD_TTL_SECONDS = 86_400
+# Trailing metadata of a Reserve admitted without a hold (fail open).
+FAIL_OPEN_HEADER = "orchestra-budget-fail-open"
 _BUDGET_MASK = ("limit_micro_usd", "soft", "alert_thresholds_percent", "alert_webhook_url")
 
 
@@ -184,6 +186,9 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
             ],
         )
         response.expire_time.FromMicroseconds(int(hold.expire_at * 1e6))
+        if hold.unheld:
+            # Admitted without a hold: Redis is unreachable and the tenant fails open.
+            context.set_trailing_metadata(((FAIL_OPEN_HEADER, "redis-unreachable"),))
         return response
 
     async def Settle(  # noqa: N802

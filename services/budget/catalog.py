@@ -14,12 +14,15 @@ import zoneinfo
 from collections.abc import Callable
 
 from orchestra.budget.v1 import account_service_pb2, budget_service_pb2
+from orchestra.common.v1 import identity_pb2
 from services.budget.accounts import AccountStore
 from services.budget.budgets import BudgetStore
+from services.budget.keystore import KeyStore
 from services.budget.validation import time_zone
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, NotFound
 
 DEFAULT_TTL_SECONDS = 2.0
+MAX_CACHED_KEYS = 100_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +43,13 @@ class TenantContext:
 
 
 class Catalog:
-    """A short-lived cache of tenant contexts."""
+    """A short-lived cache of tenant contexts and API keys' rate limits."""
 
     def __init__(
         self,
         accounts: AccountStore,
         budgets: BudgetStore,
+        keys: KeyStore | None = None,
         *,
         ttl_seconds: float = DEFAULT_TTL_SECONDS,
         clock: Callable[[], float] = time.monotonic,
@@ -55,6 +59,8 @@ class Catalog:
         self._ttl = ttl_seconds
         self._clock = clock
         self._entries: dict[str, tuple[float, TenantContext]] = {}
+        self._keys = keys
+        self._key_limits: dict[str, tuple[float, identity_pb2.RateLimit | None]] = {}
 
     async def tenant(self, tenant_id: str) -> TenantContext:
         """The context of a live tenant.
@@ -80,3 +86,24 @@ class Catalog:
     def invalidate(self, tenant_id: str) -> None:
         """Forgets a tenant after a change to it or its budgets."""
         self._entries.pop(tenant_id, None)
+
+    async def key_rate_limit(self, tenant_id: str, key_id: str) -> identity_pb2.RateLimit | None:
+        """The rate limit of API key ``key_id`` of ``tenant_id`` (None: no such key).
+
+        Cached like tenants, so a changed limit applies within the TTL.
+        """
+        if self._keys is None or not key_id:
+            return None
+        cached = self._key_limits.get(key_id)
+        if cached is not None and cached[0] > self._clock():
+            return cached[1]
+        try:
+            key = await self._keys.get_key(key_id)
+        except NotFound:
+            limit = None
+        else:
+            limit = key.rate_limit if key.tenant_id == tenant_id else None
+        if len(self._key_limits) > MAX_CACHED_KEYS:
+            self._key_limits.clear()  # bounded; refills from PostgreSQL
+        self._key_limits[key_id] = (self._clock() + self._ttl, limit)
+        return limit

@@ -10,6 +10,12 @@ Layout (all keys under ``budget:``):
 * ``budget:holds`` — sorted set of open holds by expiry, for the reaper.
 * ``budget:ready`` — present once the counters were rebuilt from the ledger;
   its absence means Redis lost its data (cold start).
+* ``budget:rl:<scope>/<limit>:<minute>`` — requests or tokens counted in one
+  minute for one rate limit (:mod:`services.budget.ratelimits`).
+
+A request admitted while Redis was down (fail open, :mod:`services.budget.failopen`)
+gets a hold record only when its cost reaches the counters: state ``settled``,
+``held`` 0 and ``unheld`` 1.
 
 Scripts use only commands Redis 6.2 and 7 both have, and never turn numbers
 into strings inside Lua (large integers would come out as ``1e+15``): amounts
@@ -26,6 +32,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from services.budget import storage
+from services.budget.ratelimits import TOKENS_PER_MINUTE, RateCheck
 
 PREFIX = "budget:"
 HOLDS = f"{PREFIX}holds"
@@ -46,9 +53,10 @@ def hold_key(request_id: str) -> str:
 
 
 _RESERVE = """
--- KEYS: hold, holds, ready, counters...
+-- KEYS: hold, holds, ready, counters..., rate counters...
 -- ARGV: amount, expire_at, record_ttl, request_id, n, n * (budget_id, limit,
---       soft, counter index or 0, counter expireat or 0), hold field pairs...
+--       soft, counter index or 0, counter expireat or 0), m, m * (name, limit,
+--       increment, counter index, counter expireat), hold field pairs...
 if redis.call('EXISTS', KEYS[3]) == 0 then return {'COLD'} end
 local prior = redis.call('HMGET', KEYS[1], 'held', 'expire_at', 'state')
 if prior[1] then return {'EXISTS', prior[1], prior[2], prior[3]} end
@@ -69,6 +77,15 @@ for i = 0, n - 1 do
     table.insert(warnings, used)
   end
 end
+local r0 = 6 + n * 5
+local m = tonumber(ARGV[r0])
+for i = 0, m - 1 do
+  local b = r0 + 1 + i * 5
+  local count = tonumber(redis.call('GET', KEYS[tonumber(ARGV[b + 3])]) or '0')
+  if count + tonumber(ARGV[b + 2]) > tonumber(ARGV[b + 1]) then
+    return {'RATE_LIMITED', ARGV[b], count}
+  end
+end
 for i = 0, n - 1 do
   local b = 6 + i * 5
   local idx = tonumber(ARGV[b + 3])
@@ -77,8 +94,14 @@ for i = 0, n - 1 do
     if ARGV[b + 4] ~= '0' then redis.call('EXPIREAT', KEYS[idx], ARGV[b + 4]) end
   end
 end
+for i = 0, m - 1 do
+  local b = r0 + 1 + i * 5
+  local key = KEYS[tonumber(ARGV[b + 3])]
+  redis.call('INCRBY', key, ARGV[b + 2])
+  redis.call('EXPIREAT', key, ARGV[b + 4])
+end
 local fields = {}
-for j = 6 + n * 5, #ARGV do table.insert(fields, ARGV[j]) end
+for j = r0 + 1 + m * 5, #ARGV do table.insert(fields, ARGV[j]) end
 redis.call('HSET', KEYS[1], unpack(fields))
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[2], ARGV[4])
@@ -88,15 +111,23 @@ return out
 """
 
 _SETTLE = """
--- KEYS: hold, holds, counters...   ARGV: cost, request_id
+-- KEYS: hold, holds, n counters..., tokens-per-minute counters...
+-- ARGV: cost, request_id, n, tokens reserved but not used
 local v = redis.call('HMGET', KEYS[1], 'state', 'held')
 if not v[1] then return {'GONE'} end
 if v[1] == 'settled' then return {'SETTLED'} end
-for i = 3, #KEYS do
+local last = 2 + tonumber(ARGV[3])
+for i = 3, last do
   if v[1] == 'held' and v[2] ~= '0' then
     redis.call('HINCRBY', KEYS[i], 'reserved', '-' .. v[2])
   end
   redis.call('HINCRBY', KEYS[i], 'spent', ARGV[1])
+end
+-- Unused tokens go back to their minute, if that minute's counter still exists.
+if ARGV[4] ~= '0' then
+  for i = last + 1, #KEYS do
+    if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('DECRBY', KEYS[i], ARGV[4]) end
+  end
 end
 redis.call('HSET', KEYS[1], 'state', 'settled', 'cost', ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[2])
@@ -118,6 +149,29 @@ end
 redis.call('HSET', KEYS[1], 'state', 'released')
 redis.call('ZREM', KEYS[2], ARGV[1])
 return {'OK', v[2]}
+"""
+
+_SETTLE_UNHELD = """
+-- A request admitted while Redis was unreachable (fail open) has no hold;
+-- its settled cost is added to spent once, recorded as a settled hold.
+-- KEYS: hold, holds, counters...   ARGV: cost, request_id, record_ttl, expire_at
+local v = redis.call('HMGET', KEYS[1], 'state', 'held')
+if v[1] == 'settled' then return {'SETTLED'} end
+for i = 3, #KEYS do
+  if v[1] == 'held' and v[2] ~= '0' then
+    redis.call('HINCRBY', KEYS[i], 'reserved', '-' .. v[2])
+  end
+  redis.call('HINCRBY', KEYS[i], 'spent', ARGV[1])
+end
+if v[1] then
+  redis.call('HSET', KEYS[1], 'state', 'settled', 'cost', ARGV[1])
+else
+  redis.call('HSET', KEYS[1], 'state', 'settled', 'cost', ARGV[1], 'held', '0', 'keys', '[]',
+    'expire_at', ARGV[4], 'unheld', '1')
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+end
+redis.call('ZREM', KEYS[2], ARGV[2])
+return {'OK', v[1] or 'unheld'}
 """
 
 _RAISE_SPENT = """
@@ -157,13 +211,15 @@ class ReserveOutcome:
     """What the reserve script decided.
 
     Attributes:
-        status: "OK", "EXISTS" (a hold with this request id exists), "EXHAUSTED"
-            or "COLD" (counters must be rebuilt first).
+        status: "OK", "EXISTS" (a hold with this request id exists), "EXHAUSTED",
+            "RATE_LIMITED" or "COLD" (counters must be rebuilt first).
         held_micro_usd: The hold (OK, EXISTS).
         expire_at: The hold's expiry, epoch seconds (EXISTS).
         state: The existing hold's state (EXISTS).
         budget_id: The budget that refused (EXHAUSTED).
         used_micro_usd: Its spent + reserved before this request (EXHAUSTED).
+        rate_limit: The rate limit that refused (RATE_LIMITED).
+        rate_used: What its window had counted before this request (RATE_LIMITED).
         warnings: (budget_id, used after this request) of soft budgets crossed.
     """
 
@@ -173,6 +229,8 @@ class ReserveOutcome:
     state: str = ""
     budget_id: str = ""
     used_micro_usd: int = 0
+    rate_limit: str = ""
+    rate_used: int = 0
     warnings: tuple[tuple[str, int], ...] = ()
 
 
@@ -189,6 +247,7 @@ class Counters:
         self._settle = client.register_script(_SETTLE)
         self._release = client.register_script(_RELEASE)
         self._raise_spent = client.register_script(_RAISE_SPENT)
+        self._settle_unheld = client.register_script(_SETTLE_UNHELD)
 
     @storage.redis_store
     async def reserve(
@@ -199,8 +258,11 @@ class Counters:
         expire_at: float,
         checks: Sequence[Check],
         hold: Mapping[str, str],
+        rates: Sequence[RateCheck] = (),
     ) -> ReserveOutcome:
-        """Holds ``amount`` on every counted budget, or nothing if a hard one would overflow.
+        """Holds ``amount`` on every counted budget and counts the request in
+        every rate limit, or does nothing if a hard budget or a rate limit
+        would overflow.
 
         Args:
             request_id: The idempotency key.
@@ -209,9 +271,10 @@ class Counters:
             expire_at: When it expires, epoch seconds.
             checks: The budgets that apply.
             hold: What to record about the request (who, model, tokens …).
+            rates: The rate limits that apply.
         """
         counters = [c.counter for c in checks if c.counter]
-        keys = [hold_key(request_id), HOLDS, READY, *counters]
+        keys = [hold_key(request_id), HOLDS, READY, *counters, *(r.counter for r in rates)]
         args: list[str | int] = [
             str(amount),
             f"{expire_at:.3f}",
@@ -231,11 +294,16 @@ class Counters:
                 slot,
                 check.counter_expiry if check.counter else 0,
             ]
+        args.append(len(rates))
+        for rate in rates:
+            args += [rate.name, str(rate.limit), str(rate.increment), index, rate.counter_expiry]
+            index += 1
         fields = {
             **hold,
             "held": str(amount),
             "expire_at": f"{expire_at:.3f}",
             "keys": json.dumps(counters),
+            "tpm": json.dumps([r.counter for r in rates if r.name.endswith(TOKENS_PER_MINUTE)]),
             "state": "held",
         }
         for name, value in fields.items():
@@ -250,14 +318,49 @@ class Counters:
         return {_text(k): _text(v) for k, v in raw.items()}
 
     @storage.redis_store
-    async def settle(self, request_id: str, counters: Sequence[str], cost: int) -> str:
+    async def settle(
+        self,
+        request_id: str,
+        counters: Sequence[str],
+        cost: int,
+        unused_tokens: tuple[Sequence[str], int] = ((), 0),
+    ) -> str:
         """Moves a hold to spent at ``cost``; returns the state it was in ("GONE" if none).
 
         Charges ``cost`` even if the hold was released (by Release or the
         reaper) in the meantime, and never twice.
+
+        Args:
+            request_id: The hold's request.
+            counters: Its budget counters.
+            cost: What to charge.
+            unused_tokens: (tokens-per-minute counters, tokens reserved but
+                not used): given back once, with the settlement.
+        """
+        tpm, unused = unused_tokens
+        keys = [hold_key(request_id), HOLDS, *counters, *tpm]
+        args = [str(cost), request_id, str(len(counters)), str(max(unused, 0))]
+        reply = [_text(v) for v in await self._settle(keys=keys, args=args)]
+        return reply[1] if reply[0] == "OK" else reply[0]
+
+    @storage.redis_store
+    async def settle_unheld(
+        self, request_id: str, counters: Sequence[str], cost: int, expire_at: float
+    ) -> str:
+        """Adds the cost of a request admitted without a hold (fail open) to spent.
+
+        At most once per request id: a hold record in state "settled" is left
+        alone; an open hold (the request was reserved again once Redis was
+        back) is settled. Returns the prior state ("unheld" if none).
         """
         keys = [hold_key(request_id), HOLDS, *counters]
-        reply = [_text(v) for v in await self._settle(keys=keys, args=[str(cost), request_id])]
+        args: list[str | int] = [
+            str(cost),
+            request_id,
+            HOLD_RECORD_GRACE_SECONDS,
+            f"{expire_at:.3f}",
+        ]
+        reply = [_text(v) for v in await self._settle_unheld(keys=keys, args=args)]
         return reply[1] if reply[0] == "OK" else reply[0]
 
     @storage.redis_store
@@ -321,6 +424,8 @@ def _reserve_outcome(reply: list[str]) -> ReserveOutcome:
         )
     if status == "EXHAUSTED":
         return ReserveOutcome(status, budget_id=reply[1], used_micro_usd=int(reply[2]))
+    if status == "RATE_LIMITED":
+        return ReserveOutcome(status, rate_limit=reply[1], rate_used=int(reply[2]))
     if status == "OK":
         pairs = reply[1:]
         warnings = tuple((pairs[i], int(pairs[i + 1])) for i in range(0, len(pairs), 2))

@@ -34,6 +34,7 @@ from services.budget.invalidation import Invalidations
 from services.budget.keystore import KeyStore
 from services.budget.ledger import Ledger
 from services.budget.service import AccountServicer
+from services.budget.unheld import UnheldStore
 from services.common.errors import OrchestraError
 from services.common.identity import IdentitySigner
 from services.common.settings import Settings, require
@@ -59,8 +60,11 @@ class BudgetApp:
         self.budgets = BudgetStore(pool)
         self.ledger = Ledger(pool)
         self.counters = Counters(client)
-        self.catalog = Catalog(self.accounts, self.budgets)
-        self.admission = Admission(self.catalog, self.counters, self.ledger, self.budgets)
+        self.catalog = Catalog(self.accounts, self.budgets, self.keys)
+        self.unheld = UnheldStore(pool)
+        self.admission = Admission(
+            self.catalog, self.counters, self.ledger, self.budgets, unheld=self.unheld
+        )
         self.authenticator = Authenticator(self.keys)
         self.invalidations = Invalidations(client, self.authenticator)
         self.bootstrap = Bootstrap(self.accounts, self.keys, self.budgets, self.admission)
