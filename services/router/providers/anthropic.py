@@ -17,6 +17,7 @@ import httpx
 from google.protobuf import json_format
 
 from orchestra.common.v1 import chat_pb2
+from services.router.providers import http
 from services.router.providers.base import (
     Event,
     FailureKind,
@@ -214,29 +215,13 @@ class _StreamState:
         return events
 
 
-def _retry_after(headers: httpx.Headers) -> float | None:
-    value = headers.get("retry-after")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None  # an HTTP date; rare from these APIs, treated as no hint
-
-
 def _http_error(status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
     try:
         error = json.loads(body)["error"]
         detail = f"{error['type']}: {error['message']}"
     except (ValueError, KeyError, TypeError):
-        detail = body[:200].decode(errors="replace")
-    if status == 429:
-        kind = FailureKind.RATE_LIMITED
-    elif status >= 500:  # includes 529 overloaded_error
-        kind = FailureKind.SERVER_ERROR
-    else:
-        kind = FailureKind.CLIENT_ERROR
-    return UpstreamError(
-        kind, f"HTTP {status}: {detail}", status=status, retry_after=_retry_after(headers)
-    )
+        detail = http.body_preview(body)
+    return http.status_failure(status, detail, http.retry_after(headers))
 
 
 class AnthropicAdapter:
@@ -256,16 +241,13 @@ class AnthropicAdapter:
         sent = {"anthropic-version": API_VERSION, **(headers or {})}
         if credential:
             sent["x-api-key"] = credential
-        self._client = httpx.AsyncClient(
-            base_url=base_url.rstrip("/") + "/",
-            headers=sent,
-            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+        self._client = http.client(
+            base_url, sent, connect_timeout=connect_timeout, read_timeout=read_timeout
         )
 
     async def stream(self, request: UpstreamRequest) -> AsyncIterator[Event]:
         """See :meth:`ProviderAdapter.stream`."""
-        try:
+        with http.TransportErrors():
             async with self._client.stream(
                 "POST", "v1/messages", json=request_body(request)
             ) as response:
@@ -274,12 +256,6 @@ class AnthropicAdapter:
                     raise _http_error(response.status_code, body, response.headers)
                 async for event in self._events(response):
                     yield event
-        except httpx.ConnectError as exc:
-            raise UpstreamError(FailureKind.CONNECT, f"cannot connect: {exc}") from exc
-        except httpx.TimeoutException as exc:
-            raise UpstreamError(FailureKind.TIMEOUT, f"timed out: {type(exc).__name__}") from exc
-        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
-            raise UpstreamError(FailureKind.STREAM_BROKEN, f"connection lost: {exc}") from exc
 
     async def _events(self, response: httpx.Response) -> AsyncIterator[Event]:
         state = _StreamState()

@@ -20,6 +20,7 @@ import httpx
 from google.protobuf import json_format
 
 from orchestra.common.v1 import chat_pb2
+from services.router.providers import http
 from services.router.providers.base import (
     Event,
     FailureKind,
@@ -197,12 +198,9 @@ class _StreamState:
 
 def _retry_after(headers: httpx.Headers, error: Mapping[str, Any]) -> float | None:
     """Retry-After, or else the ``google.rpc.RetryInfo`` delay in the error details."""
-    value = headers.get("retry-after")
-    try:
-        if value is not None:
-            return max(0.0, float(value))
-    except ValueError:
-        pass  # an HTTP date; rare from these APIs, treated as no hint
+    header = http.retry_after(headers)
+    if header is not None:
+        return header
     for detail in error.get("details") or ():
         delay = detail.get("retryDelay") if isinstance(detail, dict) else None
         if isinstance(delay, str) and delay.endswith("s"):
@@ -218,16 +216,8 @@ def _http_error(status: int, body: bytes, headers: httpx.Headers) -> UpstreamErr
         error = json.loads(body)["error"]
         detail = f"{error.get('status')}: {error['message']}"
     except (ValueError, KeyError, TypeError, AttributeError):
-        error, detail = {}, body[:200].decode(errors="replace")
-    if status == 429:
-        kind = FailureKind.RATE_LIMITED
-    elif status >= 500:
-        kind = FailureKind.SERVER_ERROR
-    else:
-        kind = FailureKind.CLIENT_ERROR
-    return UpstreamError(
-        kind, f"HTTP {status}: {detail}", status=status, retry_after=_retry_after(headers, error)
-    )
+        error, detail = {}, http.body_preview(body)
+    return http.status_failure(status, detail, _retry_after(headers, error))
 
 
 class GeminiAdapter:
@@ -250,18 +240,15 @@ class GeminiAdapter:
         base = base_url.rstrip("/")
         # The configured URL may name the API version itself (…/v1beta or …/v1).
         self._prefix = "" if base.rsplit("/", 1)[-1] in ("v1", "v1beta") else f"{API_VERSION}/"
-        self._client = httpx.AsyncClient(
-            base_url=base + "/",
-            headers=sent,
-            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+        self._client = http.client(
+            base, sent, connect_timeout=connect_timeout, read_timeout=read_timeout
         )
 
     async def stream(self, request: UpstreamRequest) -> AsyncIterator[Event]:
         """See :meth:`ProviderAdapter.stream`."""
         model = request.model_id.removeprefix("models/")
         path = f"{self._prefix}models/{model}:streamGenerateContent"
-        try:
+        with http.TransportErrors():
             async with self._client.stream(
                 "POST", path, params={"alt": "sse"}, json=request_body(request)
             ) as response:
@@ -270,12 +257,6 @@ class GeminiAdapter:
                     raise _http_error(response.status_code, body, response.headers)
                 async for event in self._events(response):
                     yield event
-        except httpx.ConnectError as exc:
-            raise UpstreamError(FailureKind.CONNECT, f"cannot connect: {exc}") from exc
-        except httpx.TimeoutException as exc:
-            raise UpstreamError(FailureKind.TIMEOUT, f"timed out: {type(exc).__name__}") from exc
-        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
-            raise UpstreamError(FailureKind.STREAM_BROKEN, f"connection lost: {exc}") from exc
 
     async def _events(self, response: httpx.Response) -> AsyncIterator[Event]:
         state = _StreamState()

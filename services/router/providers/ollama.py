@@ -19,6 +19,7 @@ import httpx
 from google.protobuf import json_format
 
 from orchestra.common.v1 import chat_pb2
+from services.router.providers import http
 from services.router.providers.base import (
     Event,
     FailureKind,
@@ -159,28 +160,12 @@ class _StreamState:
         return events
 
 
-def _retry_after(headers: httpx.Headers) -> float | None:
-    value = headers.get("retry-after")
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None  # an HTTP date; rare from these APIs, treated as no hint
-
-
 def _http_error(status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
     try:
         detail = str(json.loads(body)["error"])
     except (ValueError, KeyError, TypeError):
-        detail = body[:200].decode(errors="replace")
-    if status == 429:
-        kind = FailureKind.RATE_LIMITED
-    elif status >= 500:
-        kind = FailureKind.SERVER_ERROR
-    else:
-        kind = FailureKind.CLIENT_ERROR
-    return UpstreamError(
-        kind, f"HTTP {status}: {detail}", status=status, retry_after=_retry_after(headers)
-    )
+        detail = http.body_preview(body)
+    return http.status_failure(status, detail, http.retry_after(headers))
 
 
 class OllamaAdapter:
@@ -200,16 +185,13 @@ class OllamaAdapter:
         sent = dict(headers or {})
         if credential:  # Ollama itself has no auth; a proxy in front of it may
             sent["Authorization"] = f"Bearer {credential}"
-        self._client = httpx.AsyncClient(
-            base_url=base_url.rstrip("/") + "/",
-            headers=sent,
-            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
-            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+        self._client = http.client(
+            base_url, sent, connect_timeout=connect_timeout, read_timeout=read_timeout
         )
 
     async def stream(self, request: UpstreamRequest) -> AsyncIterator[Event]:
         """See :meth:`ProviderAdapter.stream`."""
-        try:
+        with http.TransportErrors():
             async with self._client.stream(
                 "POST", "api/chat", json=request_body(request)
             ) as response:
@@ -218,12 +200,6 @@ class OllamaAdapter:
                     raise _http_error(response.status_code, body, response.headers)
                 async for event in self._events(response):
                     yield event
-        except httpx.ConnectError as exc:
-            raise UpstreamError(FailureKind.CONNECT, f"cannot connect: {exc}") from exc
-        except httpx.TimeoutException as exc:
-            raise UpstreamError(FailureKind.TIMEOUT, f"timed out: {type(exc).__name__}") from exc
-        except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
-            raise UpstreamError(FailureKind.STREAM_BROKEN, f"connection lost: {exc}") from exc
 
     async def _events(self, response: httpx.Response) -> AsyncIterator[Event]:
         state = _StreamState()
