@@ -247,15 +247,10 @@ class AnthropicAdapter:
 
     async def stream(self, request: UpstreamRequest) -> AsyncIterator[Event]:
         """See :meth:`ProviderAdapter.stream`."""
-        with http.TransportErrors():
-            async with self._client.stream(
-                "POST", "v1/messages", json=request_body(request)
-            ) as response:
-                if response.status_code != 200:
-                    body = await response.aread()
-                    raise _http_error(response.status_code, body, response.headers)
-                async for event in self._events(response):
-                    yield event
+        async for event in http.post_stream(
+            self._client, "v1/messages", self._events, _http_error, json=request_body(request)
+        ):
+            yield event
 
     async def _events(self, response: httpx.Response) -> AsyncIterator[Event]:
         state = _StreamState()

@@ -248,15 +248,15 @@ class GeminiAdapter:
         """See :meth:`ProviderAdapter.stream`."""
         model = request.model_id.removeprefix("models/")
         path = f"{self._prefix}models/{model}:streamGenerateContent"
-        with http.TransportErrors():
-            async with self._client.stream(
-                "POST", path, params={"alt": "sse"}, json=request_body(request)
-            ) as response:
-                if response.status_code != 200:
-                    body = await response.aread()
-                    raise _http_error(response.status_code, body, response.headers)
-                async for event in self._events(response):
-                    yield event
+        async for event in http.post_stream(
+            self._client,
+            path,
+            self._events,
+            _http_error,
+            params={"alt": "sse"},
+            json=request_body(request),
+        ):
+            yield event
 
     async def _events(self, response: httpx.Response) -> AsyncIterator[Event]:
         state = _StreamState()

@@ -7,12 +7,16 @@ or a transport error maps to a FailureKind, Retry-After) is written once here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
+from typing import Any
 
 import httpx
 
-from services.router.providers.base import FailureKind, UpstreamError
+from services.router.providers.base import Event, FailureKind, UpstreamError
+
+ErrorOf = Callable[[int, bytes, httpx.Headers], UpstreamError]
+"""Builds the failure for a non-200 answer from (status, body, headers)."""
 
 
 def client(
@@ -74,3 +78,31 @@ class TransportErrors:
             raise UpstreamError(FailureKind.TIMEOUT, f"timed out: {type(exc).__name__}") from exc
         if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
             raise UpstreamError(FailureKind.STREAM_BROKEN, f"connection lost: {exc}") from exc
+
+
+async def post_stream(
+    http_client: httpx.AsyncClient,
+    path: str,
+    parse: Callable[[httpx.Response], AsyncIterator[Event]],
+    error_of: ErrorOf,
+    **kwargs: Any,
+) -> AsyncIterator[Event]:
+    """POSTs a streaming request and yields ``parse``'s events as they arrive.
+
+    A non-200 answer raises ``error_of(status, body, headers)``; transport
+    failures raise UpstreamError (see :class:`TransportErrors`).
+
+    Args:
+        http_client: The provider's client (from :func:`client`).
+        path: Relative to the client's base URL.
+        parse: Turns the open response into events, incrementally.
+        error_of: The provider's reading of its own error bodies.
+        **kwargs: Passed to ``httpx.AsyncClient.stream`` (``json``, ``params``).
+    """
+    with TransportErrors():
+        async with http_client.stream("POST", path, **kwargs) as response:
+            if response.status_code != 200:
+                body = await response.aread()
+                raise error_of(response.status_code, body, response.headers)
+            async for event in parse(response):
+                yield event
