@@ -141,11 +141,18 @@ class BudgetServiceServicer:
 
     def Reserve(self, request, context):
         """Holds amount_micro_usd at every level the request touches, or nothing.
+        The same atomic step counts requests and tokens per minute for the tenant
+        (policy.rate_limit) and the key (ApiKey.rate_limit).
         Needs SCOPE_INTERNAL (the router calls it).
         Errors: RESOURCE_EXHAUSTED (BUDGET_EXHAUSTED with QuotaFailure;
-        RATE_LIMITED with QuotaFailure and RetryInfo), UNAVAILABLE
-        (STORE_UNAVAILABLE with RetryInfo, when the tenant fails closed),
-        INVALID_ARGUMENT. Idempotent per request_id: a retry returns the
+        RATE_LIMITED with QuotaFailure naming the limit, e.g.
+        "tenants/acme/apiKeys/k1/tokens_per_minute", and RetryInfo until the
+        minute ends), UNAVAILABLE (STORE_UNAVAILABLE with RetryInfo, when Redis is
+        down and the tenant fails closed), INVALID_ARGUMENT. When Redis is down and
+        the tenant's policy says fail_open, the request is admitted with
+        held_micro_usd 0 and trailing metadata "orchestra-budget-fail-open:
+        redis-unreachable"; its payer is recorded in PostgreSQL so Settle still
+        reaches the ledger. Idempotent per request_id: a retry returns the
         existing hold. Deadline: 100 ms.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

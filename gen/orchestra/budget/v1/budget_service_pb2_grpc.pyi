@@ -60,11 +60,18 @@ class BudgetServiceStub:
     """
     Reserve: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.ReserveRequest, _budget_service_pb2.ReserveResponse]
     """Holds amount_micro_usd at every level the request touches, or nothing.
+    The same atomic step counts requests and tokens per minute for the tenant
+    (policy.rate_limit) and the key (ApiKey.rate_limit).
     Needs SCOPE_INTERNAL (the router calls it).
     Errors: RESOURCE_EXHAUSTED (BUDGET_EXHAUSTED with QuotaFailure;
-    RATE_LIMITED with QuotaFailure and RetryInfo), UNAVAILABLE
-    (STORE_UNAVAILABLE with RetryInfo, when the tenant fails closed),
-    INVALID_ARGUMENT. Idempotent per request_id: a retry returns the
+    RATE_LIMITED with QuotaFailure naming the limit, e.g.
+    "tenants/acme/apiKeys/k1/tokens_per_minute", and RetryInfo until the
+    minute ends), UNAVAILABLE (STORE_UNAVAILABLE with RetryInfo, when Redis is
+    down and the tenant fails closed), INVALID_ARGUMENT. When Redis is down and
+    the tenant's policy says fail_open, the request is admitted with
+    held_micro_usd 0 and trailing metadata "orchestra-budget-fail-open:
+    redis-unreachable"; its payer is recorded in PostgreSQL so Settle still
+    reaches the ledger. Idempotent per request_id: a retry returns the
     existing hold. Deadline: 100 ms.
     """
     Settle: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.SettleRequest, _budget_service_pb2.SettleResponse]
@@ -123,11 +130,18 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     """
     Reserve: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.ReserveRequest, _budget_service_pb2.ReserveResponse]  # type: ignore[assignment]
     """Holds amount_micro_usd at every level the request touches, or nothing.
+    The same atomic step counts requests and tokens per minute for the tenant
+    (policy.rate_limit) and the key (ApiKey.rate_limit).
     Needs SCOPE_INTERNAL (the router calls it).
     Errors: RESOURCE_EXHAUSTED (BUDGET_EXHAUSTED with QuotaFailure;
-    RATE_LIMITED with QuotaFailure and RetryInfo), UNAVAILABLE
-    (STORE_UNAVAILABLE with RetryInfo, when the tenant fails closed),
-    INVALID_ARGUMENT. Idempotent per request_id: a retry returns the
+    RATE_LIMITED with QuotaFailure naming the limit, e.g.
+    "tenants/acme/apiKeys/k1/tokens_per_minute", and RetryInfo until the
+    minute ends), UNAVAILABLE (STORE_UNAVAILABLE with RetryInfo, when Redis is
+    down and the tenant fails closed), INVALID_ARGUMENT. When Redis is down and
+    the tenant's policy says fail_open, the request is admitted with
+    held_micro_usd 0 and trailing metadata "orchestra-budget-fail-open:
+    redis-unreachable"; its payer is recorded in PostgreSQL so Settle still
+    reaches the ledger. Idempotent per request_id: a retry returns the
     existing hold. Deadline: 100 ms.
     """
     Settle: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.SettleRequest, _budget_service_pb2.SettleResponse]  # type: ignore[assignment]
@@ -219,11 +233,18 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_budget_service_pb2.ReserveResponse, _abc.Awaitable[_budget_service_pb2.ReserveResponse]]:
         """Holds amount_micro_usd at every level the request touches, or nothing.
+        The same atomic step counts requests and tokens per minute for the tenant
+        (policy.rate_limit) and the key (ApiKey.rate_limit).
         Needs SCOPE_INTERNAL (the router calls it).
         Errors: RESOURCE_EXHAUSTED (BUDGET_EXHAUSTED with QuotaFailure;
-        RATE_LIMITED with QuotaFailure and RetryInfo), UNAVAILABLE
-        (STORE_UNAVAILABLE with RetryInfo, when the tenant fails closed),
-        INVALID_ARGUMENT. Idempotent per request_id: a retry returns the
+        RATE_LIMITED with QuotaFailure naming the limit, e.g.
+        "tenants/acme/apiKeys/k1/tokens_per_minute", and RetryInfo until the
+        minute ends), UNAVAILABLE (STORE_UNAVAILABLE with RetryInfo, when Redis is
+        down and the tenant fails closed), INVALID_ARGUMENT. When Redis is down and
+        the tenant's policy says fail_open, the request is admitted with
+        held_micro_usd 0 and trailing metadata "orchestra-budget-fail-open:
+        redis-unreachable"; its payer is recorded in PostgreSQL so Settle still
+        reaches the ledger. Idempotent per request_id: a retry returns the
         existing hold. Deadline: 100 ms.
         """
 
