@@ -22,7 +22,6 @@ none.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -39,6 +38,7 @@ Metadata = Sequence[tuple[str, str]]
 
 # Twice the contract's longest heartbeat interval (30 s) plus slack.
 DEFAULT_IDLE_TIMEOUT = 75.0
+STOP_WAIT_SECONDS = 5.0
 
 
 class ModelCatalogView:
@@ -119,8 +119,11 @@ class ModelCatalogView:
             self._call.cancel()
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Bounded: a stop must never hang, even if a library swallows the
+            # cancellation (grpc.aio and redis-py have both been seen to).
+            done, _ = await asyncio.wait({self._task}, timeout=STOP_WAIT_SECONDS)
+            if not done:
+                log.warning("the WatchModels task did not stop in %ss", STOP_WAIT_SECONDS)
             self._task = None
         self.connected = False
 
