@@ -6,7 +6,13 @@
 | ``ORCHESTRA_CACHE_STORE_UNSET_TEMPERATURE`` | true | store answers whose request left temperature unset (see :mod:`services.cache.policy`) |
 | ``ORCHESTRA_CACHE_TTL_SECONDS`` | 86400 | lifetime of an entry when Store gives none |
 | ``ORCHESTRA_CACHE_MAX_ENTRY_BYTES`` | 1048576 | larger answers are not stored |
+| ``ORCHESTRA_CACHE_MAX_ENTRIES_PER_TENANT`` | 100000 | a tenant's oldest entries are evicted beyond this many |
+| ``ORCHESTRA_CACHE_MAX_BYTES_PER_TENANT`` | 1073741824 | … or beyond this many bytes of answers |
 | ``ORCHESTRA_CACHE_LATENCY_WINDOW`` | 1024 | lookups per tenant behind the p50/p99 |
+| ``ORCHESTRA_CACHE_SEMANTIC`` | true | answer paraphrases from the semantic layer (false: exact matches only) |
+| ``ORCHESTRA_CACHE_EMBEDDING_MODEL`` | wordllama | the packaged embedding model (see :mod:`services.common.embeddings`) |
+| ``ORCHESTRA_CACHE_SIMILARITY_THRESHOLD`` | 0.9 | cosine similarity a near match must reach |
+| ``ORCHESTRA_CACHE_HNSW_FROM`` | 10000 | entries in one scope from which its index is HNSW instead of exact |
 """  # noqa: E501 - a table reads better unwrapped
 
 from __future__ import annotations
@@ -32,15 +38,29 @@ class CacheConfig:
             temperature unset are stored.
         default_ttl_seconds: Lifetime of an entry when Store gives none.
         max_entry_bytes: Largest serialised answer that is stored.
+        max_entries_per_tenant: Entries a tenant may hold before its oldest
+            are evicted.
+        max_bytes_per_tenant: Answer bytes a tenant may hold before its
+            oldest entries are evicted.
         latency_window: How many recent lookups per tenant the latency
             percentiles are computed over.
+        semantic: Whether the semantic layer answers near matches.
+        embedding_model: The embedding model's name.
+        similarity_threshold: Cosine similarity a near match must reach.
+        hnsw_from: Entries in one scope from which its index is HNSW.
     """
 
     max_temperature: float = 0.5
     store_unset_temperature: bool = True
     default_ttl_seconds: int = 86_400
     max_entry_bytes: int = 1_048_576
+    max_entries_per_tenant: int = 100_000
+    max_bytes_per_tenant: int = 1 << 30
     latency_window: int = 1024
+    semantic: bool = True
+    embedding_model: str = "wordllama"
+    similarity_threshold: float = 0.9
+    hnsw_from: int = 10_000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> CacheConfig:
@@ -67,9 +87,32 @@ class CacheConfig:
             max_entry_bytes=_int(
                 env, "ORCHESTRA_CACHE_MAX_ENTRY_BYTES", defaults.max_entry_bytes, 2**31 - 1
             ),
+            max_entries_per_tenant=_int(
+                env,
+                "ORCHESTRA_CACHE_MAX_ENTRIES_PER_TENANT",
+                defaults.max_entries_per_tenant,
+                2**31 - 1,
+            ),
+            max_bytes_per_tenant=_int(
+                env,
+                "ORCHESTRA_CACHE_MAX_BYTES_PER_TENANT",
+                defaults.max_bytes_per_tenant,
+                2**62,
+            ),
             latency_window=_int(
                 env, "ORCHESTRA_CACHE_LATENCY_WINDOW", defaults.latency_window, 1_000_000
             ),
+            semantic=_bool(env, "ORCHESTRA_CACHE_SEMANTIC", defaults.semantic),
+            embedding_model=env.get("ORCHESTRA_CACHE_EMBEDDING_MODEL", "").strip()
+            or defaults.embedding_model,
+            similarity_threshold=_float(
+                env,
+                "ORCHESTRA_CACHE_SIMILARITY_THRESHOLD",
+                defaults.similarity_threshold,
+                0.0,
+                1.0,
+            ),
+            hnsw_from=_int(env, "ORCHESTRA_CACHE_HNSW_FROM", defaults.hnsw_from, 2**31 - 1),
         )
 
 

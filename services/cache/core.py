@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
 
 from orchestra.cache.v1 import cache_service_pb2
 from services.cache import keys, policy
 from services.cache.config import CacheConfig
 from services.cache.keys import invalid
 from services.cache.layers import ExactLayer, Layer, Match
+from services.cache.semantic import SemanticLayer
 from services.cache.stats import Counters, LatencyWindow, StatsStore
 from services.cache.store import Entry, EntryStore
 
@@ -65,7 +65,7 @@ class Cache:
         store: EntryStore,
         stats: StatsStore,
         config: CacheConfig,
-        layers: Sequence[Layer] | None = None,
+        semantic: SemanticLayer | None = None,
     ) -> None:
         """Creates the cache.
 
@@ -73,12 +73,16 @@ class Cache:
             store: The durable entries.
             stats: The durable counters.
             config: Eligibility and lifetime settings.
-            layers: Lookup layers, asked in order; default: the exact layer.
+            semantic: The semantic layer, asked after the exact one (None:
+                exact matches only).
         """
         self._store = store
         self._stats = stats
         self._config = config
-        self._layers: list[Layer] = list(layers) if layers is not None else [ExactLayer(store)]
+        self._semantic = semantic
+        self._layers: list[Layer] = [ExactLayer(store)]
+        if semantic is not None:
+            self._layers.append(semantic)
         self._latency = LatencyWindow(config.latency_window)
 
     async def lookup(
@@ -149,9 +153,18 @@ class Cache:
         reason = policy.skip_reason(key.generation, answer, size, self._config)
         if reason is not None:
             return StoreOutcome(stored=False, skip_reason=reason.value)
-        await self._store.put(entry, policy.ttl_seconds(ttl_seconds, self._config))
+        if self._semantic is not None:
+            entry = dataclasses.replace(entry, semantic=self._semantic.fields(normalised))
+        _, evicted = await self._store.put(
+            entry,
+            policy.ttl_seconds(ttl_seconds, self._config),
+            max_entries=self._config.max_entries_per_tenant,
+            max_bytes=self._config.max_bytes_per_tenant,
+        )
         for layer in self._layers:
             await layer.added(normalised, entry)
+            if evicted:
+                await layer.removed(normalised.tenant, evicted)
         return StoreOutcome(stored=True, entry_id=entry.entry_id)
 
     async def invalidate(self, tenant: str, request: cache_service_pb2.InvalidateRequest) -> int:

@@ -10,11 +10,13 @@ import redis.asyncio as aioredis
 from orchestra.cache.v1 import cache_service_pb2, cache_service_pb2_grpc
 from services.cache.config import CacheConfig
 from services.cache.core import Cache
+from services.cache.semantic import SemanticLayer, judge_for
 from services.cache.service import CacheServicer
 from services.cache.stats import StatsStore
 from services.cache.store import EntryStore
+from services.common.embeddings import load_embedder
 from services.common.identity import IdentitySigner
-from services.common.settings import Settings, require
+from services.common.settings import Settings, SettingsError, require
 from services.common.stores import connect_redis
 
 _FULL_NAME = cache_service_pb2.DESCRIPTOR.services_by_name["CacheService"].full_name
@@ -25,8 +27,15 @@ class CacheService:
 
     name = "cache"
 
-    def __init__(self, cache: Cache, signer: IdentitySigner, redis: aioredis.Redis) -> None:
+    def __init__(
+        self,
+        cache: Cache,
+        signer: IdentitySigner,
+        redis: aioredis.Redis,
+        semantic: SemanticLayer | None = None,
+    ) -> None:
         self.cache = cache
+        self.semantic = semantic
         self._servicer = CacheServicer(cache, signer)
         self._redis = redis
 
@@ -39,10 +48,14 @@ class CacheService:
         cache_service_pb2_grpc.add_CacheServiceServicer_to_server(self._servicer, server)
 
     async def start(self) -> None:
-        """No background work: entries and counters live in Redis."""
+        """Builds the semantic view from Redis and follows other replicas' changes."""
+        if self.semantic is not None:
+            await self.semantic.start()
 
     async def stop(self) -> None:
-        """Closes the Redis connections."""
+        """Stops following changes and closes the Redis connections."""
+        if self.semantic is not None:
+            await self.semantic.stop()
         await self._redis.aclose()
 
 
@@ -58,9 +71,23 @@ async def build(settings: Settings, env: Mapping[str, str] | None = None) -> Cac
             process environment).
 
     Raises:
-        SettingsError: REDIS_URL is missing or a cache setting is malformed.
+        SettingsError: REDIS_URL is missing, a cache setting is malformed or
+            names an unknown embedding model.
     """
     config = CacheConfig.from_env(env)
     redis = connect_redis(require(settings.redis_url, "REDIS_URL", "cache"))
-    cache = Cache(EntryStore(redis), StatsStore(redis), config)
-    return CacheService(cache, IdentitySigner(settings.internal_key), redis)
+    store = EntryStore(redis)
+    semantic = None
+    if config.semantic:
+        try:
+            embedder = load_embedder(config.embedding_model)
+        except ValueError as exc:
+            raise SettingsError(f"ORCHESTRA_CACHE_EMBEDDING_MODEL: {exc}") from None
+        semantic = SemanticLayer(
+            store,
+            embedder,
+            judge_for(config),
+            hnsw_from=config.hnsw_from,
+        )
+    cache = Cache(store, StatsStore(redis), config, semantic)
+    return CacheService(cache, IdentitySigner(settings.internal_key), redis, semantic)

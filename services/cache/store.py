@@ -9,6 +9,15 @@ replica is served by all of them, and a restart loses nothing. Layout::
                             model is <model>
     cache:{T}:u:<end_user>  SET of entry ids stored for that end user
     cache:{T}:stats         HASH of counters (see :mod:`services.cache.stats`)
+    cache:{T}:age           ZSET entry id -> created_ms: eviction order
+    cache:{T}:size          HASH entry id -> bytes, and ``_total`` -> their sum
+    cache:changes           STREAM of semantic adds and deletes (all tenants):
+                            fields op (add|del), tenant, id; trimmed to about
+                            CHANGES_MAXLEN entries
+
+An entry the semantic layer can match also holds ``scope``, ``text`` (the
+compared message) and ``vec`` (its embedding, float32 bytes), so any replica
+can rebuild its FAISS view from Redis alone, without embedding again.
 
 ``T`` is the tenant id percent-encoded (everything but letters, digits and
 ``-._~``), between braces. The braces make it a Redis Cluster hash tag, so all
@@ -16,6 +25,12 @@ of a tenant's keys share one slot and the multi-key scripts below stay
 cluster-safe; the encoding means ``T`` holds neither a brace, a colon nor a
 glob character, so a pattern built from it matches that tenant alone:
 ``cache:{acme}:e:*`` never reaches ``cache:{acme-eu}:…``.
+
+Size limits: the store script keeps each tenant within a number of entries
+and of answer bytes by evicting its oldest entries (``age``) in the same
+atomic call, and returns the evicted ids so the semantic views drop them too.
+An entry that expired still counts until it is the oldest and is evicted (its
+size is still known from ``size``); expired entries are usually the oldest.
 
 Index sets are kept by the scripts that store and delete entries. Members of
 entries that expired are harmless (deleting them finds nothing) and each set
@@ -30,7 +45,8 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Sequence
-from urllib.parse import quote
+from typing import Any
+from urllib.parse import quote, unquote
 
 import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
@@ -43,6 +59,8 @@ from services.common.errors import Unavailable
 log = logging.getLogger(__name__)
 
 _BATCH = 500  # entries per script call: bounds how long one call holds Redis
+CHANGES = "cache:changes"
+CHANGES_MAXLEN = 100_000  # a replica further behind than this rebuilds from the entries
 _SCAN_COUNT = 1000
 _RETRY_AFTER_SECONDS = 1.0
 
@@ -97,9 +115,18 @@ async def redis_errors() -> AsyncIterator[None]:
 
 # Deletes one entry and its index memberships; true if it existed.
 _DELETE_ENTRY = """
+local function forget_size(tag, id)
+  redis.call('ZREM', tag .. ':age', id)
+  local size = redis.call('HGET', tag .. ':size', id)
+  if size then
+    redis.call('HDEL', tag .. ':size', id)
+    redis.call('HINCRBY', tag .. ':size', '_total', -tonumber(size))
+  end
+end
 local function delete_entry(tag, id)
   local key = tag .. ':e:' .. id
   local meta = redis.call('HMGET', key, 'model', 'answer_model', 'end_user')
+  forget_size(tag, id)
   if redis.call('DEL', key) == 0 then return false end
   if meta[1] then redis.call('SREM', tag .. ':m:' .. meta[1], id) end
   if meta[2] and meta[2] ~= '' then redis.call('SREM', tag .. ':m:' .. meta[2], id) end
@@ -108,10 +135,14 @@ local function delete_entry(tag, id)
 end
 """
 
-# KEYS: entry, key-model index, answer-model index, user index, stats.
+# KEYS: entry, key-model index, answer-model index, user index, stats, age, size.
 # ARGV: ttl, id, answer, model, answer_model, end_user, request_id, created_ms,
-#       size, tag. Returns 1 if this is a new store (counted), 0 for a retry.
-_PUT = """
+#       size, tag, scope, text, vec (the last three "" for an exact-only entry),
+#       max entries, max bytes.
+# Returns {1 if this is a new store (counted) else 0, evicted ids...}.
+_PUT = (
+    _DELETE_ENTRY
+    + """
 local ttl = tonumber(ARGV[1])
 local id, user, request_id = ARGV[2], ARGV[6], ARGV[7]
 local prev = redis.call('HMGET', KEYS[1], 'request_id', 'end_user')
@@ -122,6 +153,9 @@ end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'answer', ARGV[3], 'model', ARGV[4], 'answer_model', ARGV[5],
   'end_user', user, 'request_id', request_id, 'created_ms', ARGV[8], 'size', ARGV[9])
+if ARGV[11] ~= '' then
+  redis.call('HSET', KEYS[1], 'scope', ARGV[11], 'text', ARGV[12], 'vec', ARGV[13])
+end
 redis.call('EXPIRE', KEYS[1], ttl)
 local function index(key)
   redis.call('SADD', key, id)
@@ -135,8 +169,21 @@ if fresh then
   redis.call('HINCRBY', KEYS[5], 'stores', 1)
   redis.call('HSETNX', KEYS[5], 'since_ms', ARGV[8])
 end
-return fresh and 1 or 0
+forget_size(ARGV[10], id)
+redis.call('ZADD', KEYS[6], tonumber(ARGV[8]), id)
+redis.call('HSET', KEYS[7], id, ARGV[9])
+local total = redis.call('HINCRBY', KEYS[7], '_total', tonumber(ARGV[9]))
+local out = {fresh and 1 or 0}
+local max_entries, max_bytes = tonumber(ARGV[14]), tonumber(ARGV[15])
+while redis.call('ZCARD', KEYS[6]) > max_entries or total > max_bytes do
+  local oldest = redis.call('ZRANGE', KEYS[6], 0, 0)[1]
+  if oldest == nil or oldest == id then break end
+  if delete_entry(ARGV[10], oldest) then out[#out + 1] = oldest end
+  total = tonumber(redis.call('HGET', KEYS[7], '_total') or '0')
+end
+return out
 """
+)
 
 # KEYS: entry keys. ARGV: tag, then the ids of KEYS. Returns the ids deleted.
 _DELETE = (
@@ -170,6 +217,21 @@ return out
 
 
 @dataclasses.dataclass(frozen=True)
+class SemanticFields:
+    """What the semantic layer files an entry under.
+
+    Attributes:
+        scope: The entry's scope (:mod:`services.cache.scope`).
+        text: The compared message.
+        vector: Its embedding as float32 bytes.
+    """
+
+    scope: str
+    text: str
+    vector: bytes
+
+
+@dataclasses.dataclass(frozen=True)
 class Entry:
     """One cached answer and what it is filed under.
 
@@ -181,6 +243,7 @@ class Entry:
         request_id: The chat request that produced it.
         created_ms: When it was stored, Unix milliseconds.
         answer: The answer.
+        semantic: What the semantic layer files it under (None: exact only).
     """
 
     tenant: str
@@ -190,6 +253,7 @@ class Entry:
     request_id: str
     created_ms: int
     answer: cache_service_pb2.CachedAnswer
+    semantic: SemanticFields | None = None
 
     def serialised_answer(self) -> bytes:
         """The answer as stored (deterministic, so a retry writes the same bytes)."""
@@ -234,23 +298,32 @@ class EntryStore:
             answer=answer,
         )
 
-    async def put(self, entry: Entry, ttl_seconds: int) -> bool:
+    async def put(
+        self, entry: Entry, ttl_seconds: int, *, max_entries: int, max_bytes: int
+    ) -> tuple[bool, list[str]]:
         """Writes ``entry`` (replacing one with the same id) to live ``ttl_seconds``.
 
+        The tenant's oldest entries are evicted, in the same atomic call, until
+        it holds at most ``max_entries`` entries and ``max_bytes`` answer bytes.
+
         Returns:
-            True if this is a new store; False if it repeats the last store of
-            this entry (same request id), which is not counted again.
+            Whether this is a new store (False if it repeats the last store of
+            this entry, same request id, which is not counted again), and the
+            ids of the entries evicted to make room.
         """
         tenant, blob = entry.tenant, entry.serialised_answer()
         answer_model = entry.answer.model if entry.answer.model != entry.model else ""
+        semantic = entry.semantic or SemanticFields(scope="", text="", vector=b"")
         async with redis_errors():
-            fresh = await self._put(
+            fresh, *evicted = await self._put(
                 keys=[
                     entry_key(tenant, entry.entry_id),
                     model_index(tenant, entry.model),
                     model_index(tenant, answer_model),
                     user_index(tenant, entry.end_user),
                     stats_key(tenant),
+                    f"{tenant_tag(tenant)}:age",
+                    f"{tenant_tag(tenant)}:size",
                 ],
                 args=[
                     ttl_seconds,
@@ -263,9 +336,14 @@ class EntryStore:
                     entry.created_ms,
                     len(blob),
                     tenant_tag(tenant),
+                    semantic.scope,
+                    semantic.text,
+                    semantic.vector,
+                    max_entries,
+                    max_bytes,
                 ],
             )
-        return bool(fresh)
+        return bool(fresh), [text(item) for item in evicted]
 
     async def delete_ids(self, tenant: str, entry_ids: Sequence[str]) -> list[str]:
         """Deletes these entries; returns the ids that existed."""
@@ -308,6 +386,74 @@ class EntryStore:
                     entries += 1
                     total += int(size)
         return entries, total
+
+    async def publish(self, op: str, tenant: str, entry_ids: Sequence[str]) -> None:
+        """Tells every replica's semantic layer that these entries were added or deleted."""
+        if not entry_ids:
+            return
+        async with redis_errors():
+            pipe = self._redis.pipeline(transaction=False)
+            for entry_id in entry_ids:
+                pipe.xadd(
+                    CHANGES,
+                    {"op": op, "tenant": tenant, "id": entry_id},
+                    maxlen=CHANGES_MAXLEN,
+                    approximate=True,
+                )
+            await pipe.execute()
+
+    async def latest_change(self) -> str:
+        """The id of the newest change ("0-0" if none): where a fresh follower starts."""
+        async with redis_errors():
+            newest: Any = await self._redis.xrevrange(CHANGES, count=1)
+        return text(newest[0][0]) if newest else "0-0"
+
+    async def changes_after(self, last_id: str, block_ms: int) -> list[tuple[str, str, str, str]]:
+        """Changes after ``last_id`` as (id, op, tenant, entry id), waiting up to ``block_ms``.
+
+        Connection errors propagate as redis-py's own: the follower treats
+        them as a reason to rebuild, not as a failed request.
+        """
+        reply: Any = await self._redis.xread({CHANGES: last_id}, count=_BATCH, block=block_ms)
+        out = []
+        for _stream, messages in reply or []:
+            for change_id, fields in messages:
+                values = {text(k): text(v) for k, v in fields.items()}
+                out.append((text(change_id), values["op"], values["tenant"], values["id"]))
+        return out
+
+    async def semantic_fields(
+        self, tenant: str, entry_ids: Sequence[str]
+    ) -> list[tuple[SemanticFields, int] | None]:
+        """Each entry's semantic fields and remaining lifetime in ms (None: gone or exact-only)."""
+        async with redis_errors():
+            pipe = self._redis.pipeline(transaction=False)
+            for entry_id in entry_ids:
+                key = entry_key(tenant, entry_id)
+                pipe.hmget(key, ["scope", "text", "vec"])
+                pipe.pttl(key)
+            replies = await pipe.execute()
+        out: list[tuple[SemanticFields, int] | None] = []
+        for (scope, body, vec), ttl in zip(replies[::2], replies[1::2], strict=True):
+            if not scope or vec is None or body is None:
+                out.append(None)
+                continue
+            fields = SemanticFields(scope=text(scope), text=text(body), vector=_bytes(vec) or b"")
+            out.append((fields, int(ttl)))
+        return out
+
+    async def scan_tenants(self) -> AsyncIterator[tuple[str, list[str]]]:
+        """Every entry id in the database, in batches, with its tenant."""
+        batch: dict[str, list[str]] = {}
+        async with redis_errors():
+            async for key in self._redis.scan_iter(match="cache:{*}:e:*", count=_SCAN_COUNT):
+                tag, _, entry_id = text(key).rpartition(":e:")
+                tenant = unquote(tag.removeprefix("cache:{").removesuffix("}"))
+                batch.setdefault(tenant, []).append(entry_id)
+                if len(batch[tenant]) >= _BATCH:
+                    yield tenant, batch.pop(tenant)
+        for tenant, ids in batch.items():
+            yield tenant, ids
 
     async def _drain_index(self, tenant: str, index: str) -> list[str]:
         deleted: list[str] = []

@@ -59,6 +59,12 @@ def internal(as_caller: Callable[..., list[tuple[str, str]]]) -> list[tuple[str,
 
 
 @pytest.fixture
+def admin(as_caller: Callable[..., list[tuple[str, str]]]) -> list[tuple[str, str]]:
+    """Metadata of an administrator of tenant ``acme``."""
+    return as_caller("acme", "admin")
+
+
+@pytest.fixture
 async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     """A direct client on the test Redis, for inspecting what the service wrote."""
     client = aioredis.Redis.from_url(redis_url)

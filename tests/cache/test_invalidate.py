@@ -51,11 +51,6 @@ async def _alive(stub: Stub, internal: Metadata) -> set[str]:
     return alive
 
 
-@pytest.fixture
-def admin(as_caller: Callable[..., Metadata]) -> Metadata:
-    return as_caller("acme", "admin")
-
-
 @pytest.mark.parametrize(
     ("request_", "gone"),
     [
