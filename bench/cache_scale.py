@@ -5,7 +5,8 @@ holding one scope of N entries, both ways the cache can hold it: exact
 (``IndexFlatIP``, the baseline: it always finds the true nearest neighbour) and
 HNSW (``IndexHNSWFlat``, M=32, efSearch=64). For each size it prints the search
 p50/p99 (embedding excluded), the lookup p50/p99 with the query's embedding
-included, HNSW's recall@1 against the exact search of the same queries, and the
+included, HNSW's recall@1 against the exact search of the same queries (the
+share of queries where HNSW's nearest is as similar as the true nearest), and the
 memory the index holds (its serialised FAISS size) and the growth of this
 process's RSS while building it (FAISS plus the per-entry Python bookkeeping;
 allocator reuse makes this rough for small sizes).
@@ -106,7 +107,7 @@ def _measure(
         t0 = time.perf_counter_ns()
         index.search(embed(text), NEIGHBOURS, 0)
         lookup_us.append((time.perf_counter_ns() - t0) / 1000)
-        nearest.append(found[0][1].entry_id if found else "")
+        nearest.append(found[0][0] if found else -1.0)
     search = _percentiles(search_us)
     lookup = _percentiles(lookup_us)
     return {
@@ -140,7 +141,7 @@ def main() -> None:
         return np.ascontiguousarray(embedder.embed([text])[0])
 
     questions = _questions(args.data)
-    rng.shuffle(questions)  # type: ignore[arg-type]
+    rng.shuffle(questions)
     query_texts, corpus = questions[: args.queries], questions[args.queries :]
     base = np.vstack([embedder.embed(corpus[i : i + 4096]) for i in range(0, len(corpus), 4096)])
     query_vectors = embedder.embed(query_texts)
@@ -149,7 +150,11 @@ def main() -> None:
         vectors = _vectors(base, size, rng)
         exact = _measure(vectors, False, query_texts, query_vectors, embed)
         hnsw = _measure(vectors, True, query_texts, query_vectors, embed)
-        agree = sum(a == b for a, b in zip(exact.pop("nearest"), hnsw.pop("nearest"), strict=True))
+        # A hit for HNSW: it found a neighbour as close as the true nearest one
+        # (ties among near-identical entries make the id itself arbitrary).
+        agree = sum(
+            h >= e - 1e-4 for e, h in zip(exact.pop("nearest"), hnsw.pop("nearest"), strict=True)
+        )
         hnsw["recall_at_1"] = round(agree / len(query_texts), 4)
         exact["recall_at_1"] = 1.0
         rows += [exact, hnsw]

@@ -11,7 +11,10 @@
 | ``ORCHESTRA_CACHE_LATENCY_WINDOW`` | 1024 | lookups per tenant behind the p50/p99 |
 | ``ORCHESTRA_CACHE_SEMANTIC`` | true | answer paraphrases from the semantic layer (false: exact matches only) |
 | ``ORCHESTRA_CACHE_EMBEDDING_MODEL`` | wordllama | the packaged embedding model (see :mod:`services.common.embeddings`) |
-| ``ORCHESTRA_CACHE_SIMILARITY_THRESHOLD`` | 0.9 | cosine similarity a near match must reach |
+| ``ORCHESTRA_CACHE_SEMANTIC_MODE`` | verified | how a near match is judged: ``verified``, ``static`` or ``adaptive`` (see :mod:`services.cache.verify`) |
+| ``ORCHESTRA_CACHE_SIMILARITY_THRESHOLD`` | 0.95 in ``static`` mode, else 0.6 | cosine a near match must reach (the whole rule in ``static`` mode; the floor before the verifier otherwise) |
+| ``ORCHESTRA_CACHE_VERIFIER_CUT`` | the shipped cut (0.83) | verifier probability needed to serve, ``verified`` mode |
+| ``ORCHESTRA_CACHE_WRONG_ANSWER_BOUND`` | 0.02 | bound on the chance a lookup is served a wrong answer, ``adaptive`` mode |
 | ``ORCHESTRA_CACHE_HNSW_FROM`` | 10000 | entries in one scope from which its index is HNSW instead of exact |
 """  # noqa: E501 - a table reads better unwrapped
 
@@ -25,6 +28,8 @@ from collections.abc import Mapping
 from services.common.settings import SettingsError
 
 _TRUE = ("1", "true", "yes", "on")
+_MODES = ("verified", "static", "adaptive")
+_STATIC_THRESHOLD = 0.95  # measured by bench/cache_eval.py: cosine alone needs this much
 _FALSE = ("0", "false", "no", "off")
 
 
@@ -46,7 +51,10 @@ class CacheConfig:
             percentiles are computed over.
         semantic: Whether the semantic layer answers near matches.
         embedding_model: The embedding model's name.
+        semantic_mode: ``verified``, ``static`` or ``adaptive``.
         similarity_threshold: Cosine similarity a near match must reach.
+        verifier_cut: Verifier probability needed to serve (None: shipped).
+        wrong_answer_bound: The adaptive mode's bound on wrong answers.
         hnsw_from: Entries in one scope from which its index is HNSW.
     """
 
@@ -59,7 +67,10 @@ class CacheConfig:
     latency_window: int = 1024
     semantic: bool = True
     embedding_model: str = "wordllama"
-    similarity_threshold: float = 0.9
+    semantic_mode: str = "verified"
+    similarity_threshold: float = 0.6
+    verifier_cut: float | None = None
+    wrong_answer_bound: float = 0.02
     hnsw_from: int = 10_000
 
     @classmethod
@@ -105,12 +116,27 @@ class CacheConfig:
             semantic=_bool(env, "ORCHESTRA_CACHE_SEMANTIC", defaults.semantic),
             embedding_model=env.get("ORCHESTRA_CACHE_EMBEDDING_MODEL", "").strip()
             or defaults.embedding_model,
+            semantic_mode=_choice(
+                env, "ORCHESTRA_CACHE_SEMANTIC_MODE", defaults.semantic_mode, _MODES
+            ),
             similarity_threshold=_float(
                 env,
                 "ORCHESTRA_CACHE_SIMILARITY_THRESHOLD",
-                defaults.similarity_threshold,
+                _STATIC_THRESHOLD
+                if env.get("ORCHESTRA_CACHE_SEMANTIC_MODE", "").strip().lower() == "static"
+                else defaults.similarity_threshold,
                 0.0,
                 1.0,
+            ),
+            verifier_cut=_float(env, "ORCHESTRA_CACHE_VERIFIER_CUT", -1.0, 0.0, 1.0)
+            if env.get("ORCHESTRA_CACHE_VERIFIER_CUT", "")
+            else None,
+            wrong_answer_bound=_float(
+                env,
+                "ORCHESTRA_CACHE_WRONG_ANSWER_BOUND",
+                defaults.wrong_answer_bound,
+                0.0001,
+                0.5,
             ),
             hnsw_from=_int(env, "ORCHESTRA_CACHE_HNSW_FROM", defaults.hnsw_from, 2**31 - 1),
         )
@@ -127,6 +153,15 @@ def _float(env: Mapping[str, str], var: str, default: float, low: float, high: f
     if not math.isfinite(value) or not low <= value <= high:
         raise SettingsError(f"{var} must be between {low:g} and {high:g}, got {raw!r}")
     return value
+
+
+def _choice(env: Mapping[str, str], var: str, default: str, allowed: tuple[str, ...]) -> str:
+    raw = env.get(var, "").strip().lower()
+    if not raw:
+        return default
+    if raw not in allowed:
+        raise SettingsError(f"{var} must be one of {', '.join(allowed)}, got {raw!r}")
+    return raw
 
 
 def _int(env: Mapping[str, str], var: str, default: int, high: int) -> int:

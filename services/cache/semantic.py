@@ -12,9 +12,11 @@ that its answer may be served. Three steps:
    (``IndexFlatIP``) while small and becomes HNSW (``IndexHNSWFlat``) once it
    holds ``hnsw_from`` entries; ``bench/cache_scale.py`` measured where exact
    search stops being fast enough.
-3. **Judge** each candidate, nearest first (:class:`Judge`): the similarity
-   must reach the threshold and the guards must pass (numbers, negation, …).
-   The first accepted candidate that still exists in Redis is the match.
+3. **Judge** each candidate, nearest first (:class:`Judge`, by default
+   :class:`services.cache.verify.CacheJudge`): the similarity must reach a
+   floor, the guards must pass (numbers, negation, opposites) and the
+   verifier must find the two prompts ask the same question. The first
+   accepted candidate that still exists in Redis is the match.
 
 Durability and replicas: the vector, the scope and the compared text are
 fields of the entry in Redis (:mod:`services.cache.store`). On start a replica
@@ -45,6 +47,7 @@ from redis import exceptions as redis_exc
 
 from orchestra.cache.v1 import cache_service_pb2
 from services.cache import scope as scopes
+from services.cache import verify
 from services.cache.config import CacheConfig
 from services.cache.keys import NormalisedKey
 from services.cache.layers import Match, MatchKind
@@ -76,20 +79,16 @@ class Judge(Protocol):
         ...
 
 
-class ThresholdJudge:
-    """Accepts a neighbour whose similarity reaches a threshold (placeholder for verify)."""
-
-    def __init__(self, threshold: float) -> None:
-        self._threshold = threshold
-
-    def accept(self, query: str, cached: str, similarity: float, threshold: float) -> bool:
-        """See :meth:`Judge.accept`."""
-        return similarity >= (threshold or self._threshold)
-
-
-def judge_for(config: CacheConfig) -> Judge:
-    """The judge the configuration asks for."""
-    return ThresholdJudge(config.similarity_threshold)
+def judge_for(config: CacheConfig, embedder: Embedder) -> Judge:
+    """The judge the configuration asks for (:mod:`services.cache.verify`)."""
+    policy = verify.Policy(
+        mode=verify.Mode(config.semantic_mode),
+        threshold=config.similarity_threshold,
+        cut=config.verifier_cut,
+        delta=config.wrong_answer_bound,
+        model=config.embedding_model,
+    )
+    return verify.CacheJudge(verify.Verifier(policy, embedder))
 
 
 @dataclasses.dataclass

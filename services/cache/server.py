@@ -86,7 +86,7 @@ async def build(settings: Settings, env: Mapping[str, str] | None = None) -> Cac
         semantic = SemanticLayer(
             store,
             embedder,
-            judge_for(config),
+            judge_for(config, embedder),
             hnsw_from=config.hnsw_from,
         )
     cache = Cache(store, StatsStore(redis), config, semantic)

@@ -28,6 +28,7 @@ semantic hit.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
