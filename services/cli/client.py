@@ -118,8 +118,9 @@ def _price(micro_per_mtok: int, source: int) -> str:
 
 
 async def models(edge: str, key: str, out: TextIO = sys.stdout) -> None:
-    """Prints every model discovery knows: price, context, capabilities, health."""
-    rows: list[tuple[str, ...]] = []
+    """Prints every model discovery knows: provider type, price, context,
+    capabilities, health, latency and, for local servers, what is loaded."""
+    found: list[discovery_pb2.Model] = []
     async with grpc.aio.insecure_channel(edge) as channel:
         stub = discovery_grpc.DiscoveryServiceStub(channel)
         token = ""
@@ -132,34 +133,57 @@ async def models(edge: str, key: str, out: TextIO = sys.stdout) -> None:
                 )
             except grpc.aio.AioRpcError as exc:
                 raise CliError(describe(exc)) from None
-            for m in page.models:
-                caps = [
-                    name
-                    for name, on in (
-                        ("tools", m.capabilities.tools),
-                        ("vision", m.capabilities.vision),
-                        ("json", m.capabilities.json_mode),
-                    )
-                    if on
-                ]
-                rows.append(
-                    (
-                        m.name,
-                        str(m.context_window or "?"),
-                        _price(m.pricing.input_micro_usd_per_mtok, m.price_source),
-                        _price(m.pricing.output_micro_usd_per_mtok, m.price_source),
-                        ",".join(caps) or "-",
-                        discovery_pb2.HealthStatus.Name(m.health.status)
-                        .removeprefix("HEALTH_STATUS_")
-                        .lower(),
-                        f"{m.health.ttft_p50_ms} ms" if m.health.ttft_p50_ms else "-",
-                    )
-                )
+            found.extend(page.models)
             token = page.next_page_token
             if not token:
                 break
-    header = ("MODEL", "CONTEXT", "IN/MTOK", "OUT/MTOK", "CAPABILITIES", "HEALTH", "TTFT")
-    _table([header, *rows], out)
+    _table(model_rows(found), out)
+
+
+def model_rows(found: Sequence[discovery_pb2.Model]) -> list[tuple[str, ...]]:
+    """The ``orchestra models`` table: a header, then one row per model."""
+    header = (
+        "MODEL", "TYPE", "CONTEXT", "IN/MTOK", "OUT/MTOK", "CAPABILITIES",
+        "HEALTH", "TTFT", "TOK/S", "ERRORS", "LOADED",
+    )  # fmt: skip
+    rows: list[tuple[str, ...]] = [header]
+    for m in found:
+        caps = [
+            name
+            for name, on in (
+                ("tools", m.capabilities.tools),
+                ("vision", m.capabilities.vision),
+                ("json", m.capabilities.json_mode),
+            )
+            if on
+        ]
+        health = m.health
+        probed = health.probe_count > 0
+        if m.loaded:
+            loaded = f"yes ({m.vram_bytes / 2**30:.1f} GiB)" if m.vram_bytes else "yes"
+        else:
+            loaded = "-"
+        rows.append(
+            (
+                m.name,
+                discovery_pb2.ProviderType.Name(m.provider_type)
+                .removeprefix("PROVIDER_TYPE_")
+                .lower(),
+                str(m.context_window or "?"),
+                _price(m.pricing.input_micro_usd_per_mtok, m.price_source),
+                _price(m.pricing.output_micro_usd_per_mtok, m.price_source),
+                ",".join(caps) or "-",
+                discovery_pb2.HealthStatus.Name(health.status)
+                .removeprefix("HEALTH_STATUS_")
+                .lower()
+                .replace("unspecified", "unknown"),
+                f"{health.ttft_p50_ms} ms" if health.ttft_p50_ms else "-",
+                f"{health.tokens_per_second:.0f}" if health.tokens_per_second else "-",
+                f"{health.error_rate:.0%}" if probed else "-",
+                loaded,
+            )
+        )
+    return rows
 
 
 def _table(rows: Sequence[tuple[str, ...]], out: TextIO) -> None:

@@ -12,18 +12,21 @@ as unpriced, never as free.
 
 from __future__ import annotations
 
+import datetime
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestra.discovery.v1 import discovery_service_pb2 as pb
+from services.discovery.health import ProbeStats, to_health, worst
 from services.discovery.records import ProviderRecord, StoredModel
 
 # What may follow a catalog id in a dated or pinned variant of the same model:
 # "-2024-08-06", "-20241022", "-0125", "-001", "-latest", "@20250514".
+_MAX_CACHED = 100_000
 _DATED_SUFFIX = re.compile(r"^[-@](\d{4}-\d{2}-\d{2}|\d{8}|\d{3,4}|latest)$")
 
 
@@ -76,6 +79,8 @@ class Catalog:
 
     def __init__(self, entries: Iterable[CatalogEntry]) -> None:
         self._by_key: dict[str, CatalogEntry] = {}
+        # Listed id -> entry: a pass looks up the same thousands of ids each time.
+        self._found: dict[str, CatalogEntry | None] = {}
         for entry in entries:
             for key in (entry.id, *entry.aliases):
                 self._by_key[key.lower()] = entry
@@ -106,6 +111,15 @@ class Catalog:
         for each, an exact id or alias first, then the longest id that the
         candidate extends by a dated suffix ("gpt-4o-2024-08-06" -> "gpt-4o").
         """
+        if model_id in self._found:
+            return self._found[model_id]
+        if len(self._found) >= _MAX_CACHED:
+            self._found.clear()  # bounded; refills within one pass
+        entry = self._lookup(model_id)
+        self._found[model_id] = entry
+        return entry
+
+    def _lookup(self, model_id: str) -> CatalogEntry | None:
         for candidate in _candidates(model_id):
             entry = self._by_key.get(candidate)
             if entry is not None:
@@ -132,13 +146,19 @@ def _candidates(model_id: str) -> Sequence[str]:
     return list(dict.fromkeys(forms))
 
 
-def build_model(stored: StoredModel, provider: ProviderRecord, catalog: Catalog) -> pb.Model:
+def build_model(
+    stored: StoredModel,
+    provider: ProviderRecord,
+    catalog: Catalog,
+    stats: Mapping[str, ProbeStats] | None = None,
+) -> pb.Model:
     """The catalog view of a listed model.
 
     Args:
         stored: What listing found.
         provider: Its provider (type, ``local``, health).
         catalog: The packaged catalog.
+        stats: Probe statistics by subject (provider id, model name).
     """
     entry = catalog.lookup(stored.model_id)
     model = pb.Model(
@@ -152,7 +172,9 @@ def build_model(stored: StoredModel, provider: ProviderRecord, catalog: Catalog)
         max_output_tokens=stored.max_output_tokens or (entry.max_output_tokens if entry else 0),
         loaded=stored.loaded,
         quality=entry.quality if entry else 0.0,
-        health=provider_health(provider),
+        health=combined_health(provider, stats or {}, stored.name),
+        vram_bytes=stored.vram_bytes,
+        memory_bytes=stored.memory_bytes,
     )
     caps = entry.capabilities if entry else CapabilityEntry()
     model.capabilities.CopyFrom(
@@ -179,16 +201,36 @@ def build_model(stored: StoredModel, provider: ProviderRecord, catalog: Catalog)
     return model
 
 
-def provider_health(provider: ProviderRecord) -> pb.Health:
-    """The health recorded by the provider's last listing.
+def combined_health(
+    provider: ProviderRecord, stats: Mapping[str, ProbeStats], model_name: str | None = None
+) -> pb.Health:
+    """The health of a provider, or of one of its models.
 
-    Per-model probes (time to first token, tokens per second) come later; for
-    now a model's health is its provider's.
+    The state is the worst of the provider's last listing, the provider's
+    probes and (for a model) the model's own probes, so a provider that is
+    down takes all its models down. The latency figures are the model's own
+    once it has been probed, else the provider's (its models are probed in
+    turn, and share the provider's network path and load).
     """
-    health = pb.Health(
-        status=provider.health_status,  # type: ignore[arg-type]
-        last_error=provider.last_error,
-    )
-    if provider.last_probe_time is not None:
-        health.last_probe_time.FromDatetime(provider.last_probe_time)
+    provider_stats = stats.get(provider.provider_id)
+    model_stats = stats.get(model_name) if model_name else None
+    source = model_stats or provider_stats
+    health = to_health(source) if source is not None else pb.Health()
+    states = [provider.health_status]
+    states += [s.status for s in (provider_stats, model_stats) if s is not None]
+    health.status = worst(*states)  # type: ignore[assignment]
+    if provider.health_status == pb.HEALTH_STATUS_UNHEALTHY and provider.last_error:
+        health.last_error = provider.last_error  # the listing failed: say that first
+    elif not health.last_error and provider_stats is not None:
+        health.last_error = provider_stats.last_error
+    times = [t for t in (provider.last_probe_time, health_time(health)) if t is not None]
+    if times:
+        health.last_probe_time.FromDatetime(max(times))
     return health
+
+
+def health_time(health: pb.Health) -> datetime.datetime | None:
+    """``health.last_probe_time`` as a datetime, None when unset."""
+    if not health.HasField("last_probe_time"):
+        return None
+    return health.last_probe_time.ToDatetime(datetime.UTC)

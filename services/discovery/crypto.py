@@ -80,3 +80,17 @@ def credential_hint(credential: str) -> str:
     if len(credential) >= 8:
         return f"…{credential[-2:]}"
     return "…"
+
+
+def scrub(text: str, *secrets: str) -> str:
+    """``text`` with every secret in it replaced by its hint.
+
+    For messages that come from a provider: some echo the key they were sent
+    ("Incorrect API key provided: sk-…"), and those messages are stored,
+    answered and logged. Values shorter than 8 characters are left alone
+    (they could not be told from ordinary words).
+    """
+    for secret in secrets:
+        if len(secret) >= 8 and secret in text:
+            text = text.replace(secret, credential_hint(secret))
+    return text

@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import datetime
 import logging
+from collections.abc import Awaitable, Callable
 
 import httpx
 
@@ -22,14 +23,16 @@ from orchestra.discovery.v1 import discovery_service_pb2 as pb
 from services.common.errors import NotFound
 from services.discovery import listing, providers
 from services.discovery.catalog import Catalog, build_model
-from services.discovery.crypto import CredentialCipher, CredentialError
+from services.discovery.crypto import CredentialCipher, CredentialError, scrub
 from services.discovery.feed import ModelFeed
 from services.discovery.records import ProviderRecord
 from services.discovery.store import DiscoveryStore, ModelChanges
 
 log = logging.getLogger(__name__)
 
-_MAX_CONCURRENT_LISTINGS = 8
+# Listings in flight at once: each is one provider (usually its own host), and
+# mostly waiting on the network.
+_MAX_CONCURRENT_LISTINGS = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,24 +87,50 @@ class Discovery:
         self._provider_locks: dict[str, asyncio.Lock] = {}
         self._refresh_lock = asyncio.Lock()
         self._listings = asyncio.Semaphore(_MAX_CONCURRENT_LISTINGS)
+        self._details: listing.DetailCache = {}
+        # Called after a rebuild that published something (the fan-out's announce).
+        self.announcer: Callable[[str | None], Awaitable[None]] | None = None
 
-    async def refresh(self) -> int:
-        """Rebuilds the catalog from the database and publishes the changes.
+    async def refresh(self, provider_id: str | None = None, *, announce: bool = True) -> int:
+        """Rebuilds the catalog (or one provider's part) from the database
+        and publishes the changes.
 
         Serialised, so a slow read can never overwrite a newer one.
+
+        Args:
+            provider_id: Only this provider's models (what one listing, probe
+                or RPC changed: a fraction of the work of the whole catalog).
+            announce: When something changed, tell the other replicas (see
+                :mod:`services.discovery.fanout`); False when this rebuild
+                answers their announcement.
 
         Returns:
             The number of events published.
         """
         async with self._refresh_lock:
-            rows = await self._store.load_models()
-            return self._feed.replace(build_model(m, p, self._catalog) for m, p in rows)
+            rows = await self._store.load_models(provider_id=provider_id)
+            stats = await self._store.load_probe_stats(provider_id)
+            events = self._feed.replace(
+                (build_model(m, p, self._catalog, stats) for m, p in rows),
+                provider_id=provider_id,
+            )
+        if events and announce and self.announcer is not None:
+            await self.announcer(provider_id)
+        return events
 
-    async def run(self, provider_id: str = "") -> PassResult:
+    async def run(self, provider_id: str = "", *, spread: float = 0.0) -> PassResult:
         """One pass over every enabled provider, or over ``provider_id`` only.
 
         A named provider is listed even when disabled (its models stay hidden
         from the catalog until it is enabled).
+
+        Args:
+            provider_id: Only this provider.
+            spread: Start the listings evenly over this many seconds, in
+                provider id order, instead of all at once. Passes started at a
+                fixed rate then list each provider at the same point of every
+                interval, so a change upstream is seen within one interval
+                (plus one listing), and the load on the database is smooth.
 
         Raises:
             NotFound: RESOURCE_NOT_FOUND for an unknown ``provider_id``.
@@ -113,8 +142,11 @@ class Discovery:
             records = [record]
         else:
             records = await self._store.list_providers(enabled_only=True)
-        outcomes = await asyncio.gather(*(self._discover(r) for r in records))
-        await self.refresh()
+        # Each provider's changes are published as soon as it is listed.
+        step = spread / len(records) if records else 0.0
+        outcomes = await asyncio.gather(
+            *(self._discover(r, delay=i * step) for i, r in enumerate(records))
+        )
         errors = {pid: error for pid, error, _ in outcomes if error}
         changes = [c for _, error, c in outcomes if not error]
         return PassResult(
@@ -131,12 +163,31 @@ class Discovery:
         try:
             endpoint = providers.endpoint(record, self._cipher)
             async with self._listings:
-                models = await listing.list_models(endpoint, self._http, deadline=self._deadline)
-        except (listing.ListingError, CredentialError) as exc:
+                models = await listing.list_models(
+                    endpoint, self._http, deadline=self._deadline, details=self._details
+                )
+        except CredentialError as exc:
             return Probe(False, [], str(exc), now)
+        except listing.ListingError as exc:
+            # The provider's own error text may echo what it was sent.
+            secrets = (endpoint.credential, *endpoint.headers.values())
+            return Probe(False, [], scrub(str(exc), *secrets), now)
         return Probe(True, models, "", now)
 
-    async def _discover(self, record: ProviderRecord) -> tuple[str, str, ModelChanges]:
+    async def _discover(
+        self, record: ProviderRecord, *, delay: float = 0.0
+    ) -> tuple[str, str, ModelChanges]:
+        if delay > 0:
+            await asyncio.sleep(delay)
+        outcome, changed = await self._list_and_store(record)
+        if changed:  # a steady pass rebuilds and publishes nothing
+            await self.refresh(record.provider_id)
+        return outcome
+
+    async def _list_and_store(
+        self, record: ProviderRecord
+    ) -> tuple[tuple[str, str, ModelChanges], bool]:
+        """Lists and stores; returns the outcome and whether the catalog changed."""
         lock = self._provider_locks.setdefault(record.provider_id, asyncio.Lock())
         async with lock:
             try:
@@ -154,11 +205,19 @@ class Discovery:
                 await self._store.set_health(
                     record.provider_id, pb.HEALTH_STATUS_UNHEALTHY, probe.error, probe.probe_time
                 )
-                return record.provider_id, probe.error, ModelChanges(0, 0, 0)
+                changed = (record.health_status, record.last_error) != (
+                    pb.HEALTH_STATUS_UNHEALTHY,
+                    probe.error,
+                )
+                return (record.provider_id, probe.error, ModelChanges(0, 0, 0)), changed
             changes = await self._store.replace_models(
                 record.provider_id, probe.models, probe.probe_time
             )
             await self._store.set_health(
                 record.provider_id, pb.HEALTH_STATUS_HEALTHY, "", probe.probe_time
             )
-            return record.provider_id, "", changes
+            changed = bool(changes.added or changes.removed or changes.updated) or (
+                record.health_status,
+                record.last_error,
+            ) != (pb.HEALTH_STATUS_HEALTHY, "")
+            return (record.provider_id, "", changes), changed

@@ -14,9 +14,11 @@ resyncs from a new snapshot when it reconnects; one slow router never holds
 back the others or grows memory without bound.
 
 Revisions start at the process's start time in milliseconds and grow by one
-per event, so they keep increasing across restarts of a replica. Fan-out
-between replicas (PostgreSQL LISTEN/NOTIFY) comes later; until then every
-replica converges through its periodic refresh from the database.
+per event, so they keep increasing across restarts of a replica. They are per
+replica: a watcher that reconnects to another replica resyncs from its
+snapshot. Other replicas' changes reach this feed through
+:mod:`services.discovery.fanout` (PostgreSQL LISTEN/NOTIFY), which makes it
+rebuild from the database.
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ class ModelFeed:
     def __init__(self, *, queue_size: int = DEFAULT_QUEUE_SIZE) -> None:
         self._models: dict[str, pb.Model] = {}
         self._material: dict[str, bytes] = {}
+        self._by_provider: dict[str, set[str]] = {}  # provider id -> model names
         self._subscribers: set[Subscription] = set()
         self._queue_size = queue_size
         self.revision = int(time.time() * 1000)
@@ -119,15 +122,26 @@ class ModelFeed:
         """Every model, by name."""
         return [self._models[name] for name in sorted(self._models)]
 
-    def replace(self, models: Iterable[pb.Model]) -> int:
+    def replace(self, models: Iterable[pb.Model], *, provider_id: str | None = None) -> int:
         """Makes the catalog exactly ``models``; publishes what changed.
+
+        Args:
+            models: The new catalog, or with ``provider_id`` that provider's part.
+            provider_id: Replace only this provider's models (names
+                "<provider_id>/…"); the rest of the catalog stays as it is.
 
         Returns:
             The number of events published.
         """
         incoming = {m.name: m for m in models}
+        if provider_id is None:
+            held = set(self._models)
+        else:
+            held = set(self._by_provider.get(provider_id, ()))
         events: list[pb.WatchModelsResponse] = []
-        for name in sorted(set(self._models) - set(incoming)):
+        for name in sorted(held - set(incoming)):
+            owner = self._models[name].provider_id
+            self._by_provider[owner].discard(name)
             del self._models[name], self._material[name]
             self.revision += 1
             events.append(pb.WatchModelsResponse(revision=self.revision, removed=name))
@@ -136,13 +150,15 @@ class ModelFeed:
             digest = material(model)
             changed = self._material.get(name) != digest
             self._models[name], self._material[name] = model, digest
+            self._by_provider.setdefault(model.provider_id, set()).add(name)
             if changed:
                 self.revision += 1
                 events.append(pb.WatchModelsResponse(revision=self.revision, upserted=model))
         for subscriber in list(self._subscribers):
             for event in events:
                 subscriber._offer(event)
-        self.loaded.set()
+        if provider_id is None:  # one provider's part is not a catalog to start from
+            self.loaded.set()
         return len(events)
 
     def subscribe(self) -> Subscription:

@@ -7,7 +7,9 @@
   as it does for the OpenAI SDK.
 * Ollama: ``GET {base}/api/tags`` answers ``{"models": [{"name", "model",
   "details"}]}``; ``GET {base}/api/ps`` names the models loaded in memory now
-  (best effort: an old server without it is not a failure).
+  with their ``size`` and ``size_vram``, and ``POST {base}/api/show`` gives
+  each model's context length (``model_info["<arch>.context_length"]``). Both
+  are best effort: an old server without them is not a failure.
 * Anthropic: ``GET {base}/v1/models`` with ``x-api-key`` and
   ``anthropic-version``, paginated by ``after_id`` while ``has_more``.
 * Gemini: ``GET {base}/v1beta/models`` with ``x-goog-api-key`` (never ``?key=``,
@@ -34,6 +36,11 @@ ANTHROPIC_VERSION = "2023-06-01"
 DEFAULT_DEADLINE_SECONDS = 20.0
 _MAX_PAGES = 20  # a provider with more than 20 pages of models is misbehaving
 _MAX_ERROR_CHARS = 300
+_OLLAMA_SHOW_CONCURRENCY = 4  # one local server: a few /api/show at a time
+_MAX_DETAILS = 100_000
+
+DetailCache = dict[tuple[str, str, str], int]
+"""(server root, model name, digest) -> context length, from Ollama's /api/show."""
 
 _OPENAI_WIRE = frozenset(
     {
@@ -90,12 +97,16 @@ class ListedModel:
         context_window: Tokens, when the provider says (0 otherwise).
         max_output_tokens: Tokens, when the provider says (0 otherwise).
         loaded: For local servers, whether it is in memory now.
+        vram_bytes: For a loaded local model, bytes in accelerator memory.
+        memory_bytes: For a loaded local model, bytes in all.
     """
 
     model_id: str
     context_window: int = 0
     max_output_tokens: int = 0
     loaded: bool = False
+    vram_bytes: int = 0
+    memory_bytes: int = 0
 
 
 def supports_listing(provider_type: int) -> bool:
@@ -112,6 +123,7 @@ async def list_models(
     client: httpx.AsyncClient,
     *,
     deadline: float = DEFAULT_DEADLINE_SECONDS,
+    details: DetailCache | None = None,
 ) -> list[ListedModel]:
     """Lists the models ``endpoint`` serves, sorted by id, without duplicates.
 
@@ -119,6 +131,9 @@ async def list_models(
         endpoint: The provider.
         client: A shared HTTP client (timeouts are set per request).
         deadline: Seconds for the whole listing, pagination included.
+        details: Per-model details already fetched (Ollama's ``/api/show``),
+            kept between passes; a model's details are fetched again only
+            when its digest changes.
 
     Raises:
         ListingError: The provider is unreachable, refused, or answered
@@ -126,7 +141,7 @@ async def list_models(
     """
     try:
         async with asyncio.timeout(deadline):
-            models = await _dispatch(endpoint, client)
+            models = await _dispatch(endpoint, client, details if details is not None else {})
     except TimeoutError:
         raise ListingError(f"listing did not finish within {deadline:g}s") from None
     except httpx.TimeoutException as exc:
@@ -140,12 +155,14 @@ async def list_models(
     return [unique[k] for k in sorted(unique)]
 
 
-async def _dispatch(endpoint: Endpoint, client: httpx.AsyncClient) -> list[ListedModel]:
+async def _dispatch(
+    endpoint: Endpoint, client: httpx.AsyncClient, details: DetailCache
+) -> list[ListedModel]:
     kind = endpoint.type
     if kind in _OPENAI_WIRE:
         return await _openai(endpoint, client)
     if kind == pb.PROVIDER_TYPE_OLLAMA:
-        return await _ollama(endpoint, client)
+        return await _ollama(endpoint, client, details)
     if kind == pb.PROVIDER_TYPE_ANTHROPIC:
         return await _anthropic(endpoint, client)
     if kind == pb.PROVIDER_TYPE_GEMINI:
@@ -241,29 +258,93 @@ def _ollama_root(base_url: str) -> str:
     return base_url.removesuffix("/v1").removesuffix("/api")
 
 
-async def _ollama(endpoint: Endpoint, client: httpx.AsyncClient) -> list[ListedModel]:
+async def _ollama(
+    endpoint: Endpoint, client: httpx.AsyncClient, details: DetailCache
+) -> list[ListedModel]:
     root = _ollama_root(endpoint.base_url)
     headers = {"authorization": f"Bearer {endpoint.credential}"} if endpoint.credential else {}
     body = await _get_json(client, endpoint, f"{root}/api/tags", headers)
-    names = []
+    names, digests = [], []
     for item in _list_of_dicts(body, "models"):
         name = item.get("name") or item.get("model")
         if isinstance(name, str):
             names.append(name)
+            digests.append(str(item.get("digest") or ""))
     loaded = await _ollama_loaded(endpoint, client, root, headers)
-    return [ListedModel(name, loaded=name in loaded) for name in names]
+    gate = asyncio.Semaphore(_OLLAMA_SHOW_CONCURRENCY)
+
+    async def context_of(name: str, digest: str) -> int:
+        key = (root, name, digest)
+        if digest and key in details:
+            return details[key]
+        found = await _ollama_context(endpoint, client, root, headers, name, gate)
+        if digest and found:
+            if len(details) >= _MAX_DETAILS:
+                details.clear()  # bounded; refills as providers are listed
+            details[key] = found
+        return found
+
+    contexts = await asyncio.gather(
+        *(context_of(n, d) for n, d in zip(names, digests, strict=True))
+    )
+    out = []
+    for name, context in zip(names, contexts, strict=True):
+        size, vram = loaded.get(name, (0, 0))
+        out.append(
+            ListedModel(
+                name,
+                context_window=context,
+                loaded=name in loaded,
+                vram_bytes=vram,
+                memory_bytes=size,
+            )
+        )
+    return out
 
 
 async def _ollama_loaded(
     endpoint: Endpoint, client: httpx.AsyncClient, root: str, headers: Mapping[str, str]
-) -> set[str]:
+) -> dict[str, tuple[int, int]]:
+    """Loaded models: name -> (size, size_vram) in bytes."""
     try:
         body = await _get_json(client, endpoint, f"{root}/api/ps", headers)
         return {
-            str(item.get("name") or item.get("model")) for item in _list_of_dicts(body, "models")
+            str(item.get("name") or item.get("model")): (
+                _int(item.get("size")),
+                _int(item.get("size_vram")),
+            )
+            for item in _list_of_dicts(body, "models")
         }
     except (ListingError, httpx.HTTPError):
-        return set()  # the listing itself worked; "loaded" is a hint
+        return {}  # the listing itself worked; "loaded" is a hint
+
+
+async def _ollama_context(
+    endpoint: Endpoint,
+    client: httpx.AsyncClient,
+    root: str,
+    headers: Mapping[str, str],
+    name: str,
+    gate: asyncio.Semaphore,
+) -> int:
+    """The model's trained context length from ``/api/show`` (0 when unknown)."""
+    merged = httpx.Headers({"accept": "application/json", **endpoint.headers})
+    for key, value in headers.items():
+        merged[key] = value
+    try:
+        async with gate:
+            response = await client.post(
+                f"{root}/api/show", json={"model": name}, headers=merged, timeout=_timeout(endpoint)
+            )
+        info = response.json().get("model_info") if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return 0  # a hint, like /api/ps
+    if not isinstance(info, dict):
+        return 0
+    return max(
+        (_int(v) for k, v in info.items() if isinstance(k, str) and k.endswith(".context_length")),
+        default=0,
+    )
 
 
 async def _anthropic(endpoint: Endpoint, client: httpx.AsyncClient) -> list[ListedModel]:

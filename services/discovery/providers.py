@@ -19,7 +19,9 @@ from orchestra.common.v1 import errors_pb2
 from orchestra.discovery.v1 import discovery_service_pb2 as pb
 from services.common.config_file import ProviderEntry
 from services.common.errors import InvalidArgument
+from services.discovery.catalog import combined_health
 from services.discovery.crypto import CredentialCipher, CredentialError, credential_hint
+from services.discovery.health import ProbeStats
 from services.discovery.listing import Endpoint
 from services.discovery.records import (
     DEFAULT_CONNECT_TIMEOUT_MS,
@@ -164,7 +166,8 @@ def from_create(provider: pb.Provider, cipher: CredentialCipher) -> ProviderReco
         credential_hint=hint,
         headers=_headers(provider.headers),
         organization=_text(provider.organization, "provider.organization"),
-        enabled=provider.enabled,
+        # Unset means enabled: a provider created by RPC is used unless it says not.
+        enabled=provider.enabled if provider.HasField("enabled") else True,
         connect_timeout_ms=_timeout_ms(
             provider.connect_timeout, "provider.connect_timeout", DEFAULT_CONNECT_TIMEOUT_MS
         ),
@@ -308,8 +311,14 @@ def endpoint(record: ProviderRecord, cipher: CredentialCipher) -> Endpoint:
     )
 
 
-def to_proto(record: ProviderRecord) -> pb.Provider:
-    """The provider as RPCs answer it: credential redacted to its hint."""
+def to_proto(record: ProviderRecord, stats: Mapping[str, ProbeStats] | None = None) -> pb.Provider:
+    """The provider as RPCs answer it: credential redacted to its hint.
+
+    Args:
+        record: The provider.
+        stats: Probe statistics by subject; its health combines the last
+            listing with the provider's probes.
+    """
     provider = pb.Provider(
         provider_id=record.provider_id,
         display_name=record.display_name,
@@ -324,10 +333,7 @@ def to_proto(record: ProviderRecord) -> pb.Provider:
     provider.read_timeout.FromMilliseconds(record.read_timeout_ms)
     provider.rate_limit.requests_per_minute = record.requests_per_minute
     provider.rate_limit.tokens_per_minute = record.tokens_per_minute
-    provider.health.status = record.health_status  # type: ignore[assignment]
-    provider.health.last_error = record.last_error
-    if record.last_probe_time is not None:
-        provider.health.last_probe_time.FromDatetime(record.last_probe_time)
+    provider.health.CopyFrom(combined_health(record, stats or {}))
     if record.create_time is not None:
         provider.create_time.FromDatetime(record.create_time)
     if record.update_time is not None:

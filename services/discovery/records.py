@@ -75,6 +75,8 @@ class StoredModel:
         max_output_tokens: As listed (0 when the provider does not say).
         loaded: For local servers, whether it was in memory.
         last_seen_time: When discovery last saw it.
+        vram_bytes: For local servers, accelerator memory it takes when loaded.
+        memory_bytes: For local servers, memory it takes in all when loaded.
     """
 
     provider_id: str
@@ -83,6 +85,8 @@ class StoredModel:
     max_output_tokens: int = 0
     loaded: bool = False
     last_seen_time: datetime.datetime | None = None
+    vram_bytes: int = 0
+    memory_bytes: int = 0
 
     @property
     def name(self) -> str:

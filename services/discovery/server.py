@@ -6,6 +6,13 @@ Environment (besides the common settings):
   (default 60).
 * ``ORCHESTRA_DISCOVERY_HEARTBEAT_SECONDS``: WatchModels heartbeat interval
   (default 15, at most 30 as the contract promises).
+* ``ORCHESTRA_PROBE_INTERVAL_SECONDS``: time between two health probes of one
+  provider (default 60).
+* ``ORCHESTRA_PROBE_TIMEOUT_SECONDS``: time a probe may take (default 20).
+* ``ORCHESTRA_PROBE_CONCURRENCY``: probes in flight per replica (default 8).
+* ``ORCHESTRA_PROBE_UNHEALTHY_AFTER``: failed probes in a row that make a
+  provider or model UNHEALTHY (default 3); ``ORCHESTRA_PROBE_HEALTHY_AFTER``:
+  passes in a row that bring it back (default 2).
 """
 
 from __future__ import annotations
@@ -30,7 +37,10 @@ from services.discovery import listing, providers
 from services.discovery.catalog import Catalog
 from services.discovery.crypto import CredentialCipher
 from services.discovery.discovery import Discovery
+from services.discovery.fanout import CatalogFanout
 from services.discovery.feed import ModelFeed
+from services.discovery.health import HealthPolicy
+from services.discovery.probes import ProbeOptions, Prober
 from services.discovery.service import DiscoveryServicer
 from services.discovery.store import DiscoveryStore
 
@@ -38,6 +48,9 @@ log = logging.getLogger(__name__)
 
 MAX_HEARTBEAT_SECONDS = 30.0
 FIRST_PASS_WAIT_SECONDS = 10.0
+FULL_REFRESH_EVERY = 10  # passes
+# A periodic pass starts its listings evenly over this share of the interval.
+PASS_SPREAD = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,11 +61,13 @@ class DiscoveryOptions:
         interval_seconds: Time between periodic discovery passes.
         heartbeat_seconds: WatchModels heartbeat interval (at most 30).
         listing_deadline_seconds: Time allowed to list one provider.
+        probes: The health probe schedule.
     """
 
     interval_seconds: float = 60.0
     heartbeat_seconds: float = 15.0
     listing_deadline_seconds: float = listing.DEFAULT_DEADLINE_SECONDS
+    probes: ProbeOptions = dataclasses.field(default_factory=ProbeOptions)
 
     def __post_init__(self) -> None:
         if self.interval_seconds <= 0:
@@ -72,9 +87,22 @@ class DiscoveryOptions:
             SettingsError: A value is not a number or out of range.
         """
         env = os.environ if env is None else env
+        try:
+            probes = ProbeOptions(
+                interval_seconds=_number(env, "ORCHESTRA_PROBE_INTERVAL_SECONDS", 60.0),
+                timeout_seconds=_number(env, "ORCHESTRA_PROBE_TIMEOUT_SECONDS", 20.0),
+                concurrency=int(_number(env, "ORCHESTRA_PROBE_CONCURRENCY", 8)),
+                policy=HealthPolicy(
+                    unhealthy_after=int(_number(env, "ORCHESTRA_PROBE_UNHEALTHY_AFTER", 3)),
+                    healthy_after=int(_number(env, "ORCHESTRA_PROBE_HEALTHY_AFTER", 2)),
+                ),
+            )
+        except ValueError as exc:
+            raise SettingsError(f"ORCHESTRA_PROBE_*: {exc}") from None
         return cls(
             interval_seconds=_number(env, "ORCHESTRA_DISCOVERY_INTERVAL_SECONDS", 60.0),
             heartbeat_seconds=_number(env, "ORCHESTRA_DISCOVERY_HEARTBEAT_SECONDS", 15.0),
+            probes=probes,
         )
 
 
@@ -116,6 +144,11 @@ class DiscoveryService:
             self._http,
             listing_deadline=options.listing_deadline_seconds,
         )
+        self.prober = Prober(self._store, self._cipher, options.probes, self.discovery.refresh)
+        self.fanout = CatalogFanout(
+            pool, lambda provider_id: self.discovery.refresh(provider_id, announce=False)
+        )
+        self.discovery.announcer = self.fanout.announce
         self._servicer = DiscoveryServicer(
             signer=IdentitySigner(settings.internal_key),
             store=self._store,
@@ -123,8 +156,10 @@ class DiscoveryService:
             discovery=self.discovery,
             feed=self._feed,
             heartbeat_seconds=options.heartbeat_seconds,
+            prober=self.prober,
         )
         self._loop: asyncio.Task[None] | None = None
+        self._probes: asyncio.Task[None] | None = None
         self._first_pass = asyncio.Event()
         self._stopped = False
 
@@ -139,8 +174,10 @@ class DiscoveryService:
     async def start(self) -> None:
         """Applies the config file's providers, loads the catalog, starts passes."""
         await self.apply_config()
+        await self.fanout.start()  # listen before loading: no change falls in between
         await self.discovery.refresh()  # watchers start from the last known models
         self._loop = asyncio.create_task(self._periodic(), name="discovery-passes")
+        self._probes = asyncio.create_task(self.prober.run_forever(), name="discovery-probes")
         # Let the first pass finish before reporting SERVING, so a fresh install
         # answers with its models rather than an empty catalog; a slow provider
         # only delays start by FIRST_PASS_WAIT_SECONDS, then completes in the background.
@@ -152,12 +189,15 @@ class DiscoveryService:
         if self._stopped:
             return
         self._stopped = True
-        if self._loop is not None:
-            self._loop.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop
+        for task in (self._loop, self._probes):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await self.fanout.stop()
         self._feed.close()
         await self._servicer.close()
+        await self.prober.aclose()
         await self._http.aclose()
         await self._pool.close()
 
@@ -182,15 +222,33 @@ class DiscoveryService:
             )
 
     async def _periodic(self) -> None:
+        # Fixed rate: a pass starts every interval (not an interval after the
+        # last one ended), so each provider is listed every interval and a
+        # change upstream is seen within one interval plus its listing.
+        loop = asyncio.get_running_loop()
+        next_start = loop.time()
+        passes = 0
         while True:
             try:
-                result = await self.discovery.run()
+                # The first pass lists everything at once (a fresh replica
+                # should serve its catalog soon); later ones spread out.
+                spread = self._options.interval_seconds * PASS_SPREAD if passes else 0.0
+                result = await self.discovery.run(spread=spread)
                 if result.errors:
                     log.warning("discovery pass: %d provider(s) failed", len(result.errors))
+                passes += 1
+                if passes % FULL_REFRESH_EVERY == 0:
+                    # Passes publish per provider; now and then rebuild it all
+                    # (a backstop for a fan-out notification that was lost).
+                    await self.discovery.refresh(announce=False)
             except Exception:  # the schedule must survive a bad pass
                 log.exception("discovery pass failed")
             self._first_pass.set()
-            await asyncio.sleep(self._options.interval_seconds)
+            next_start += self._options.interval_seconds
+            now = loop.time()
+            if next_start < now:  # the pass took longer than the interval
+                next_start = now
+            await asyncio.sleep(next_start - now)
 
 
 async def build(settings: Settings, options: DiscoveryOptions | None = None) -> DiscoveryService:

@@ -26,6 +26,8 @@ from services.discovery.catalog import build_model
 from services.discovery.crypto import CredentialCipher
 from services.discovery.discovery import Discovery, not_found
 from services.discovery.feed import FeedError, ModelFeed
+from services.discovery.health import to_health
+from services.discovery.probes import Prober
 from services.discovery.records import ProviderRecord
 from services.discovery.store import DiscoveryStore, store_unavailable
 
@@ -39,6 +41,8 @@ _INTERNAL = identity_pb2.SCOPE_INTERNAL
 # CreateProvider/UpdateProvider wait this long for the new provider's listing
 # (their deadline is 10 s); a slower provider finishes in the background.
 INLINE_DISCOVERY_SECONDS = 8.0
+# TestProvider's timed request (its deadline is 30 s, listing included).
+TEST_PROBE_SECONDS = 8.0
 # Changing any of these may change what the provider lists.
 _LISTING_PATHS = frozenset({"type", "base_url", "credential", "headers", "organization", "enabled"})
 
@@ -64,6 +68,7 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
         discovery: Discovery,
         feed: ModelFeed,
         heartbeat_seconds: float,
+        prober: Prober | None = None,
     ) -> None:
         self._signer = signer
         self._store = store
@@ -72,6 +77,7 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
         self._catalog = discovery._catalog
         self._feed = feed
         self._heartbeat = heartbeat_seconds
+        self._prober = prober
         self._background: set[asyncio.Task[Any]] = set()
 
     async def close(self) -> None:
@@ -105,9 +111,10 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
         provider_id = providers.validate_id(request.provider_id)
         with _store_errors():
             record = await self._store.get_provider(provider_id)
-        if record is None:
-            raise not_found(provider_id)
-        return pb.GetProviderResponse(provider=providers.to_proto(record))
+            if record is None:
+                raise not_found(provider_id)
+            stats = await self._store.load_probe_stats(provider_id)
+        return pb.GetProviderResponse(provider=providers.to_proto(record, stats))
 
     async def ListProviders(
         self, request: pb.ListProvidersRequest, context: _Context
@@ -117,10 +124,11 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
         after = paging.decode(request.page_token)
         with _store_errors():
             records = await self._store.list_providers(after=after, limit=size + 1)
+            stats = await self._store.load_probe_stats()
         page = records[:size]
         token = paging.encode(page[-1].provider_id) if len(records) > size else ""
         return pb.ListProvidersResponse(
-            providers=[providers.to_proto(r) for r in page], next_page_token=token
+            providers=[providers.to_proto(r, stats) for r in page], next_page_token=token
         )
 
     async def UpdateProvider(
@@ -139,7 +147,7 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
                 raise not_found(provider_id)
             # Enabling, disabling or re-typing changes the catalog even
             # before the provider is listed again.
-            await self._discovery.refresh()
+            await self._discovery.refresh(provider_id)
             if record.enabled and _LISTING_PATHS.intersection(paths):
                 record = await self._discover_inline(provider_id) or record
         log.info("provider %s updated (%s)", provider_id, ", ".join(paths) or "no change")
@@ -153,7 +161,7 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
         with _store_errors():
             if not await self._store.delete_provider(provider_id):
                 raise not_found(provider_id)
-            await self._discovery.refresh()
+            await self._discovery.refresh(provider_id)
         log.info("provider %s deleted", provider_id)
         return pb.DeleteProviderResponse()
 
@@ -173,11 +181,24 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
             error_rate=0.0 if probe.reachable else 1.0,
         )
         health.last_probe_time.FromDatetime(probe.probe_time)
+        error = probe.error
+        if probe.reachable and probe.models and self._prober is not None:
+            # Listing worked: time a tiny request to its first model too. The
+            # probe counts like a scheduled one (it is a real observation).
+            with _store_errors():
+                probed = await self._prober.probe(
+                    record, probe.models[0].model_id, limit=TEST_PROBE_SECONDS
+                )
+                await self._discovery.refresh(provider_id)
+            if probed is not None:
+                outcome, stats = probed
+                health = to_health(stats)
+                error = outcome.error
         return pb.TestProviderResponse(
             reachable=probe.reachable,
             model_count=len(probe.models),
             health=health,
-            error=probe.error,
+            error=error,
         )
 
     async def RunDiscovery(
@@ -207,6 +228,7 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
             )
         with _store_errors():
             rows = await self._store.load_models(name=request.name)
+            stats = await self._store.load_probe_stats(rows[0][1].provider_id) if rows else {}
         if not rows:
             raise NotFound(
                 errors_pb2.ERROR_REASON_MODEL_NOT_FOUND,
@@ -214,7 +236,7 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
                 metadata={"model": request.name},
             )
         stored, provider = rows[0]
-        return pb.GetModelResponse(model=build_model(stored, provider, self._catalog))
+        return pb.GetModelResponse(model=build_model(stored, provider, self._catalog, stats))
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: _Context
@@ -229,10 +251,12 @@ class DiscoveryServicer(pb_grpc.DiscoveryServiceServicer):
             rows = await self._store.load_models(
                 provider_id=request.provider_id or None, after=after, limit=size + 1
             )
+            stats = await self._store.load_probe_stats(request.provider_id or None)
         page = rows[:size]
         token = paging.encode(page[-1][0].name, filters) if len(rows) > size else ""
         return pb.ListModelsResponse(
-            models=[build_model(m, p, self._catalog) for m, p in page], next_page_token=token
+            models=[build_model(m, p, self._catalog, stats) for m, p in page],
+            next_page_token=token,
         )
 
     async def WatchModels(

@@ -16,6 +16,7 @@ import asyncpg
 
 from orchestra.common.v1 import errors_pb2
 from services.common.errors import AlreadyExists, Unavailable
+from services.discovery.health import ProbeStats, Sample
 from services.discovery.listing import ListedModel
 from services.discovery.records import SOURCE_CONFIG, ProviderRecord, StoredModel
 
@@ -43,7 +44,12 @@ _SETTABLE = (
     "source",
 )
 _MODEL_COLUMNS = (
-    "m.provider_id, m.model_id, m.context_window, m.max_output_tokens, m.loaded, m.last_seen_time"
+    "m.provider_id, m.model_id, m.context_window, m.max_output_tokens, m.loaded, m.last_seen_time,"
+    " m.vram_bytes, m.memory_bytes"
+)
+_STATS_COLUMNS = (
+    "subject, provider_id, status, samples, ttft_ewma_ms, consecutive_failures,"
+    " consecutive_passes, last_error, probed_model_id, last_probe_time"
 )
 
 
@@ -54,6 +60,7 @@ class ModelChanges:
     seen: int
     added: int
     removed: int
+    updated: int = 0  # listed before, with a different context, memory or loaded state
 
 
 class DiscoveryStore:
@@ -209,6 +216,104 @@ class DiscoveryStore:
             probe_time,
         )
 
+    # --- probes ----------------------------------------------------------
+
+    async def claim_due_probes(
+        self, interval_seconds: float, limit: int, *, force: bool = False
+    ) -> list[tuple[ProviderRecord, list[str], int]]:
+        """Claims enabled providers due for a probe, at most ``limit``.
+
+        Each claimed provider's next probe moves ``interval_seconds`` ahead and
+        its round-robin cursor by one, in the same statement, with ``SKIP
+        LOCKED``: replicas sharing the database never probe one provider twice
+        in an interval. Providers without models are not claimed.
+
+        Args:
+            interval_seconds: When a claimed provider is next due.
+            limit: Claim at most this many.
+            force: Claim providers that are not due yet too.
+
+        Returns:
+            Each provider with its model ids (sorted) and the cursor to use.
+        """
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "UPDATE discovery.providers p"
+                " SET next_probe_time = now() + make_interval(secs => $1),"
+                " probe_cursor = p.probe_cursor + 1"
+                " WHERE p.provider_id IN (SELECT provider_id FROM discovery.providers q"
+                " WHERE q.enabled"
+                " AND ($3 OR q.next_probe_time IS NULL OR q.next_probe_time <= now())"
+                " AND EXISTS (SELECT 1 FROM discovery.models m WHERE m.provider_id = q.provider_id)"
+                ' ORDER BY q.next_probe_time NULLS FIRST, q.provider_id COLLATE "C" LIMIT $2'
+                " FOR UPDATE SKIP LOCKED)"
+                f" RETURNING {_PROVIDER_COLUMNS}, p.probe_cursor - 1 AS cursor",
+                interval_seconds,
+                limit,
+                force,
+            )
+            ids = await conn.fetch(
+                "SELECT provider_id, model_id FROM discovery.models"
+                ' WHERE provider_id = ANY($1::text[]) ORDER BY model_id COLLATE "C"',
+                [r["provider_id"] for r in rows],
+            )
+        models: dict[str, list[str]] = {}
+        for r in ids:
+            models.setdefault(r["provider_id"], []).append(r["model_id"])
+        return [(_provider(r), models.get(r["provider_id"], []), r["cursor"]) for r in rows]
+
+    async def load_probe_stats(self, provider_id: str | None = None) -> dict[str, ProbeStats]:
+        """Probe statistics by subject (provider id or model name)."""
+        rows = await self._pool.fetch(
+            f"SELECT {_STATS_COLUMNS} FROM discovery.probe_stats"
+            " WHERE $1::text IS NULL OR provider_id = $1",
+            provider_id,
+        )
+        return {r["subject"]: _stats(r) for r in rows}
+
+    async def update_probe_stats(
+        self,
+        provider_id: str,
+        subject: str,
+        change: Callable[[ProbeStats], ProbeStats],
+    ) -> ProbeStats | None:
+        """Applies ``change`` to a subject's statistics under a row lock.
+
+        Returns:
+            The new statistics; None if the provider no longer exists.
+        """
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO discovery.probe_stats (subject, provider_id)"
+                " SELECT $1, provider_id FROM discovery.providers WHERE provider_id = $2"
+                " ON CONFLICT (subject) DO NOTHING",
+                subject,
+                provider_id,
+            )
+            row = await conn.fetchrow(
+                f"SELECT {_STATS_COLUMNS} FROM discovery.probe_stats WHERE subject = $1 FOR UPDATE",
+                subject,
+            )
+            if row is None:
+                return None  # the provider was deleted meanwhile
+            stats = change(_stats(row))
+            await conn.execute(
+                "UPDATE discovery.probe_stats SET status = $2, samples = $3::jsonb,"
+                " ttft_ewma_ms = $4, consecutive_failures = $5, consecutive_passes = $6,"
+                " last_error = $7, probed_model_id = $8, last_probe_time = $9"
+                " WHERE subject = $1",
+                subject,
+                stats.status,
+                json.dumps([s.to_json() for s in stats.window]),
+                stats.ttft_ewma_ms,
+                stats.consecutive_failures,
+                stats.consecutive_passes,
+                stats.last_error,
+                stats.probed_model_id,
+                stats.last_probe_time,
+            )
+        return stats
+
     # --- models ----------------------------------------------------------
 
     async def replace_models(
@@ -217,7 +322,7 @@ class DiscoveryStore:
         """Makes ``provider_id``'s models exactly ``listed``.
 
         Returns:
-            How many were listed, added and removed.
+            How many were listed, added, removed and updated.
         """
         ids = [m.model_id for m in listed]
         async with self._pool.acquire() as conn, conn.transaction():
@@ -230,9 +335,18 @@ class DiscoveryStore:
             ):
                 return ModelChanges(0, 0, 0)  # deleted while it was being listed
             before = {
-                r["model_id"]
+                r["model_id"]: ListedModel(
+                    r["model_id"],
+                    r["context_window"],
+                    r["max_output_tokens"],
+                    r["loaded"],
+                    r["vram_bytes"],
+                    r["memory_bytes"],
+                )
                 for r in await conn.fetch(
-                    "SELECT model_id FROM discovery.models WHERE provider_id = $1", provider_id
+                    "SELECT model_id, context_window, max_output_tokens, loaded, vram_bytes,"
+                    " memory_bytes FROM discovery.models WHERE provider_id = $1",
+                    provider_id,
                 )
             }
             removed = await conn.fetch(
@@ -241,27 +355,36 @@ class DiscoveryStore:
                 provider_id,
                 ids,
             )
-            await conn.executemany(
+            # One statement for every listed model (a pass writes thousands).
+            await conn.execute(
                 "INSERT INTO discovery.models (name, provider_id, model_id, context_window,"
-                " max_output_tokens, loaded, first_seen_time, last_seen_time)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $7)"
+                " max_output_tokens, loaded, first_seen_time, last_seen_time, vram_bytes,"
+                " memory_bytes)"
+                " SELECT $1 || '/' || u.model_id, $1, u.model_id, u.cw, u.mo, u.ld, $2, $2,"
+                " u.vr, u.mem FROM unnest($3::text[], $4::int[], $5::int[], $6::bool[],"
+                " $7::bigint[], $8::bigint[]) AS u(model_id, cw, mo, ld, vr, mem)"
                 " ON CONFLICT (name) DO UPDATE SET context_window = EXCLUDED.context_window,"
                 " max_output_tokens = EXCLUDED.max_output_tokens, loaded = EXCLUDED.loaded,"
-                " last_seen_time = EXCLUDED.last_seen_time",
-                [
-                    (
-                        f"{provider_id}/{m.model_id}",
-                        provider_id,
-                        m.model_id,
-                        m.context_window,
-                        m.max_output_tokens,
-                        m.loaded,
-                        seen_at,
-                    )
-                    for m in listed
-                ],
+                " last_seen_time = EXCLUDED.last_seen_time, vram_bytes = EXCLUDED.vram_bytes,"
+                " memory_bytes = EXCLUDED.memory_bytes",
+                provider_id,
+                seen_at,
+                ids,
+                [m.context_window for m in listed],
+                [m.max_output_tokens for m in listed],
+                [m.loaded for m in listed],
+                [m.vram_bytes for m in listed],
+                [m.memory_bytes for m in listed],
             )
-        return ModelChanges(len(ids), len(set(ids) - before), len(removed))
+            # A model that is gone takes its probe statistics with it.
+            await conn.execute(
+                "DELETE FROM discovery.probe_stats WHERE provider_id = $1"
+                " AND subject <> provider_id AND NOT (subject = ANY($2::text[]))",
+                provider_id,
+                [f"{provider_id}/{i}" for i in ids],
+            )
+        updated = sum(1 for m in listed if m.model_id in before and before[m.model_id] != m)
+        return ModelChanges(len(ids), len(set(ids) - set(before)), len(removed), updated)
 
     async def load_models(
         self,
@@ -348,6 +471,21 @@ def _model(row: asyncpg.Record) -> StoredModel:
         max_output_tokens=row["max_output_tokens"],
         loaded=row["loaded"],
         last_seen_time=row["last_seen_time"],
+        vram_bytes=row["vram_bytes"],
+        memory_bytes=row["memory_bytes"],
+    )
+
+
+def _stats(row: asyncpg.Record) -> ProbeStats:
+    return ProbeStats(
+        status=row["status"],
+        window=tuple(Sample.from_json(i) for i in json.loads(row["samples"])),
+        ttft_ewma_ms=row["ttft_ewma_ms"],
+        consecutive_failures=row["consecutive_failures"],
+        consecutive_passes=row["consecutive_passes"],
+        last_error=row["last_error"],
+        probed_model_id=row["probed_model_id"],
+        last_probe_time=row["last_probe_time"],
     )
 
 

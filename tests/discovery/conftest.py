@@ -14,6 +14,7 @@ import pytest
 
 from orchestra.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
 from services.common.server import Running
+from services.discovery.probes import ProbeOptions
 from services.discovery.server import DiscoveryOptions, DiscoveryService, build
 from tests.discovery.upstreams import FakeOllama
 from tests.fakes.openai_upstream import FakeOpenAI
@@ -60,7 +61,7 @@ async def discovery(
 
     Usage: ``handle = await discovery(config_yaml, heartbeat_seconds=0.2)``.
     The periodic pass runs once at start and then practically never, so tests
-    drive passes with RunDiscovery.
+    drive passes with RunDiscovery; probes run only by ``service.prober.run_once``.
     """
     channels: list[grpc.aio.Channel] = []
     counter = itertools.count()
@@ -72,7 +73,12 @@ async def discovery(
             path.write_text(config)
             env["ORCHESTRA_CONFIG"] = str(path)
         settings = make_settings(**env)
-        options = DiscoveryOptions(interval_seconds=3600, heartbeat_seconds=heartbeat_seconds)
+        options = DiscoveryOptions(
+            interval_seconds=3600,
+            heartbeat_seconds=heartbeat_seconds,
+            # Tests drive probe rounds with prober.run_once().
+            probes=ProbeOptions(interval_seconds=3600, tick_seconds=3600),
+        )
         service = await build(settings, options)
         running = await serve(service)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")

@@ -85,14 +85,34 @@ async def test_ollama_lists_tags_and_marks_loaded(
 ) -> None:
     # An operator may paste the OpenAI-compatible URL; the native API is at the root.
     endpoint = Endpoint(pb.PROVIDER_TYPE_OLLAMA, f"{fake_ollama.base_url}/v1")
+    fake_ollama.contexts = {"llama3.1:8b": 131072}
 
     models = await list_models(endpoint, http)
 
     assert models == [
-        ListedModel("llama3.1:8b", loaded=False),
-        ListedModel("smollm2:135m", loaded=True),
+        ListedModel("llama3.1:8b", context_window=131072, loaded=False),
+        ListedModel(
+            "smollm2:135m",
+            loaded=True,
+            vram_bytes=FakeOllama.SIZE_VRAM,
+            memory_bytes=FakeOllama.SIZE,
+        ),
     ]
-    assert [r.path for r in fake_ollama.requests] == ["/api/tags", "/api/ps"]
+    paths = [r.path for r in fake_ollama.requests]
+    assert paths[:2] == ["/api/tags", "/api/ps"]
+    assert sorted(paths[2:]) == ["/api/show", "/api/show"]
+
+
+async def test_ollama_without_show_or_ps_still_lists(http: httpx.AsyncClient) -> None:
+    # An old server: /api/tags only. Loaded state and context are hints.
+    tags = {"models": [{"name": "llama3.2:latest", "model": "llama3.2:latest"}]}
+    server = JsonUpstream({"/api/tags": lambda _q: tags})
+    await server.start()
+    try:
+        models = await list_models(Endpoint(pb.PROVIDER_TYPE_OLLAMA, server.base_url), http)
+    finally:
+        await server.stop()
+    assert models == [ListedModel("llama3.2:latest")]
 
 
 async def test_anthropic_follows_pages(http: httpx.AsyncClient) -> None:

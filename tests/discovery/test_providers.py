@@ -356,3 +356,28 @@ async def test_reads_need_read_or_internal(
             await call(request_, metadata=as_caller("acme", *scopes))
         except grpc.aio.AioRpcError as exc:
             assert exc.code() == grpc.StatusCode.NOT_FOUND  # past the scope check
+
+
+async def test_a_provider_created_without_enabled_is_enabled(
+    discovery: Start, fake_openai: FakeOpenAI, as_caller: AsCaller
+) -> None:
+    handle = await discovery()
+    md = as_caller("acme", "operator")
+    unset = new_provider(fake_openai, "unset")
+    unset.ClearField("enabled")
+    off = new_provider(fake_openai, "off", enabled=False)
+
+    made = await handle.stub.CreateProvider(pb.CreateProviderRequest(provider=unset), metadata=md)
+    made_off = await handle.stub.CreateProvider(pb.CreateProviderRequest(provider=off), metadata=md)
+
+    assert made.provider.enabled is True
+    assert made_off.provider.HasField("enabled") and made_off.provider.enabled is False
+    models = await handle.stub.ListModels(pb.ListModelsRequest(), metadata=md)
+    assert {m.provider_id for m in models.models} == {"unset"}
+    # With an empty mask, an explicit false now counts as set (it has presence).
+    await handle.stub.UpdateProvider(
+        pb.UpdateProviderRequest(provider=pb.Provider(provider_id="unset", enabled=False)),
+        metadata=md,
+    )
+    got = await handle.stub.GetProvider(pb.GetProviderRequest(provider_id="unset"), metadata=md)
+    assert got.provider.enabled is False

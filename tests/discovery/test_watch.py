@@ -179,3 +179,25 @@ async def test_wait_ready_times_out_without_a_server(as_caller: AsCaller) -> Non
         async with view:
             assert not await view.wait_ready(0.3)
             assert view.all() == [] and not view.ready
+
+
+async def test_feed_replaces_one_providers_part_only() -> None:
+    feed = ModelFeed()
+
+    def model(name: str, context: int = 0) -> pb.Model:
+        return pb.Model(name=name, provider_id=name.split("/")[0], context_window=context)
+
+    feed.replace([model("a/x"), model("a/y"), model("b/z")])
+    watcher = feed.subscribe()
+
+    published = feed.replace([model("a/x", 8192), model("a/new")], provider_id="a")
+
+    assert published == 3  # a/y removed, a/new added, a/x changed; b/z untouched
+    assert [m.name for m in feed.all()] == ["a/new", "a/x", "b/z"]
+    assert feed.replace([], provider_id="c") == 0  # an unknown provider: nothing to remove
+    events = [await watcher.next(1.0) for _ in range(3)]
+    assert [e.WhichOneof("event") if e else None for e in events] == [
+        "removed",
+        "upserted",
+        "upserted",
+    ]

@@ -1,7 +1,7 @@
 """Small real HTTP upstreams for the model-listing formats the OpenAI fake lacks.
 
-:class:`FakeOllama` answers Ollama's ``GET /api/tags`` and ``GET /api/ps`` the
-way Ollama does; :class:`JsonUpstream` serves fixed JSON pages per path and
+:class:`FakeOllama` answers Ollama's ``GET /api/tags``, ``GET /api/ps`` and
+``POST /api/show`` the way Ollama does; :class:`JsonUpstream` serves fixed JSON pages per path and
 query (for Anthropic's and Gemini's paginated ``/models``). Both listen on
 127.0.0.1 on a free port and record the requests they get.
 """
@@ -63,16 +63,40 @@ class _Server:
 
 
 class FakeOllama(_Server):
-    """Ollama's native listing: ``/api/tags`` (downloaded) and ``/api/ps`` (loaded)."""
+    """Ollama's native listing: ``/api/tags`` (downloaded), ``/api/ps`` (loaded, with
+    memory), ``/api/show`` (``model_info`` with the context length)."""
 
-    def __init__(self, models: list[str], loaded: list[str] | None = None) -> None:
+    SIZE = 2019393189
+    SIZE_VRAM = 1509949440
+
+    def __init__(
+        self,
+        models: list[str],
+        loaded: list[str] | None = None,
+        contexts: dict[str, int] | None = None,
+    ) -> None:
         super().__init__()
         self.models = list(models)
         self.loaded = list(loaded or [])
+        self.contexts = dict(contexts or {})
         self.tags_status = 200
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.get("/api/tags", self._tags), web.get("/api/ps", self._ps)]
+        return [
+            web.get("/api/tags", self._tags),
+            web.get("/api/ps", self._ps),
+            web.post("/api/show", self._show),
+        ]
+
+    async def _show(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        name = body.get("model")
+        if name not in self.models:
+            return web.json_response({"error": f"model '{name}' not found"}, status=404)
+        info: dict[str, Any] = {"general.architecture": "llama", "general.parameter_count": 3}
+        if name in self.contexts:
+            info["llama.context_length"] = self.contexts[name]
+        return web.json_response({"modelfile": "", "details": {}, "model_info": info})
 
     @staticmethod
     def _entry(name: str) -> dict[str, Any]:
@@ -100,7 +124,12 @@ class FakeOllama(_Server):
 
     async def _ps(self, request: web.Request) -> web.Response:
         models = [
-            {**self._entry(m), "expires_at": "2099-01-01T00:00:00Z", "size_vram": 0}
+            {
+                **self._entry(m),
+                "expires_at": "2099-01-01T00:00:00Z",
+                "size": self.SIZE,
+                "size_vram": self.SIZE_VRAM,
+            }
             for m in self.loaded
         ]
         return web.json_response({"models": models})

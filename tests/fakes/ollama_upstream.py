@@ -1,7 +1,8 @@
 """A fake Ollama server that speaks its native API.
 
 Routes: ``GET /api/version``, ``GET /api/tags`` (the local models), ``GET /api/ps``
-(the loaded ones), ``POST /api/chat``: streaming unless ``"stream": false``, as
+(the loaded ones, with ``size`` and ``size_vram``), ``POST /api/show`` (``model_info``
+with ``llama.context_length``), ``POST /api/chat``: streaming unless ``"stream": false``, as
 ``application/x-ndjson``, one JSON object a line (``model``, ``created_at``,
 ``message`` with a ``content`` fragment, ``done: false``), then a final line with
 ``done: true``, ``done_reason`` (``stop``, or ``length`` when ``options.num_predict``
@@ -14,7 +15,8 @@ malformed chunk is a line cut mid-JSON. Ollama has no auth; ``api_key``, when se
 is checked as a bearer token (a proxy in front of it).
 
 Knobs as in :class:`tests.fakes.openai_upstream.FakeOpenAI`: ``models``,
-``reply_text`` in ``chunks`` lines (eval_count = lines), ``tool_calls``.
+``reply_text`` in ``chunks`` lines (eval_count = lines), ``tool_calls``; ``loaded``
+(the models ``/api/ps`` lists; None: the first one), ``context_length``.
 
 Command line: ``python -m tests.fakes.ollama_upstream --port 11434``.
 """
@@ -78,12 +80,15 @@ class FakeOllama(FakeUpstream):
         super().__init__(**knobs)
         self.models = list(models)
         self.tool_calls: list[ScriptedToolCall] = []
+        self.loaded: list[str] | None = None
+        self.context_length = 131072
 
     def routes(self) -> list[web.RouteDef]:
         return [
             web.get("/api/version", self._version),
             web.get("/api/tags", self._tags),
             web.get("/api/ps", self._ps),
+            web.post("/api/show", self._show),
             web.post("/api/chat", self._chat),
             web.route("*", "/{tail:.*}", self._not_found),
         ]
@@ -129,9 +134,25 @@ class FakeOllama(FakeUpstream):
                 "size_vram": 2019393189,
                 "context_length": 4096,
             }
-            for m in self.models[:1]
+            for m in (self.models[:1] if self.loaded is None else self.loaded)
         ]
         return json_response({"models": loaded})
+
+    async def _show(self, request: web.Request) -> web.Response:
+        if (refused := await self._preflight(request, None, "models", False)) is not None:
+            return refused
+        body = record(request).body
+        name = body.get("model") if body is not None else None
+        if name not in self.models:
+            return _error(404, f"model '{name}' not found")
+        info = {
+            "general.architecture": "llama",
+            "general.parameter_count": 3212749888,
+            "llama.context_length": self.context_length,
+        }
+        return json_response(
+            {"license": "", "modelfile": "", "details": _DETAILS, "model_info": info}
+        )
 
     async def _preflight(
         self, request: web.Request, model: str | None, endpoint: str, streaming: bool

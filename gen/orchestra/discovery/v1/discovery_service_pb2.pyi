@@ -82,21 +82,29 @@ class _HealthStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_HealthSt
     HEALTH_STATUS_HEALTHY: _HealthStatus.ValueType  # 1
     """Answering normally."""
     HEALTH_STATUS_DEGRADED: _HealthStatus.ValueType  # 2
-    """Answering, but slowly or with some errors."""
+    """Its last probe failed, but fewer failed in a row than the threshold."""
     HEALTH_STATUS_UNHEALTHY: _HealthStatus.ValueType  # 3
-    """Failing its probes."""
+    """Its listing failed, or ORCHESTRA_PROBE_UNHEALTHY_AFTER (3) probes in a row
+    failed; ORCHESTRA_PROBE_HEALTHY_AFTER (2) passing probes in a row bring it
+    back. Routers do not route to it.
+    """
 
 class HealthStatus(_HealthStatus, metaclass=_HealthStatusEnumTypeWrapper):
-    """Health states."""
+    """Health states. Probes run every ORCHESTRA_PROBE_INTERVAL_SECONDS per
+    provider (a tiny streamed chat to one of its models, in turn).
+    """
 
 HEALTH_STATUS_UNSPECIFIED: HealthStatus.ValueType  # 0
 """Not probed yet."""
 HEALTH_STATUS_HEALTHY: HealthStatus.ValueType  # 1
 """Answering normally."""
 HEALTH_STATUS_DEGRADED: HealthStatus.ValueType  # 2
-"""Answering, but slowly or with some errors."""
+"""Its last probe failed, but fewer failed in a row than the threshold."""
 HEALTH_STATUS_UNHEALTHY: HealthStatus.ValueType  # 3
-"""Failing its probes."""
+"""Its listing failed, or ORCHESTRA_PROBE_UNHEALTHY_AFTER (3) probes in a row
+failed; ORCHESTRA_PROBE_HEALTHY_AFTER (2) passing probes in a row bring it
+back. Routers do not route to it.
+"""
 Global___HealthStatus: _TypeAlias = HealthStatus  # noqa: Y015
 
 class _PriceSource:
@@ -183,8 +191,10 @@ class Provider(_message.Message):
     organization: _builtins.str
     """Organisation or project id some providers take."""
     enabled: _builtins.bool
-    """Disabled providers are kept but not routed to. Proto3's default is false:
-    set it to true when creating a provider by RPC.
+    """Disabled providers are kept but not routed to. CreateProvider: unset means
+    true (a new provider is enabled unless it says enabled: false).
+    UpdateProvider changes it only when "enabled" is in update_mask, or when
+    the mask is empty and the field is set.
     """
     @_builtins.property
     def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -228,22 +238,27 @@ class Provider(_message.Message):
         connect_timeout: _duration_pb2.Duration | None = ...,
         read_timeout: _duration_pb2.Duration | None = ...,
         rate_limit: _identity_pb2.RateLimit | None = ...,
-        enabled: _builtins.bool = ...,
+        enabled: _builtins.bool | None = ...,
         health: Global___Health | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["connect_timeout", b"connect_timeout", "create_time", b"create_time", "health", b"health", "rate_limit", b"rate_limit", "read_timeout", b"read_timeout", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "connect_timeout", b"connect_timeout", "create_time", b"create_time", "enabled", b"enabled", "health", b"health", "rate_limit", b"rate_limit", "read_timeout", b"read_timeout", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_url", b"base_url", "connect_timeout", b"connect_timeout", "create_time", b"create_time", "credential", b"credential", "credential_hint", b"credential_hint", "display_name", b"display_name", "enabled", b"enabled", "headers", b"headers", "health", b"health", "organization", b"organization", "provider_id", b"provider_id", "rate_limit", b"rate_limit", "read_timeout", b"read_timeout", "type", b"type", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_enabled", b"_enabled", "base_url", b"base_url", "connect_timeout", b"connect_timeout", "create_time", b"create_time", "credential", b"credential", "credential_hint", b"credential_hint", "display_name", b"display_name", "enabled", b"enabled", "headers", b"headers", "health", b"health", "organization", b"organization", "provider_id", b"provider_id", "rate_limit", b"rate_limit", "read_timeout", b"read_timeout", "type", b"type", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__enabled: _TypeAlias = _typing.Literal["enabled"]  # noqa: Y015
+    _WhichOneofArgType__enabled: _TypeAlias = _typing.Literal["_enabled", b"_enabled"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__enabled) -> _WhichOneofReturnType__enabled | None: ...
 
 Global___Provider: _TypeAlias = Provider  # noqa: Y015
 
 @_typing.final
 class Health(_message.Message):
-    """Rolling health and latency of a provider or model."""
+    """Rolling health and latency of a provider or model, over a window of its 20
+    most recent probes. A model's state is the worst of its provider's and its
+    own; its figures are its own once it has been probed, else its provider's.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -253,6 +268,11 @@ class Health(_message.Message):
     ERROR_RATE_FIELD_NUMBER: _builtins.int
     LAST_PROBE_TIME_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
+    TTFT_P95_MS_FIELD_NUMBER: _builtins.int
+    TTFT_EWMA_MS_FIELD_NUMBER: _builtins.int
+    PROBE_COUNT_FIELD_NUMBER: _builtins.int
+    CONSECUTIVE_FAILURES_FIELD_NUMBER: _builtins.int
+    PROBED_MODEL_ID_FIELD_NUMBER: _builtins.int
     status: Global___HealthStatus.ValueType
     """The state."""
     ttft_p50_ms: _builtins.int
@@ -263,6 +283,20 @@ class Health(_message.Message):
     """Share of recent probes that failed, 0–1."""
     last_error: _builtins.str
     """The last probe's error, if it failed."""
+    ttft_p95_ms: _builtins.int
+    """95th percentile time to first token of recent probes, ms."""
+    ttft_ewma_ms: _builtins.int
+    """Exponentially weighted moving average of time to first token, ms (weight
+    0.3 on the newest probe): reacts faster than the window's median.
+    """
+    probe_count: _builtins.int
+    """Probes in the rolling window the figures above come from."""
+    consecutive_failures: _builtins.int
+    """Probes that failed in a row (the state turns UNHEALTHY at a threshold)."""
+    probed_model_id: _builtins.str
+    """The model the figures come from: a provider is probed with one of its
+    models per round, in turn; for a model not probed yet, its provider's.
+    """
     @_builtins.property
     def last_probe_time(self) -> _timestamp_pb2.Timestamp:
         """When it was last probed."""
@@ -276,10 +310,15 @@ class Health(_message.Message):
         error_rate: _builtins.float = ...,
         last_probe_time: _timestamp_pb2.Timestamp | None = ...,
         last_error: _builtins.str = ...,
+        ttft_p95_ms: _builtins.int = ...,
+        ttft_ewma_ms: _builtins.int = ...,
+        probe_count: _builtins.int = ...,
+        consecutive_failures: _builtins.int = ...,
+        probed_model_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_probe_time", b"last_probe_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_rate", b"error_rate", "last_error", b"last_error", "last_probe_time", b"last_probe_time", "status", b"status", "tokens_per_second", b"tokens_per_second", "ttft_p50_ms", b"ttft_p50_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consecutive_failures", b"consecutive_failures", "error_rate", b"error_rate", "last_error", b"last_error", "last_probe_time", b"last_probe_time", "probe_count", b"probe_count", "probed_model_id", b"probed_model_id", "status", b"status", "tokens_per_second", b"tokens_per_second", "ttft_ewma_ms", b"ttft_ewma_ms", "ttft_p50_ms", b"ttft_p50_ms", "ttft_p95_ms", b"ttft_p95_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -368,6 +407,8 @@ class Model(_message.Message):
     LOADED_FIELD_NUMBER: _builtins.int
     QUALITY_FIELD_NUMBER: _builtins.int
     LAST_SEEN_TIME_FIELD_NUMBER: _builtins.int
+    VRAM_BYTES_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """"<provider_id>/<model_id>", the name used in chat requests."""
     provider_id: _builtins.str
@@ -386,6 +427,15 @@ class Model(_message.Message):
     """For local servers: whether the model is loaded in memory now."""
     quality: _builtins.float
     """Relative quality tier from the catalog, 0–1 (0 when unknown)."""
+    vram_bytes: _builtins.int
+    """For local servers: memory the loaded model takes in accelerator memory
+    (Ollama's size_vram), bytes; zero when not loaded or unknown.
+    """
+    memory_bytes: _builtins.int
+    """For local servers: memory the loaded model takes in all, bytes (Ollama's
+    size); zero when not loaded or unknown. vram_bytes < memory_bytes means
+    part of it runs from system memory (slower).
+    """
     @_builtins.property
     def pricing(self) -> Global___Pricing:
         """Prices."""
@@ -396,7 +446,7 @@ class Model(_message.Message):
 
     @_builtins.property
     def health(self) -> Global___Health:
-        """Health and latency."""
+        """Health and latency (see Health for how a model's combines its provider's)."""
 
     @_builtins.property
     def last_seen_time(self) -> _timestamp_pb2.Timestamp:
@@ -418,10 +468,12 @@ class Model(_message.Message):
         loaded: _builtins.bool = ...,
         quality: _builtins.float = ...,
         last_seen_time: _timestamp_pb2.Timestamp | None = ...,
+        vram_bytes: _builtins.int = ...,
+        memory_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "health", b"health", "last_seen_time", b"last_seen_time", "pricing", b"pricing"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "context_window", b"context_window", "health", b"health", "last_seen_time", b"last_seen_time", "loaded", b"loaded", "max_output_tokens", b"max_output_tokens", "model_id", b"model_id", "name", b"name", "price_source", b"price_source", "pricing", b"pricing", "provider_id", b"provider_id", "provider_type", b"provider_type", "quality", b"quality"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "context_window", b"context_window", "health", b"health", "last_seen_time", b"last_seen_time", "loaded", b"loaded", "max_output_tokens", b"max_output_tokens", "memory_bytes", b"memory_bytes", "model_id", b"model_id", "name", b"name", "price_source", b"price_source", "pricing", b"pricing", "provider_id", b"provider_id", "provider_type", b"provider_type", "quality", b"quality", "vram_bytes", b"vram_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

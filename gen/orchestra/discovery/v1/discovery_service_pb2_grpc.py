@@ -140,9 +140,10 @@ class DiscoveryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def TestProvider(self, request, context):
-        """Checks a provider now: lists its models and times a tiny request.
-        Needs SCOPE_OPERATOR. Errors: NOT_FOUND. A failing provider is not an error:
-        the response says what failed. Deadline: 30 s.
+        """Checks a provider now: lists its models and times a tiny request to the
+        first of them (recorded like a scheduled probe). Needs SCOPE_OPERATOR.
+        Errors: NOT_FOUND. A failing provider is not an error: the response says
+        what failed. Deadline: 30 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -165,8 +166,9 @@ class DiscoveryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchModels(self, request, context):
-        """Streams the whole catalog, then every change as it happens. Needs
-        SCOPE_READ. Routers reconnect and resync on any error. Deadline: none
+        """Streams the whole catalog, then every change as it happens, including
+        changes made through other discovery replicas (PostgreSQL LISTEN/NOTIFY).
+        Needs SCOPE_READ. Routers reconnect and resync on any error. Deadline: none
         (long-lived); the server sends a heartbeat at least every 30 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -59,9 +59,10 @@ class DiscoveryServiceStub:
     Errors: NOT_FOUND. Idempotent. Deadline: 2 s.
     """
     TestProvider: _grpc.UnaryUnaryMultiCallable[_discovery_service_pb2.TestProviderRequest, _discovery_service_pb2.TestProviderResponse]
-    """Checks a provider now: lists its models and times a tiny request.
-    Needs SCOPE_OPERATOR. Errors: NOT_FOUND. A failing provider is not an error:
-    the response says what failed. Deadline: 30 s.
+    """Checks a provider now: lists its models and times a tiny request to the
+    first of them (recorded like a scheduled probe). Needs SCOPE_OPERATOR.
+    Errors: NOT_FOUND. A failing provider is not an error: the response says
+    what failed. Deadline: 30 s.
     """
     GetModel: _grpc.UnaryUnaryMultiCallable[_discovery_service_pb2.GetModelRequest, _discovery_service_pb2.GetModelResponse]
     """Reads one model. Needs SCOPE_READ. Errors: NOT_FOUND (MODEL_NOT_FOUND).
@@ -72,8 +73,9 @@ class DiscoveryServiceStub:
     Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 2 s.
     """
     WatchModels: _grpc.UnaryStreamMultiCallable[_discovery_service_pb2.WatchModelsRequest, _discovery_service_pb2.WatchModelsResponse]
-    """Streams the whole catalog, then every change as it happens. Needs
-    SCOPE_READ. Routers reconnect and resync on any error. Deadline: none
+    """Streams the whole catalog, then every change as it happens, including
+    changes made through other discovery replicas (PostgreSQL LISTEN/NOTIFY).
+    Needs SCOPE_READ. Routers reconnect and resync on any error. Deadline: none
     (long-lived); the server sends a heartbeat at least every 30 s.
     """
     RunDiscovery: _grpc.UnaryUnaryMultiCallable[_discovery_service_pb2.RunDiscoveryRequest, _discovery_service_pb2.RunDiscoveryResponse]
@@ -112,9 +114,10 @@ class DiscoveryServiceAsyncStub(DiscoveryServiceStub):
     Errors: NOT_FOUND. Idempotent. Deadline: 2 s.
     """
     TestProvider: _aio.UnaryUnaryMultiCallable[_discovery_service_pb2.TestProviderRequest, _discovery_service_pb2.TestProviderResponse]  # type: ignore[assignment]
-    """Checks a provider now: lists its models and times a tiny request.
-    Needs SCOPE_OPERATOR. Errors: NOT_FOUND. A failing provider is not an error:
-    the response says what failed. Deadline: 30 s.
+    """Checks a provider now: lists its models and times a tiny request to the
+    first of them (recorded like a scheduled probe). Needs SCOPE_OPERATOR.
+    Errors: NOT_FOUND. A failing provider is not an error: the response says
+    what failed. Deadline: 30 s.
     """
     GetModel: _aio.UnaryUnaryMultiCallable[_discovery_service_pb2.GetModelRequest, _discovery_service_pb2.GetModelResponse]  # type: ignore[assignment]
     """Reads one model. Needs SCOPE_READ. Errors: NOT_FOUND (MODEL_NOT_FOUND).
@@ -125,8 +128,9 @@ class DiscoveryServiceAsyncStub(DiscoveryServiceStub):
     Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 2 s.
     """
     WatchModels: _aio.UnaryStreamMultiCallable[_discovery_service_pb2.WatchModelsRequest, _discovery_service_pb2.WatchModelsResponse]  # type: ignore[assignment]
-    """Streams the whole catalog, then every change as it happens. Needs
-    SCOPE_READ. Routers reconnect and resync on any error. Deadline: none
+    """Streams the whole catalog, then every change as it happens, including
+    changes made through other discovery replicas (PostgreSQL LISTEN/NOTIFY).
+    Needs SCOPE_READ. Routers reconnect and resync on any error. Deadline: none
     (long-lived); the server sends a heartbeat at least every 30 s.
     """
     RunDiscovery: _aio.UnaryUnaryMultiCallable[_discovery_service_pb2.RunDiscoveryRequest, _discovery_service_pb2.RunDiscoveryResponse]  # type: ignore[assignment]
@@ -198,9 +202,10 @@ class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _discovery_service_pb2.TestProviderRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_discovery_service_pb2.TestProviderResponse, _abc.Awaitable[_discovery_service_pb2.TestProviderResponse]]:
-        """Checks a provider now: lists its models and times a tiny request.
-        Needs SCOPE_OPERATOR. Errors: NOT_FOUND. A failing provider is not an error:
-        the response says what failed. Deadline: 30 s.
+        """Checks a provider now: lists its models and times a tiny request to the
+        first of them (recorded like a scheduled probe). Needs SCOPE_OPERATOR.
+        Errors: NOT_FOUND. A failing provider is not an error: the response says
+        what failed. Deadline: 30 s.
         """
 
     @_abc_1.abstractmethod
@@ -229,8 +234,9 @@ class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _discovery_service_pb2.WatchModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_discovery_service_pb2.WatchModelsResponse], _abc.AsyncIterator[_discovery_service_pb2.WatchModelsResponse]]:
-        """Streams the whole catalog, then every change as it happens. Needs
-        SCOPE_READ. Routers reconnect and resync on any error. Deadline: none
+        """Streams the whole catalog, then every change as it happens, including
+        changes made through other discovery replicas (PostgreSQL LISTEN/NOTIFY).
+        Needs SCOPE_READ. Routers reconnect and resync on any error. Deadline: none
         (long-lived); the server sends a heartbeat at least every 30 s.
         """
 
