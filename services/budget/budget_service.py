@@ -166,6 +166,18 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
             raise validation.invalid(
                 "ttl_seconds", f"ttl_seconds must be 0 to {MAX_HOLD_TTL_SECONDS}"
             )
+        provider_limit = None
+        if request.HasField("provider_rate_limit"):
+            limit = request.provider_rate_limit
+            if limit.requests_per_minute < 0 or limit.tokens_per_minute < 0:
+                raise validation.invalid(
+                    "provider_rate_limit", "provider_rate_limit must not be negative"
+                )
+            if "/" not in request.model:
+                raise validation.invalid(
+                    "model", 'model must be "provider/model" with a provider_rate_limit'
+                )
+            provider_limit = limit
         hold = await self._admission.reserve(
             request.request_id,
             subject,
@@ -173,6 +185,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
             request.amount_micro_usd,
             request.tokens,
             request.ttl_seconds,
+            provider_limit,
         )
         response = pb.ReserveResponse(
             held_micro_usd=hold.held_micro_usd,

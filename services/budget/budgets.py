@@ -12,6 +12,11 @@ from services.budget import convert, storage
 from services.budget.accounts import exists, not_found
 
 
+def per_end_user(budget: pb.Budget) -> bool:
+    """Whether the budget limits each end user separately (subject "*")."""
+    return budget.level == pb.BUDGET_LEVEL_END_USER and budget.subject == "*"
+
+
 def _budget(row: asyncpg.Record) -> pb.Budget:
     return pb.Budget(
         budget_id=row["budget_id"],

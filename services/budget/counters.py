@@ -5,11 +5,14 @@ Layout (all keys under ``budget:``):
 * ``budget:ctr:<budget_id>:<window>[:u:<end_user>]`` — hash with ``spent`` and
   ``reserved`` micro-USD of one budget in one window.
 * ``budget:hold:<request_id>`` — hash describing a hold: who, how much, which
-  counters, ``state`` (held, released, settled). Kept for a day after the hold
-  expires so retries of Reserve, Settle and Release stay idempotent.
+  counters, ``state`` (held, released, settled), the settled ``cost`` and
+  ``reaped`` ("1" while that cost is the reaper's full-hold charge, which a
+  late Settle corrects once). Kept for a day after the hold expires so
+  retries of Reserve, Settle and Release stay idempotent.
 * ``budget:holds`` — sorted set of open holds by expiry, for the reaper.
 * ``budget:ready`` — present once the counters were rebuilt from the ledger;
   its absence means Redis lost its data (cold start).
+* ``budget:rebuilding`` — the lock one replica holds while it rebuilds.
 * ``budget:rl:<scope>/<limit>:<minute>`` — requests or tokens counted in one
   minute for one rate limit (:mod:`services.budget.ratelimits`).
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -37,6 +41,7 @@ from services.budget.ratelimits import TOKENS_PER_MINUTE, RateCheck
 PREFIX = "budget:"
 HOLDS = f"{PREFIX}holds"
 READY = f"{PREFIX}ready"
+REBUILDING = f"{PREFIX}rebuilding"
 # How long a hold's record outlives its expiry (idempotent retries, late settles).
 HOLD_RECORD_GRACE_SECONDS = 86_400
 
@@ -112,11 +117,19 @@ return out
 
 _SETTLE = """
 -- KEYS: hold, holds, n counters..., tokens-per-minute counters...
--- ARGV: cost, request_id, n, tokens reserved but not used
-local v = redis.call('HMGET', KEYS[1], 'state', 'held')
+-- ARGV: cost, request_id, n, tokens reserved but not used, reaped ('1': the
+--       reaper's provisional charge of an expired hold, '0': a reported cost)
+local v = redis.call('HMGET', KEYS[1], 'state', 'held', 'reaped', 'cost')
 if not v[1] then return {'GONE'} end
-if v[1] == 'settled' then return {'SETTLED'} end
 local last = 2 + tonumber(ARGV[3])
+if v[1] == 'settled' then
+  if v[3] ~= '1' or ARGV[5] ~= '0' then return {'SETTLED'} end
+  -- A late Settle (or Release) replaces the reaper's charge, once.
+  local delta = string.format('%d', tonumber(ARGV[1]) - tonumber(v[4]))
+  for i = 3, last do redis.call('HINCRBY', KEYS[i], 'spent', delta) end
+  redis.call('HSET', KEYS[1], 'reaped', '0', 'cost', ARGV[1])
+  return {'CORRECTED', v[4]}
+end
 for i = 3, last do
   if v[1] == 'held' and v[2] ~= '0' then
     redis.call('HINCRBY', KEYS[i], 'reserved', '-' .. v[2])
@@ -129,7 +142,7 @@ if ARGV[4] ~= '0' then
     if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('DECRBY', KEYS[i], ARGV[4]) end
   end
 end
-redis.call('HSET', KEYS[1], 'state', 'settled', 'cost', ARGV[1])
+redis.call('HSET', KEYS[1], 'state', 'settled', 'cost', ARGV[1], 'reaped', ARGV[5])
 redis.call('ZREM', KEYS[2], ARGV[2])
 return {'OK', v[1]}
 """
@@ -153,10 +166,18 @@ return {'OK', v[2]}
 
 _SETTLE_UNHELD = """
 -- A request admitted while Redis was unreachable (fail open) has no hold;
--- its settled cost is added to spent once, recorded as a settled hold.
--- KEYS: hold, holds, counters...   ARGV: cost, request_id, record_ttl, expire_at
-local v = redis.call('HMGET', KEYS[1], 'state', 'held')
-if v[1] == 'settled' then return {'SETTLED'} end
+-- its settled cost is added to spent once, recorded as a settled hold. A
+-- charge the reaper made ('1') is replaced once by a reported one ('0').
+-- KEYS: hold, holds, counters...
+-- ARGV: cost, request_id, record_ttl, expire_at, reaped
+local v = redis.call('HMGET', KEYS[1], 'state', 'held', 'reaped', 'cost')
+if v[1] == 'settled' then
+  if v[3] ~= '1' or ARGV[5] ~= '0' then return {'SETTLED'} end
+  local delta = string.format('%d', tonumber(ARGV[1]) - tonumber(v[4]))
+  for i = 3, #KEYS do redis.call('HINCRBY', KEYS[i], 'spent', delta) end
+  redis.call('HSET', KEYS[1], 'reaped', '0', 'cost', ARGV[1])
+  return {'CORRECTED', v[4]}
+end
 for i = 3, #KEYS do
   if v[1] == 'held' and v[2] ~= '0' then
     redis.call('HINCRBY', KEYS[i], 'reserved', '-' .. v[2])
@@ -164,14 +185,30 @@ for i = 3, #KEYS do
   redis.call('HINCRBY', KEYS[i], 'spent', ARGV[1])
 end
 if v[1] then
-  redis.call('HSET', KEYS[1], 'state', 'settled', 'cost', ARGV[1])
+  redis.call('HSET', KEYS[1], 'state', 'settled', 'cost', ARGV[1], 'reaped', ARGV[5])
 else
   redis.call('HSET', KEYS[1], 'state', 'settled', 'cost', ARGV[1], 'held', '0', 'keys', '[]',
-    'expire_at', ARGV[4], 'unheld', '1')
+    'expire_at', ARGV[4], 'unheld', '1', 'reaped', ARGV[5])
   redis.call('EXPIRE', KEYS[1], ARGV[3])
 end
 redis.call('ZREM', KEYS[2], ARGV[2])
 return {'OK', v[1] or 'unheld'}
+"""
+
+_RESTORE = """
+-- Puts back a hold Redis lost (cold start), unless its record exists.
+-- KEYS: hold, holds, counters...   ARGV: amount, expire_at, record_ttl,
+--       request_id, hold field pairs...
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if ARGV[1] ~= '0' then
+  for i = 3, #KEYS do redis.call('HINCRBY', KEYS[i], 'reserved', ARGV[1]) end
+end
+local fields = {}
+for j = 5, #ARGV do table.insert(fields, ARGV[j]) end
+redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[4])
+return 1
 """
 
 _RAISE_SPENT = """
@@ -248,6 +285,7 @@ class Counters:
         self._release = client.register_script(_RELEASE)
         self._raise_spent = client.register_script(_RAISE_SPENT)
         self._settle_unheld = client.register_script(_SETTLE_UNHELD)
+        self._restore = client.register_script(_RESTORE)
 
     @storage.redis_store
     async def reserve(
@@ -324,11 +362,16 @@ class Counters:
         counters: Sequence[str],
         cost: int,
         unused_tokens: tuple[Sequence[str], int] = ((), 0),
+        *,
+        reaped: bool = False,
     ) -> str:
-        """Moves a hold to spent at ``cost``; returns the state it was in ("GONE" if none).
+        """Moves a hold to spent at ``cost``; returns the state it was in ("GONE" if none,
+        "SETTLED" if it was settled already, "CORRECTED" if a reaped charge was replaced).
 
-        Charges ``cost`` even if the hold was released (by Release or the
-        reaper) in the meantime, and never twice.
+        Charges ``cost`` even if the hold was released in the meantime, and
+        never twice: a hold settled by the reaper (``reaped``) is corrected
+        once by a later settle with the reported cost (spent moves by the
+        difference); any other repeat changes nothing.
 
         Args:
             request_id: The hold's request.
@@ -339,19 +382,32 @@ class Counters:
         """
         tpm, unused = unused_tokens
         keys = [hold_key(request_id), HOLDS, *counters, *tpm]
-        args = [str(cost), request_id, str(len(counters)), str(max(unused, 0))]
+        args = [
+            str(cost),
+            request_id,
+            str(len(counters)),
+            str(max(unused, 0)),
+            "1" if reaped else "0",
+        ]
         reply = [_text(v) for v in await self._settle(keys=keys, args=args)]
         return reply[1] if reply[0] == "OK" else reply[0]
 
     @storage.redis_store
     async def settle_unheld(
-        self, request_id: str, counters: Sequence[str], cost: int, expire_at: float
+        self,
+        request_id: str,
+        counters: Sequence[str],
+        cost: int,
+        expire_at: float,
+        *,
+        reaped: bool = False,
     ) -> str:
         """Adds the cost of a request admitted without a hold (fail open) to spent.
 
         At most once per request id: a hold record in state "settled" is left
-        alone; an open hold (the request was reserved again once Redis was
-        back) is settled. Returns the prior state ("unheld" if none).
+        alone (but a ``reaped`` charge is corrected once by a reported one);
+        an open hold (the request was reserved again once Redis was back) is
+        settled. Returns the prior state ("unheld" if none).
         """
         keys = [hold_key(request_id), HOLDS, *counters]
         args: list[str | int] = [
@@ -359,6 +415,7 @@ class Counters:
             request_id,
             HOLD_RECORD_GRACE_SECONDS,
             f"{expire_at:.3f}",
+            "1" if reaped else "0",
         ]
         reply = [_text(v) for v in await self._settle_unheld(keys=keys, args=args)]
         return reply[1] if reply[0] == "OK" else reply[0]
@@ -380,6 +437,11 @@ class Counters:
         """Request ids of open holds whose expiry is before ``now``."""
         ids = await self._redis.zrangebyscore(HOLDS, "-inf", f"{now:.3f}", start=0, num=limit)
         return [_text(i) for i in ids]
+
+    @storage.redis_store
+    async def forget(self, request_id: str) -> None:
+        """Drops ``request_id`` from the reaper's list (its hold is not open)."""
+        await self._redis.zrem(HOLDS, request_id)
 
     @storage.redis_store
     async def read(self, counters: Sequence[str]) -> list[tuple[int, int]]:
@@ -404,6 +466,54 @@ class Counters:
             for _, (value, expiry) in batch:
                 args += [str(value), expiry]
             await self._raise_spent(keys=[k for k, _ in batch], args=args)
+
+    @storage.redis_store
+    async def restore(
+        self,
+        request_id: str,
+        amount: int,
+        expire_at: float,
+        counters: Sequence[str],
+        hold: Mapping[str, str],
+    ) -> bool:
+        """Puts back a hold lost with Redis' data; False if its record exists.
+
+        Args:
+            request_id: The hold's request.
+            amount: What it holds.
+            expire_at: When it expires, epoch seconds.
+            counters: The counters it holds on.
+            hold: What Reserve recorded about the request (who, model, tokens …).
+        """
+        ttl = max(int(expire_at - time.time()), 0) + HOLD_RECORD_GRACE_SECONDS
+        fields = {
+            **hold,
+            "held": str(amount),
+            "expire_at": f"{expire_at:.3f}",
+            "keys": json.dumps(list(counters)),
+            "tpm": "[]",  # the minute it counted in is over or lost with the data
+            "state": "held",
+        }
+        args: list[str | int] = [str(amount), f"{expire_at:.3f}", ttl, request_id]
+        for name, value in fields.items():
+            args += [name, value]
+        keys = [hold_key(request_id), HOLDS, *counters]
+        return bool(await self._restore(keys=keys, args=args))
+
+    @storage.redis_store
+    async def exists(self, request_id: str) -> bool:
+        """Whether a hold record exists for ``request_id``."""
+        return bool(await self._redis.exists(hold_key(request_id)))
+
+    @storage.redis_store
+    async def try_lock_rebuild(self, seconds: int) -> bool:
+        """Takes the replicas' rebuild lock for ``seconds`` (False: another has it)."""
+        return bool(await self._redis.set(REBUILDING, "1", nx=True, ex=seconds))
+
+    @storage.redis_store
+    async def unlock_rebuild(self) -> None:
+        """Gives the rebuild lock back."""
+        await self._redis.delete(REBUILDING)
 
     @storage.redis_store
     async def is_ready(self) -> bool:

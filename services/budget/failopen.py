@@ -16,7 +16,9 @@ How it works (the contract Settle and the reaper rely on):
   script marks the hold record settled). If Redis is still down, the ledger
   is right and the reaper carries the cost into Redis once it answers.
 * Reaper: rows settled in the ledger but not yet applied are applied; rows
-  past their expiry without a Settle hold nothing and are closed.
+  past their expiry without a Settle are charged the amount they asked to
+  hold (the router died; see :mod:`services.budget.reaper`), and a late
+  Settle or Release replaces that charge once.
 """
 
 from __future__ import annotations
@@ -118,15 +120,33 @@ class FailOpen:
                 spend_time=row.reserve_time,
             )
         )
-        await self._apply(row, recorded.cost_micro_usd)
+        if recorded.reaped:  # the reaper charged the worst case: the reported cost replaces it
+            corrected = await self._ledger.correct(
+                request_id, cost, prompt_tokens, completion_tokens, partial
+            )
+            found = corrected[0] if corrected else await self._ledger.find(request_id)
+            assert found is not None  # rows are never deleted
+            recorded = found
+            # The reaper carries the correction into Redis if it cannot be done now.
+            await self._store.mark_pending(request_id)
+        await self._apply(row, recorded.cost_micro_usd, reaped=recorded.reaped)
         return recorded
 
-    async def release(self, request_id: str) -> bool:
-        """Closes an admission without a hold; False if ``request_id`` is not one."""
-        if await self._store.find(request_id) is None:
-            return False
+    async def release(self, request_id: str) -> int | None:
+        """Closes an admission without a hold; None if ``request_id`` is not one.
+
+        Returns the amount refunded: one the reaper charged is refunded
+        (settled at 0) once; otherwise nothing was held, 0.
+        """
+        row = await self._store.find(request_id)
+        if row is None:
+            return None
+        prior = await self._ledger.find(request_id)
+        if prior is not None and prior.reaped:
+            await self.settle(request_id, 0, 0, 0, False)
+            return prior.cost_micro_usd
         await self._store.close_unsettled(request_id)
-        return True
+        return 0
 
     async def reap(self, limit: int) -> int:
         """Carries settled costs into Redis and closes expired rows; returns how many."""
@@ -134,23 +154,39 @@ class FailOpen:
         if not pending:
             return 0
         charges = await self._ledger.find_many([row.request_id for row, _ in pending])
-        expired = []
-        for row, settled in pending:
+        for row, _ in pending:
             charge = charges.get(row.request_id)
-            if settled and charge is not None:
-                await self._apply(row, charge.cost_micro_usd)
-            else:
-                expired.append(row.request_id)
-        if expired:
-            await self._store.mark_applied(expired)
+            if charge is None:
+                # Expired without a Settle: its router died. As for held
+                # requests (services.budget.reaper), the worst case it asked
+                # for is charged; a late Settle replaces it.
+                charge, _ = await self._ledger.record(
+                    Charge(
+                        request_id=row.request_id,
+                        tenant_id=row.tenant_id,
+                        team=row.team,
+                        project=row.project,
+                        key_id=row.key_id,
+                        end_user=row.end_user,
+                        model=row.model,
+                        held_micro_usd=0,
+                        cost_micro_usd=row.amount_micro_usd,
+                        prompt_tokens=0,
+                        completion_tokens=0,
+                        partial=False,
+                        spend_time=row.reserve_time,
+                        reaped=True,
+                    )
+                )
+            await self._apply(row, charge.cost_micro_usd, reaped=charge.reaped)
         return len(pending)
 
-    async def _apply(self, row: Unheld, cost: int) -> None:
+    async def _apply(self, row: Unheld, cost: int, *, reaped: bool = False) -> None:
         """Adds ``cost`` to the Redis counters once; leaves it to the reaper if Redis is down."""
         keys = await self._counter_keys(row)
         try:
             await self._counters.settle_unheld(
-                row.request_id, keys, cost, row.expire_time.timestamp()
+                row.request_id, keys, cost, row.expire_time.timestamp(), reaped=reaped
             )
         except Unavailable as exc:
             if not redis_down(exc):

@@ -6,14 +6,16 @@ from here (:meth:`Ledger.spent_in`), and they are never set below it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import asyncpg
 
 from orchestra.budget.v1 import budget_service_pb2 as pb
 from services.budget import storage
+from services.budget.batching import Batcher
 from services.budget.windows import Window
 
 
@@ -30,6 +32,8 @@ class Charge:
         prompt_tokens, completion_tokens: Actual usage.
         partial: The stream broke; the cost covers what was produced.
         spend_time: When the request was admitted (the window it counts in).
+        reaped: Charged by the reaper at the full hold because no Settle came
+            before the hold expired; a late Settle replaces the amount once.
     """
 
     request_id: str
@@ -45,9 +49,16 @@ class Charge:
     completion_tokens: int
     partial: bool
     spend_time: dt.datetime
+    reaped: bool = False
 
+
+# A connection of the pool (asyncpg hands out proxies).
+Db = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 _COLUMNS = [f.name for f in dataclasses.fields(Charge)]
+# PostgreSQL types of the columns, in order (for multi-row inserts with unnest).
+_TYPES = ["text"] * 7 + ["bigint"] * 4 + ["boolean", "timestamptz", "boolean"]
+assert len(_TYPES) == len(_COLUMNS)
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM budget.ledger"
 
 # The ledger column each budget level's subject is matched against.
@@ -85,26 +96,80 @@ class Ledger:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        self._batcher: Batcher[Charge, tuple[Charge, bool]] = Batcher(self._record_many)
 
-    @storage.postgres
     async def record(self, charge: Charge) -> tuple[Charge, bool]:
         """Writes ``charge`` unless its request id is already recorded.
+
+        Concurrent calls are written together, one statement and one commit
+        (:mod:`services.budget.batching`).
 
         Returns:
             The recorded charge (the earlier one on a repeat) and whether this
             call wrote it.
         """
-        placeholders = ", ".join(f"${i}" for i in range(1, len(_COLUMNS) + 1))
-        row = await self._pool.fetchrow(
-            f"INSERT INTO budget.ledger ({', '.join(_COLUMNS)}) VALUES ({placeholders})"
+        return await self._batcher.submit(charge)
+
+    @storage.postgres
+    async def _record_many(self, charges: Sequence[Charge]) -> list[tuple[Charge, bool]]:
+        first: dict[str, Charge] = {}
+        for charge in charges:
+            first.setdefault(charge.request_id, charge)
+        columns = list(zip(*(dataclasses.astuple(c) for c in first.values()), strict=True))
+        rows = await self._pool.fetch(
+            f"INSERT INTO budget.ledger ({', '.join(_COLUMNS)})"
+            f" SELECT * FROM unnest({', '.join(f'${i + 1}::{t}[]' for i, t in enumerate(_TYPES))})"
             " ON CONFLICT (request_id) DO NOTHING RETURNING request_id",
-            *dataclasses.astuple(charge),
+            *(list(column) for column in columns),
         )
-        if row is not None:
-            return charge, True
-        existing = await self.find(charge.request_id)
-        assert existing is not None  # rows are never deleted
-        return existing, False
+        written = {r["request_id"] for r in rows}
+        missing = [r for r in first if r not in written]
+        earlier = await self.find_many(missing) if missing else {}
+        results = []
+        for charge in charges:
+            if charge.request_id in written and first[charge.request_id] is charge:
+                results.append((charge, True))
+            elif charge.request_id in written:
+                results.append((first[charge.request_id], False))  # a duplicate in the batch
+            else:
+                results.append((earlier[charge.request_id], False))
+        return results
+
+    @storage.postgres
+    async def correct(
+        self,
+        request_id: str,
+        cost: int,
+        prompt_tokens: int,
+        completion_tokens: int,
+        partial: bool,
+    ) -> tuple[Charge, int] | None:
+        """Replaces a reaped (provisional) charge with the reported one, once.
+
+        Returns:
+            The corrected charge and the amount the reaper had charged, or None
+            if ``request_id`` has no reaped row (never reaped, or already
+            corrected).
+        """
+        row = await self._pool.fetchrow(
+            "UPDATE budget.ledger l SET cost_micro_usd = $2, prompt_tokens = $3,"
+            " completion_tokens = $4, partial = $5, reaped = false, settle_time = now()"
+            " FROM (SELECT request_id, cost_micro_usd FROM budget.ledger"
+            "  WHERE request_id = $1 AND reaped FOR UPDATE) AS old"
+            " WHERE l.request_id = old.request_id"
+            f" RETURNING {', '.join('l.' + c for c in _COLUMNS)},"
+            " old.cost_micro_usd AS reaped_cost",
+            request_id,
+            cost,
+            prompt_tokens,
+            completion_tokens,
+            partial,
+        )
+        if row is None:
+            return None
+        values = dict(row)
+        reaped_cost = int(values.pop("reaped_cost"))
+        return Charge(**values), reaped_cost
 
     @storage.postgres
     async def find(self, request_id: str) -> Charge | None:
@@ -120,9 +185,25 @@ class Ledger:
         )
         return {r["request_id"]: Charge(**dict(r)) for r in rows}
 
+    @contextlib.asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[Db]:
+        """A read-only connection on one consistent snapshot (REPEATABLE READ)."""
+        try:
+            async with (
+                self._pool.acquire() as conn,
+                conn.transaction(isolation="repeatable_read", readonly=True),
+            ):
+                yield conn
+        except storage.PG_DOWN as exc:
+            raise storage.store_unavailable("postgresql", exc) from exc
+
     @storage.postgres
-    async def spent_in(self, budget: pb.Budget, window: Window) -> dict[str, int]:
+    async def spent_in(
+        self, budget: pb.Budget, window: Window, conn: Db | None = None
+    ) -> dict[str, int]:
         """Settled spend that counts against ``budget`` in ``window``.
+
+        ``conn``: read on this connection (a :meth:`snapshot`) instead of the pool.
 
         Returns:
             Micro-USD by end user for a per-end-user ("*") budget, else {"": total}.
@@ -139,7 +220,8 @@ class Ledger:
         conditions.append("($3::timestamptz IS NULL OR spend_time >= $3)")
         conditions.append("($4::timestamptz IS NULL OR spend_time < $4)")
         group = "end_user" if per_user else "''"
-        rows = await self._pool.fetch(
+        db = self._pool if conn is None else conn
+        rows = await db.fetch(
             f"SELECT {group} AS who, sum(cost_micro_usd)::bigint AS spent FROM budget.ledger"
             f" WHERE {' AND '.join(conditions)} GROUP BY 1",
             budget.tenant_id,

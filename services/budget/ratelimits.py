@@ -1,5 +1,9 @@
 """Requests- and tokens-per-minute limits, checked inside the Reserve script.
 
+Limits apply per tenant (policy), per API key and per provider (the
+provider's own quota, passed by the router from discovery and shared by every
+tenant: ``budget:rl:providers/<provider>/<rpm|tpm>:<minute>``).
+
 Windows are fixed calendar minutes (UTC epoch minute). Each limit has one
 Redis counter per minute, ``budget:rl:<scope>:<id>:<rpm|tpm>:<minute>``, that
 the Reserve script increments together with the budget holds, all or nothing.
@@ -67,6 +71,8 @@ def rate_checks(
     key_id: str,
     key_limit: identity_pb2.RateLimit | None,
     tokens: int,
+    provider: str = "",
+    provider_limit: identity_pb2.RateLimit | None = None,
 ) -> list[RateCheck]:
     """The rate limits a request of ``tokens`` tokens must pass at ``now``.
 
@@ -77,12 +83,16 @@ def rate_checks(
         key_id: The API key ("" if none).
         key_limit: That key's rate limit (None if unknown).
         tokens: The request's worst-case tokens.
+        provider: The provider ("" if none): its limit is shared by all tenants.
+        provider_limit: That provider's own rate limit (None if none).
     """
     minute = minute_of(now)
     expiry = (minute + 1) * WINDOW_SECONDS + COUNTER_GRACE_SECONDS
     scopes: list[tuple[str, identity_pb2.RateLimit]] = [(f"tenants/{tenant_id}", tenant_limit)]
     if key_id and key_limit is not None:
         scopes.append((f"tenants/{tenant_id}/apiKeys/{key_id}", key_limit))
+    if provider and provider_limit is not None:
+        scopes.append((f"providers/{provider}", provider_limit))
     checks = []
     for scope, limit in scopes:
         for kind, value, increment in (

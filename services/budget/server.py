@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import asyncpg
 import grpc
@@ -23,6 +24,7 @@ from orchestra.budget.v1 import (
 )
 from services.budget.accounts import AccountStore
 from services.budget.admission import Admission
+from services.budget.alerts import Alerts, AlertStore
 from services.budget.authn import Authenticator
 from services.budget.authz_service import AuthorizationServicer
 from services.budget.bootstrap import Bootstrap
@@ -30,6 +32,7 @@ from services.budget.budget_service import BudgetServicer
 from services.budget.budgets import BudgetStore
 from services.budget.catalog import Catalog
 from services.budget.counters import Counters
+from services.budget.holds import HoldStore
 from services.budget.invalidation import Invalidations
 from services.budget.keystore import KeyStore
 from services.budget.ledger import Ledger
@@ -38,13 +41,15 @@ from services.budget.unheld import UnheldStore
 from services.common.errors import OrchestraError
 from services.common.identity import IdentitySigner
 from services.common.settings import Settings, require
-from services.common.stores import connect_postgres, connect_redis, migrate
+from services.common.stores import connect_postgres, migrate
 
 log = logging.getLogger(__name__)
 
 REAP_INTERVAL_SECONDS = 1.0
 REAP_BATCH = 200
 CLOSE_TIMEOUT_SECONDS = 5.0
+REDIS_MAX_CONNECTIONS = 64
+REDIS_POOL_WAIT_SECONDS = 2.0
 
 
 class BudgetApp:
@@ -52,7 +57,23 @@ class BudgetApp:
 
     name = "budget"
 
-    def __init__(self, pool: asyncpg.Pool, client: aioredis.Redis, signer: IdentitySigner) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        client: aioredis.Redis,
+        signer: IdentitySigner,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """Creates the stores and core objects.
+
+        Args:
+            pool: PostgreSQL.
+            client: Redis.
+            signer: Signs and checks the identity services pass on.
+            clock: Epoch seconds now, for budget windows and hold expiry
+                (tests pass a fake one).
+        """
         self._pool = pool
         self._redis = client
         self.accounts = AccountStore(pool)
@@ -62,8 +83,17 @@ class BudgetApp:
         self.counters = Counters(client)
         self.catalog = Catalog(self.accounts, self.budgets, self.keys)
         self.unheld = UnheldStore(pool)
+        self.holds = HoldStore(pool)
+        self.alerts = Alerts(AlertStore(pool), self.catalog, self.counters, clock=clock)
         self.admission = Admission(
-            self.catalog, self.counters, self.ledger, self.budgets, unheld=self.unheld
+            self.catalog,
+            self.counters,
+            self.ledger,
+            self.budgets,
+            unheld=self.unheld,
+            holds=self.holds,
+            alerts=self.alerts,
+            clock=clock,
         )
         self.authenticator = Authenticator(self.keys)
         self.invalidations = Invalidations(client, self.authenticator)
@@ -101,10 +131,11 @@ class BudgetApp:
         )
 
     async def start(self) -> None:
-        """Starts the hold reaper and the key invalidation listener."""
+        """Starts the hold reaper, the key invalidation listener and the alert sender."""
         self._tasks = [
             asyncio.create_task(self._reap_forever(), name="budget-reaper"),
             asyncio.create_task(self.invalidations.listen(), name="budget-invalidations"),
+            asyncio.create_task(self.alerts.send_forever(), name="budget-alerts"),
         ]
 
     async def stop(self) -> None:
@@ -115,6 +146,7 @@ class BudgetApp:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=CLOSE_TIMEOUT_SECONDS)
         self._tasks = []
+        await self.alerts.close()
         await self._redis.aclose()
         try:
             # Bounded: a connection stuck in a dead query must not hang shutdown.
@@ -135,8 +167,28 @@ class BudgetApp:
                 await asyncio.sleep(REAP_INTERVAL_SECONDS)
 
 
-async def build(settings: Settings) -> BudgetApp:
+def _redis(url: str) -> aioredis.Redis:
+    """A Redis client whose calls wait for a free connection when all are busy.
+
+    redis-py's default pool raises MaxConnectionsError beyond 100 connections,
+    which would read as "Redis unreachable" (UNAVAILABLE, or fail open) under
+    a burst of Reserves; a blocking pool queues them instead.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=REDIS_MAX_CONNECTIONS,
+        timeout=REDIS_POOL_WAIT_SECONDS,
+        socket_connect_timeout=2.0,
+        socket_timeout=2.0,
+        health_check_interval=30,
+    )
+    return aioredis.Redis(connection_pool=pool)
+
+
+async def build(settings: Settings, *, clock: Callable[[], float] = time.time) -> BudgetApp:
     """Connects the stores, migrates, applies the config file and rebuilds counters.
+
+    ``clock`` (epoch seconds now) drives budget windows and hold expiry.
 
     Raises:
         SettingsError: DATABASE_URL or REDIS_URL is missing.
@@ -146,8 +198,8 @@ async def build(settings: Settings) -> BudgetApp:
     database_url = require(settings.database_url, "DATABASE_URL", "budget")
     redis_url = require(settings.redis_url, "REDIS_URL", "budget")
     pool = await connect_postgres(database_url)
-    client = connect_redis(redis_url)
-    app = BudgetApp(pool, client, IdentitySigner(settings.internal_key))
+    client = _redis(redis_url)
+    app = BudgetApp(pool, client, IdentitySigner(settings.internal_key), clock=clock)
     try:
         await migrate(pool, "budget")
         report = await app.bootstrap.apply(list(settings.config.tenants))

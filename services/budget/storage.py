@@ -22,7 +22,7 @@ R = TypeVar("R")
 
 RETRY_AFTER_SECONDS = 1.0
 
-_PG_DOWN: tuple[type[BaseException], ...] = (
+PG_DOWN: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
     asyncpg.PostgresConnectionError,
@@ -55,7 +55,7 @@ def postgres(func: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await func(*args, **kwargs)
-        except _PG_DOWN as exc:
+        except PG_DOWN as exc:
             raise store_unavailable("postgresql", exc) from exc
 
     return wrapper

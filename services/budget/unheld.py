@@ -102,6 +102,13 @@ class UnheldStore:
         )
 
     @storage.postgres
+    async def mark_pending(self, request_id: str) -> None:
+        """Records that a row's (corrected) cost must reach the Redis counters again."""
+        await self._pool.execute(
+            "UPDATE budget.unheld SET applied = false WHERE request_id = $1", request_id
+        )
+
+    @storage.postgres
     async def mark_applied(self, request_ids: Sequence[str]) -> None:
         """Records that these rows' costs reached the Redis counters."""
         await self._pool.execute(

@@ -53,11 +53,13 @@ def start_budget(
     pg_url: str,
     redis_url: str,
 ) -> Callable[..., Awaitable[Budget]]:
-    """Builds and serves a budget service (call again for a "restart")."""
+    """Builds and serves a budget service (call again for a "restart"); ``clock=``
+    gives it a fake clock (epoch seconds)."""
     channels: list[grpc.aio.Channel] = []
 
-    async def start(**env: str) -> Budget:
-        app = await build(budget_settings(**env))
+    async def start(clock: Callable[[], float] | None = None, **env: str) -> Budget:
+        settings = budget_settings(**env)
+        app = await (build(settings) if clock is None else build(settings, clock=clock))
         running = await serve(app)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
         channels.append(channel)

@@ -176,3 +176,43 @@ async def make_budget_via(stub: Any, metadata: Metadata, tenant: str, limit: int
         ),
         metadata=metadata,
     )
+
+
+async def test_an_unheld_admission_whose_router_died_is_charged_its_worst_case(
+    stub: Any,
+    own_redis: OwnRedis,
+    pg_url: str,
+    admin: Callable[[str], Metadata],
+    reader: Callable[[str], Metadata],
+    internal: Metadata,
+) -> None:
+    await make_budget_via(stub, admin("open"), "open", 10_000)
+    await own_redis.stop()
+    for request_id in ("dead", "cached"):
+        admitted = await stub.Reserve(
+            pb.ReserveRequest(
+                request_id=request_id,
+                subject=pb.SpendSubject(tenant_id="open", key_id="k1"),
+                model="openai/gpt-4o",
+                amount_micro_usd=700,
+                ttl_seconds=1,
+            ),
+            metadata=internal,
+        )
+        assert admitted.held_micro_usd == 0
+    await own_redis.start()
+    # Neither is settled before it expires: the reaper charges both in full.
+    for _ in range(150):
+        if await _spent(stub, reader("open"), "open") == (1_400, 0):
+            break
+        await asyncio.sleep(0.1)
+    assert await _spent(stub, reader("open"), "open") == (1_400, 0)
+    assert await ledger_total(pg_url) == 1_400
+    # Late word from the routers replaces the worst case, once.
+    settled = await _settle(stub, internal, "dead", 250)
+    assert settled.charged_micro_usd == 250
+    await _settle(stub, internal, "dead", 250)
+    await stub.Release(pb.ReleaseRequest(request_id="cached"), metadata=internal)
+    await stub.Release(pb.ReleaseRequest(request_id="cached"), metadata=internal)
+    assert await _spent(stub, reader("open"), "open") == (250, 0)
+    assert await ledger_total(pg_url) == 250

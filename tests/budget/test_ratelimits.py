@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 import pytest
@@ -15,8 +15,9 @@ from orchestra.budget.v1 import budget_service_pb2 as pb
 from orchestra.common.v1 import chat_pb2, identity_pb2
 from services.budget import ratelimits
 from services.common import errors
-from tests.budget.conftest import Budget, Metadata, make_budget
+from tests.budget.conftest import Budget, Metadata, make_budget, make_tenant
 from tests.budget.test_admission import _fails, _quota_subjects, status
+from tests.budget.test_windows import FakeClock
 
 RPM = "requests_per_minute"
 TPM = "tokens_per_minute"
@@ -209,3 +210,86 @@ async def test_settle_gives_back_unused_tokens(
         metadata=internal,
     )
     assert int(await redis_client.get(_counter(f"tenants/acme/{TPM}"))) == 950
+
+
+async def test_provider_limits_are_shared_by_all_tenants(
+    start_budget: Callable[..., Awaitable[Budget]],
+    operator: Metadata,
+    admin: Callable[[str], Metadata],
+    internal: Metadata,
+) -> None:
+    # A fake clock inside a minute (in the future, where the counters' expiry lies).
+    start = (int(time.time()) // 60 + 24 * 60) * 60 + 10
+    clock = FakeClock(start)
+    budget = await start_budget(clock=clock)
+    for tenant in ("acme", "beta"):
+        await make_tenant(budget, operator, tenant)
+    beta_budget = await make_budget(budget, admin("beta"), "beta", 1_000_000)
+    openai = identity_pb2.RateLimit(requests_per_minute=3, tokens_per_minute=1_000)
+
+    def reserve(
+        request_id: str, tenant: str, model: str, tokens: int = 100
+    ) -> grpc.aio.UnaryUnaryCall:  # type: ignore[type-arg]
+        return budget.budgets.Reserve(
+            pb.ReserveRequest(
+                request_id=request_id,
+                subject=pb.SpendSubject(tenant_id=tenant, key_id="k1"),
+                model=model,
+                amount_micro_usd=100,
+                tokens=tokens,
+                provider_rate_limit=openai,
+            ),
+            metadata=internal,
+        )
+
+    await reserve("a1", "acme", "openai/gpt-4o")
+    await reserve("a2", "acme", "openai/gpt-4o-mini")
+    await reserve("b1", "beta", "openai/gpt-4o")
+    # The provider's quota is used up by both tenants together.
+    details, error = await _fails(reserve("b2", "beta", "openai/gpt-4o"))
+    assert (details.code, details.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
+    assert _quota_subjects(error) == [f"providers/openai/{RPM}"]
+    assert details.metadata["subject"] == "providers/openai"
+    # All or nothing: the refused request holds nothing on beta's budget.
+    state = await status(budget, admin("beta"), tenant="beta")
+    assert state[beta_budget.budget_id].reserved_micro_usd == 100
+    # Another provider has its own counter.
+    await reserve("b3", "beta", "anthropic/claude")
+    # Tokens per minute too, in the next minute.
+    clock.now = start + 60
+    await reserve("t1", "acme", "openai/gpt-4o", tokens=900)
+    details, error = await _fails(reserve("t2", "beta", "openai/gpt-4o", tokens=200))
+    assert _quota_subjects(error) == [f"providers/openai/{TPM}"]
+
+
+@pytest.mark.parametrize(
+    ("model", "limit", "field"),
+    [
+        ("gpt-4o", identity_pb2.RateLimit(requests_per_minute=1), "model"),
+        ("openai/gpt-4o", identity_pb2.RateLimit(tokens_per_minute=-1), "provider_rate_limit"),
+    ],
+    ids=["no-provider", "negative"],
+)
+async def test_provider_limit_input_is_checked(
+    budget: Budget,
+    operator: Metadata,
+    internal: Metadata,
+    model: str,
+    limit: identity_pb2.RateLimit,
+    field: str,
+) -> None:
+    await make_tenant(budget, operator, "acme")
+    details, _ = await _fails(
+        budget.budgets.Reserve(
+            pb.ReserveRequest(
+                request_id="r1",
+                subject=pb.SpendSubject(tenant_id="acme"),
+                model=model,
+                amount_micro_usd=1,
+                provider_rate_limit=limit,
+            ),
+            metadata=internal,
+        )
+    )
+    assert (details.code, details.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD")
+    assert details.metadata["field"] == field

@@ -11,6 +11,7 @@ from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from orchestra.common.v1 import chat_pb2 as _chat_pb2
+from orchestra.common.v1 import identity_pb2 as _identity_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -162,12 +163,25 @@ class Budget(_message.Message):
     limit_micro_usd: _builtins.int
     """The limit, micro-USD (must be > 0)."""
     soft: _builtins.bool
-    """Hard limits refuse requests that would exceed them; soft ones only warn."""
+    """Hard limits refuse requests that would exceed them; soft ones only warn
+    (ReserveResponse.warnings, and an alert at 100% even if
+    alert_thresholds_percent does not list it).
+    """
     alert_webhook_url: _builtins.str
-    """Where alerts are POSTed (JSON); empty: logged only."""
+    """Where alerts are POSTed; empty: logged only. Body (application/json):
+    {"type": "orchestra.budget.threshold_crossed", "alert_id", "tenant_id",
+    "budget_id", "level", "subject", "end_user", "window", "window_key",
+    "threshold_percent", "limit_micro_usd", "spent_micro_usd", "soft",
+    "create_time"}. Delivered at least once: a non-2xx answer or no answer
+    is retried with backoff (1 s doubling to 5 min, 12 attempts); receivers
+    dedup on alert_id ("<budget_id>/<window_key>/<threshold>[/<end_user>]").
+    """
     @_builtins.property
     def alert_thresholds_percent(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Percentages of the limit (1–100) at which one alert each is sent."""
+        """Percentages of the limit (1–100) at which one alert each is sent per
+        window (per end user for "*" budgets), when settled spend reaches them.
+        Exactly one alert per threshold and window across all replicas.
+        """
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -490,6 +504,7 @@ class ReserveRequest(_message.Message):
     AMOUNT_MICRO_USD_FIELD_NUMBER: _builtins.int
     TOKENS_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    PROVIDER_RATE_LIMIT_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The chat's request id; the idempotency key of the hold."""
     model: _builtins.str
@@ -499,10 +514,21 @@ class ReserveRequest(_message.Message):
     tokens: _builtins.int
     """The worst-case tokens (prompt + max_tokens), for tokens-per-minute limits."""
     ttl_seconds: _builtins.int
-    """How long the hold lives before the reaper settles it; zero: 10 minutes."""
+    """How long the hold lives before the reaper settles it at the full
+    amount_micro_usd (see Settle); zero: 10 minutes. Set it above the longest
+    stream the caller expects. At most 86400.
+    """
     @_builtins.property
     def subject(self) -> Global___SpendSubject:
         """Who pays."""
+
+    @_builtins.property
+    def provider_rate_limit(self) -> _identity_pb2.RateLimit:
+        """The provider's own limits (discovery's Provider.rate_limit), counted in
+        the same atomic step across all tenants for the provider named by the
+        part of `model` before "/" (e.g. "providers/openai/requests_per_minute").
+        Unset or zero: not limited. Requires `model` as "provider/model".
+        """
 
     def __init__(
         self,
@@ -513,10 +539,11 @@ class ReserveRequest(_message.Message):
         amount_micro_usd: _builtins.int = ...,
         tokens: _builtins.int = ...,
         ttl_seconds: _builtins.int = ...,
+        provider_rate_limit: _identity_pb2.RateLimit | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["subject", b"subject"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["provider_rate_limit", b"provider_rate_limit", "subject", b"subject"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micro_usd", b"amount_micro_usd", "model", b"model", "request_id", b"request_id", "subject", b"subject", "tokens", b"tokens", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_micro_usd", b"amount_micro_usd", "model", b"model", "provider_rate_limit", b"provider_rate_limit", "request_id", b"request_id", "subject", b"subject", "tokens", b"tokens", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

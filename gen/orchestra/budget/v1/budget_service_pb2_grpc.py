@@ -30,7 +30,10 @@ class BudgetServiceStub:
     call the worst-case cost is reserved at every level (tenant, team, project,
     key, end user) atomically; afterwards the actual cost is settled and the
     rest released. Money is integer micro-USD. The PostgreSQL ledger is the
-    truth; Redis holds the fast counters.
+    truth; Redis holds the fast counters. Every granted hold is also written to
+    PostgreSQL, so when Redis loses its data the counters are rebuilt from the
+    ledger and the open holds before anything more is admitted (Reserve answers
+    UNAVAILABLE with RetryInfo meanwhile): counters never fall below the ledger.
     """
 
     def __init__(self, channel):
@@ -96,7 +99,10 @@ class BudgetServiceServicer:
     call the worst-case cost is reserved at every level (tenant, team, project,
     key, end user) atomically; afterwards the actual cost is settled and the
     rest released. Money is integer micro-USD. The PostgreSQL ledger is the
-    truth; Redis holds the fast counters.
+    truth; Redis holds the fast counters. Every granted hold is also written to
+    PostgreSQL, so when Redis loses its data the counters are rebuilt from the
+    ledger and the open holds before anything more is admitted (Reserve answers
+    UNAVAILABLE with RetryInfo meanwhile): counters never fall below the ledger.
     """
 
     def CreateBudget(self, request, context):
@@ -142,7 +148,8 @@ class BudgetServiceServicer:
     def Reserve(self, request, context):
         """Holds amount_micro_usd at every level the request touches, or nothing.
         The same atomic step counts requests and tokens per minute for the tenant
-        (policy.rate_limit) and the key (ApiKey.rate_limit).
+        (policy.rate_limit), the key (ApiKey.rate_limit) and the provider
+        (provider_rate_limit, shared by all tenants).
         Needs SCOPE_INTERNAL (the router calls it).
         Errors: RESOURCE_EXHAUSTED (BUDGET_EXHAUSTED with QuotaFailure;
         RATE_LIMITED with QuotaFailure naming the limit, e.g.
@@ -163,6 +170,14 @@ class BudgetServiceServicer:
         """Charges the actual cost of a reserved request and releases the rest.
         A cost above the hold is charged in full (the ledger records the
         overrun). Needs SCOPE_INTERNAL.
+        Expired holds: a hold not settled or released before its expire_time is
+        settled by the reaper (any replica, exactly once) at its FULL reserved
+        amount, because the caller is presumed dead mid-request and nothing tells
+        how much the provider produced; there is no progress report, so the
+        reserved worst case is the only amount that never under-counts. A Settle
+        arriving later (e.g. from the router's outbox after a restart) replaces
+        that amount with the reported cost, once, in the ledger and counters; a
+        late Release refunds it. This works until a day after the expiry.
         Errors: NOT_FOUND (RESERVATION_NOT_FOUND), FAILED_PRECONDITION
         (ALREADY_SETTLED with a different amount). Idempotent per request_id.
         Deadline: 200 ms; callers retry from a durable outbox.
@@ -173,7 +188,9 @@ class BudgetServiceServicer:
 
     def Release(self, request, context):
         """Releases a hold without charging (cache hit, request refused before the
-        upstream call). Needs SCOPE_INTERNAL. Errors: NOT_FOUND. Idempotent.
+        upstream call). A hold the reaper already charged in full is refunded
+        (released_micro_usd is that amount, once). Needs SCOPE_INTERNAL.
+        Errors: NOT_FOUND. Idempotent.
         Deadline: 200 ms.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -182,7 +199,8 @@ class BudgetServiceServicer:
 
     def GetBudgetStatus(self, request, context):
         """Spend, holds and limits of every budget that applies to a subject.
-        Needs SCOPE_READ. Errors: NOT_FOUND, INVALID_ARGUMENT. Idempotent.
+        Needs SCOPE_READ. Errors: NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE
+        (STORE_UNAVAILABLE while Redis' counters are rebuilt). Idempotent.
         Deadline: 1 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -264,7 +282,10 @@ class BudgetService:
     call the worst-case cost is reserved at every level (tenant, team, project,
     key, end user) atomically; afterwards the actual cost is settled and the
     rest released. Money is integer micro-USD. The PostgreSQL ledger is the
-    truth; Redis holds the fast counters.
+    truth; Redis holds the fast counters. Every granted hold is also written to
+    PostgreSQL, so when Redis loses its data the counters are rebuilt from the
+    ledger and the open holds before anything more is admitted (Reserve answers
+    UNAVAILABLE with RetryInfo meanwhile): counters never fall below the ledger.
     """
 
     @staticmethod

@@ -31,7 +31,10 @@ class BudgetServiceStub:
     call the worst-case cost is reserved at every level (tenant, team, project,
     key, end user) atomically; afterwards the actual cost is settled and the
     rest released. Money is integer micro-USD. The PostgreSQL ledger is the
-    truth; Redis holds the fast counters.
+    truth; Redis holds the fast counters. Every granted hold is also written to
+    PostgreSQL, so when Redis loses its data the counters are rebuilt from the
+    ledger and the open holds before anything more is admitted (Reserve answers
+    UNAVAILABLE with RetryInfo meanwhile): counters never fall below the ledger.
     """
 
     @_typing.overload
@@ -61,7 +64,8 @@ class BudgetServiceStub:
     Reserve: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.ReserveRequest, _budget_service_pb2.ReserveResponse]
     """Holds amount_micro_usd at every level the request touches, or nothing.
     The same atomic step counts requests and tokens per minute for the tenant
-    (policy.rate_limit) and the key (ApiKey.rate_limit).
+    (policy.rate_limit), the key (ApiKey.rate_limit) and the provider
+    (provider_rate_limit, shared by all tenants).
     Needs SCOPE_INTERNAL (the router calls it).
     Errors: RESOURCE_EXHAUSTED (BUDGET_EXHAUSTED with QuotaFailure;
     RATE_LIMITED with QuotaFailure naming the limit, e.g.
@@ -78,18 +82,29 @@ class BudgetServiceStub:
     """Charges the actual cost of a reserved request and releases the rest.
     A cost above the hold is charged in full (the ledger records the
     overrun). Needs SCOPE_INTERNAL.
+    Expired holds: a hold not settled or released before its expire_time is
+    settled by the reaper (any replica, exactly once) at its FULL reserved
+    amount, because the caller is presumed dead mid-request and nothing tells
+    how much the provider produced; there is no progress report, so the
+    reserved worst case is the only amount that never under-counts. A Settle
+    arriving later (e.g. from the router's outbox after a restart) replaces
+    that amount with the reported cost, once, in the ledger and counters; a
+    late Release refunds it. This works until a day after the expiry.
     Errors: NOT_FOUND (RESERVATION_NOT_FOUND), FAILED_PRECONDITION
     (ALREADY_SETTLED with a different amount). Idempotent per request_id.
     Deadline: 200 ms; callers retry from a durable outbox.
     """
     Release: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.ReleaseRequest, _budget_service_pb2.ReleaseResponse]
     """Releases a hold without charging (cache hit, request refused before the
-    upstream call). Needs SCOPE_INTERNAL. Errors: NOT_FOUND. Idempotent.
+    upstream call). A hold the reaper already charged in full is refunded
+    (released_micro_usd is that amount, once). Needs SCOPE_INTERNAL.
+    Errors: NOT_FOUND. Idempotent.
     Deadline: 200 ms.
     """
     GetBudgetStatus: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.GetBudgetStatusRequest, _budget_service_pb2.GetBudgetStatusResponse]
     """Spend, holds and limits of every budget that applies to a subject.
-    Needs SCOPE_READ. Errors: NOT_FOUND, INVALID_ARGUMENT. Idempotent.
+    Needs SCOPE_READ. Errors: NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE
+    (STORE_UNAVAILABLE while Redis' counters are rebuilt). Idempotent.
     Deadline: 1 s.
     """
     ListSpend: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.ListSpendRequest, _budget_service_pb2.ListSpendResponse]
@@ -104,7 +119,10 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     call the worst-case cost is reserved at every level (tenant, team, project,
     key, end user) atomically; afterwards the actual cost is settled and the
     rest released. Money is integer micro-USD. The PostgreSQL ledger is the
-    truth; Redis holds the fast counters.
+    truth; Redis holds the fast counters. Every granted hold is also written to
+    PostgreSQL, so when Redis loses its data the counters are rebuilt from the
+    ledger and the open holds before anything more is admitted (Reserve answers
+    UNAVAILABLE with RetryInfo meanwhile): counters never fall below the ledger.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -131,7 +149,8 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     Reserve: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.ReserveRequest, _budget_service_pb2.ReserveResponse]  # type: ignore[assignment]
     """Holds amount_micro_usd at every level the request touches, or nothing.
     The same atomic step counts requests and tokens per minute for the tenant
-    (policy.rate_limit) and the key (ApiKey.rate_limit).
+    (policy.rate_limit), the key (ApiKey.rate_limit) and the provider
+    (provider_rate_limit, shared by all tenants).
     Needs SCOPE_INTERNAL (the router calls it).
     Errors: RESOURCE_EXHAUSTED (BUDGET_EXHAUSTED with QuotaFailure;
     RATE_LIMITED with QuotaFailure naming the limit, e.g.
@@ -148,18 +167,29 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     """Charges the actual cost of a reserved request and releases the rest.
     A cost above the hold is charged in full (the ledger records the
     overrun). Needs SCOPE_INTERNAL.
+    Expired holds: a hold not settled or released before its expire_time is
+    settled by the reaper (any replica, exactly once) at its FULL reserved
+    amount, because the caller is presumed dead mid-request and nothing tells
+    how much the provider produced; there is no progress report, so the
+    reserved worst case is the only amount that never under-counts. A Settle
+    arriving later (e.g. from the router's outbox after a restart) replaces
+    that amount with the reported cost, once, in the ledger and counters; a
+    late Release refunds it. This works until a day after the expiry.
     Errors: NOT_FOUND (RESERVATION_NOT_FOUND), FAILED_PRECONDITION
     (ALREADY_SETTLED with a different amount). Idempotent per request_id.
     Deadline: 200 ms; callers retry from a durable outbox.
     """
     Release: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.ReleaseRequest, _budget_service_pb2.ReleaseResponse]  # type: ignore[assignment]
     """Releases a hold without charging (cache hit, request refused before the
-    upstream call). Needs SCOPE_INTERNAL. Errors: NOT_FOUND. Idempotent.
+    upstream call). A hold the reaper already charged in full is refunded
+    (released_micro_usd is that amount, once). Needs SCOPE_INTERNAL.
+    Errors: NOT_FOUND. Idempotent.
     Deadline: 200 ms.
     """
     GetBudgetStatus: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.GetBudgetStatusRequest, _budget_service_pb2.GetBudgetStatusResponse]  # type: ignore[assignment]
     """Spend, holds and limits of every budget that applies to a subject.
-    Needs SCOPE_READ. Errors: NOT_FOUND, INVALID_ARGUMENT. Idempotent.
+    Needs SCOPE_READ. Errors: NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE
+    (STORE_UNAVAILABLE while Redis' counters are rebuilt). Idempotent.
     Deadline: 1 s.
     """
     ListSpend: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.ListSpendRequest, _budget_service_pb2.ListSpendResponse]  # type: ignore[assignment]
@@ -173,7 +203,10 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
     call the worst-case cost is reserved at every level (tenant, team, project,
     key, end user) atomically; afterwards the actual cost is settled and the
     rest released. Money is integer micro-USD. The PostgreSQL ledger is the
-    truth; Redis holds the fast counters.
+    truth; Redis holds the fast counters. Every granted hold is also written to
+    PostgreSQL, so when Redis loses its data the counters are rebuilt from the
+    ledger and the open holds before anything more is admitted (Reserve answers
+    UNAVAILABLE with RetryInfo meanwhile): counters never fall below the ledger.
     """
 
     @_abc_1.abstractmethod
@@ -234,7 +267,8 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_budget_service_pb2.ReserveResponse, _abc.Awaitable[_budget_service_pb2.ReserveResponse]]:
         """Holds amount_micro_usd at every level the request touches, or nothing.
         The same atomic step counts requests and tokens per minute for the tenant
-        (policy.rate_limit) and the key (ApiKey.rate_limit).
+        (policy.rate_limit), the key (ApiKey.rate_limit) and the provider
+        (provider_rate_limit, shared by all tenants).
         Needs SCOPE_INTERNAL (the router calls it).
         Errors: RESOURCE_EXHAUSTED (BUDGET_EXHAUSTED with QuotaFailure;
         RATE_LIMITED with QuotaFailure naming the limit, e.g.
@@ -257,6 +291,14 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         """Charges the actual cost of a reserved request and releases the rest.
         A cost above the hold is charged in full (the ledger records the
         overrun). Needs SCOPE_INTERNAL.
+        Expired holds: a hold not settled or released before its expire_time is
+        settled by the reaper (any replica, exactly once) at its FULL reserved
+        amount, because the caller is presumed dead mid-request and nothing tells
+        how much the provider produced; there is no progress report, so the
+        reserved worst case is the only amount that never under-counts. A Settle
+        arriving later (e.g. from the router's outbox after a restart) replaces
+        that amount with the reported cost, once, in the ledger and counters; a
+        late Release refunds it. This works until a day after the expiry.
         Errors: NOT_FOUND (RESERVATION_NOT_FOUND), FAILED_PRECONDITION
         (ALREADY_SETTLED with a different amount). Idempotent per request_id.
         Deadline: 200 ms; callers retry from a durable outbox.
@@ -269,7 +311,9 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_budget_service_pb2.ReleaseResponse, _abc.Awaitable[_budget_service_pb2.ReleaseResponse]]:
         """Releases a hold without charging (cache hit, request refused before the
-        upstream call). Needs SCOPE_INTERNAL. Errors: NOT_FOUND. Idempotent.
+        upstream call). A hold the reaper already charged in full is refunded
+        (released_micro_usd is that amount, once). Needs SCOPE_INTERNAL.
+        Errors: NOT_FOUND. Idempotent.
         Deadline: 200 ms.
         """
 
@@ -280,7 +324,8 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_budget_service_pb2.GetBudgetStatusResponse, _abc.Awaitable[_budget_service_pb2.GetBudgetStatusResponse]]:
         """Spend, holds and limits of every budget that applies to a subject.
-        Needs SCOPE_READ. Errors: NOT_FOUND, INVALID_ARGUMENT. Idempotent.
+        Needs SCOPE_READ. Errors: NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE
+        (STORE_UNAVAILABLE while Redis' counters are rebuilt). Idempotent.
         Deadline: 1 s.
         """
 
