@@ -101,6 +101,24 @@ class Frontier:
         self.size += 1
         return completed
 
+    def extend(self, leaves: Sequence[bytes]) -> None:
+        """Adds many leaf hashes (as :meth:`append` each, without listing subtrees).
+
+        The verifier's hot loop: the same carries as :meth:`append`, with the
+        hashing inlined.
+        """
+        sha256 = hashlib.sha256
+        hashes = self.hashes
+        size = self.size
+        for current in leaves:
+            carry = size
+            while carry & 1:
+                current = sha256(b"\x01" + hashes.pop() + current).digest()
+                carry >>= 1
+            hashes.append(current)
+            size += 1
+        self.size = size
+
     def root(self) -> bytes:
         """MTH of the tree so far."""
         if not self.hashes:

@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 from orchestra.audit.v1 import audit_service_pb2
 from orchestra.common.v1 import errors_pb2
 from services.audit import hashing
+from services.audit.bodies import SealedBody
 from services.common.errors import InvalidArgument
 
 MAX_EVENT_ID_CHARS = 128
@@ -45,6 +46,8 @@ class Entry:
         end_user: The chat's end user ("" when none).
         canonical: The canonical record bytes.
         leaf_hash: ``hashing.leaf_hash(canonical)``.
+        body: The sealed chat body stored beside the record (its
+            ``body_sha256`` is in ``canonical``), or None.
     """
 
     event_id: str
@@ -56,6 +59,7 @@ class Entry:
     end_user: str
     canonical: bytes
     leaf_hash: bytes
+    body: SealedBody | None = None
 
 
 def _invalid(field: str, message: str) -> InvalidArgument:
@@ -137,15 +141,28 @@ def canonical_bytes(record: AuditRecord) -> bytes:
     return canonical.SerializeToString(deterministic=True)
 
 
-def entry_of(record: AuditRecord, field: str = "record") -> Entry:
+def entry_of(record: AuditRecord, field: str = "record", body: SealedBody | None = None) -> Entry:
     """Validates ``record`` and prepares it for the log.
+
+    The service owns ``chat.body_sha256`` and ``chat.body_key_id``: whatever
+    the producer put there is replaced by the commitment to ``body`` (or
+    cleared when there is none), so a record never claims a body it lacks.
 
     Raises:
         InvalidArgument: As :func:`validate`.
     """
     validate(record, field)
+    if record.kind == audit_service_pb2.RECORD_KIND_CHAT and (
+        body is not None or record.chat.body_sha256 or record.chat.body_key_id
+    ):
+        committed = AuditRecord()
+        committed.CopyFrom(record)
+        committed.chat.body_sha256 = body.sha256 if body is not None else b""
+        committed.chat.body_key_id = body.key_id if body is not None else ""
+        record = committed
     canonical = canonical_bytes(record)
-    return _entry(record, canonical)
+    entry = _entry(record, canonical)
+    return entry if body is None else dataclasses.replace(entry, body=body)
 
 
 def _entry(record: AuditRecord, canonical: bytes) -> Entry:

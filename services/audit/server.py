@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import datetime
+import logging
 from collections.abc import Sequence
 
 import asyncpg
 import grpc
 
 from orchestra.audit.v1 import audit_service_pb2, audit_service_pb2_grpc
+from services.audit.bodies import KeyWrapper
+from services.audit.body_store import BodyStore
 from services.audit.service import AuditServicer
 from services.audit.signing import Signer, load_signer
 from services.audit.store import AuditStore
 from services.audit.tree_store import TreeStore
+from services.common.errors import Unavailable
 from services.common.identity import IdentitySigner
 from services.common.settings import Settings, require
 from services.common.stores import connect_postgres, migrate
+
+log = logging.getLogger(__name__)
+
+# How often expired bodies are dropped; retention is counted in days.
+RETENTION_SWEEP_SECONDS = 3600.0
 
 
 class AuditService:
@@ -23,11 +35,17 @@ class AuditService:
     name = "audit"
 
     def __init__(
-        self, pool: asyncpg.Pool, signer: IdentitySigner, checkpoint_signer: Signer
+        self,
+        pool: asyncpg.Pool,
+        signer: IdentitySigner,
+        checkpoint_signer: Signer,
+        internal_key: bytes,
     ) -> None:
         self._pool = pool
         self.store = AuditStore(pool, TreeStore(pool, checkpoint_signer))
-        self._servicer = AuditServicer(self.store, signer)
+        self.bodies = BodyStore(pool, KeyWrapper(internal_key))
+        self._servicer = AuditServicer(self.store, signer, self.bodies)
+        self._retention: asyncio.Task[None] | None = None
 
     def full_names(self) -> Sequence[str]:
         """The gRPC service this serves."""
@@ -38,11 +56,27 @@ class AuditService:
         audit_service_pb2_grpc.add_AuditServiceServicer_to_server(self._servicer, server)
 
     async def start(self) -> None:
-        """Brings the Merkle tree and checkpoints up to the records already stored."""
+        """Brings the tree up to the stored records; starts the retention sweep."""
         await self.store.catch_up()
+        self._retention = asyncio.create_task(self._sweep(), name="audit-retention")
+
+    async def _sweep(self) -> None:
+        """Drops sealed bodies past their tenant's retention, every RETENTION_SWEEP_SECONDS."""
+        while True:
+            try:
+                dropped = await self.bodies.drop_expired(datetime.datetime.now(datetime.UTC))
+                if dropped:
+                    log.info("retention dropped %d audit bodies", dropped)
+            except Unavailable as exc:
+                log.warning("retention sweep skipped: %s", exc.message)
+            await asyncio.sleep(RETENTION_SWEEP_SECONDS)
 
     async def stop(self) -> None:
-        """Closes the database pool."""
+        """Stops the retention sweep; closes the database pool."""
+        if self._retention is not None:
+            self._retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retention
         await self._pool.close()
 
 
@@ -59,4 +93,6 @@ async def build(settings: Settings) -> AuditService:
     except BaseException:
         await pool.close()
         raise
-    return AuditService(pool, IdentitySigner(settings.internal_key), checkpoint_signer)
+    return AuditService(
+        pool, IdentitySigner(settings.internal_key), checkpoint_signer, settings.internal_key
+    )

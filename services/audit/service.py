@@ -16,6 +16,8 @@ import grpc
 from orchestra.audit.v1 import audit_service_pb2, audit_service_pb2_grpc
 from orchestra.common.v1 import errors_pb2, identity_pb2
 from services.audit import records
+from services.audit.admin_records import admin_record
+from services.audit.body_store import BodyStore, Erased, seal_for
 from services.audit.store import AuditStore, RecordFilter, StoredRow, store_errors
 from services.audit.tree_store import StoredCheckpoint
 from services.common import paging
@@ -51,9 +53,10 @@ def _beyond(field: str, size: int, log_size: int) -> InvalidArgument:
 class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
     """Serves the log kept by an :class:`AuditStore`."""
 
-    def __init__(self, store: AuditStore, signer: IdentitySigner) -> None:
+    def __init__(self, store: AuditStore, signer: IdentitySigner, bodies: BodyStore) -> None:
         self._store = store
         self._signer = signer
+        self._bodies = bodies
 
     async def AppendRecord(  # noqa: N802 - gRPC method name
         self, request: pb.AppendRecordRequest, context: _Context
@@ -62,7 +65,12 @@ class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
         caller(context, self._signer, identity_pb2.SCOPE_INTERNAL)
         if not request.HasField("record"):
             raise _invalid("record", "record is required")
-        [appended] = await self._store.append([records.entry_of(request.record, "record")])
+        body = request.body if request.HasField("body") else None
+        if body is not None and body.event_id not in ("", request.record.event_id):
+            raise _invalid("body.event_id", "body.event_id must be empty or the record's event_id")
+        given = {request.record.event_id: (body, "body")} if body is not None else {}
+        [entry] = await self._entries([(request.record, "record")], given)
+        [appended] = await self._store.append([entry])
         return pb.AppendRecordResponse(index=appended.index, leaf_hash=appended.leaf_hash)
 
     async def AppendRecords(  # noqa: N802 - gRPC method name
@@ -78,11 +86,49 @@ class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
                 f"at most {MAX_BATCH_RECORDS} records per call",
                 limit=str(MAX_BATCH_RECORDS),
             )
-        entries = [
-            records.entry_of(record, f"records[{i}]") for i, record in enumerate(request.records)
-        ]
+        given: dict[str, tuple[pb.RecordBody, str]] = {}
+        ids = {record.event_id for record in request.records}
+        for i, body in enumerate(request.bodies):
+            field = f"bodies[{i}]"
+            if body.event_id not in ids:
+                raise _invalid(f"{field}.event_id", "body.event_id names no record of the request")
+            if body.event_id in given:
+                raise _invalid(f"{field}.event_id", "at most one body per record")
+            given[body.event_id] = (body, field)
+        entries = await self._entries(
+            [(record, f"records[{i}]") for i, record in enumerate(request.records)], given
+        )
         appended = await self._store.append(entries)
         return pb.AppendRecordsResponse(indexes=[a.index for a in appended])
+
+    async def _entries(
+        self,
+        recs: list[tuple[pb.AuditRecord, str]],
+        given: dict[str, tuple[pb.RecordBody, str]],
+    ) -> list[records.Entry]:
+        """Validates records and seals the bodies that come with them."""
+        subjects = set()
+        for record, record_field in recs:
+            if record.event_id not in given:
+                continue  # entry_of validates it below
+            records.validate(record, record_field)
+            body, field = given[record.event_id]
+            if record.kind != pb.RECORD_KIND_CHAT:
+                raise _invalid(field, "only a RECORD_KIND_CHAT record keeps a body")
+            if body.retention_days < 0:
+                raise _invalid(f"{field}.retention_days", "retention_days must not be negative")
+            subjects.add((record.tenant_id, record.chat.attribution.end_user))
+        keys = await self._bodies.keys_for(subjects) if subjects else {}
+        entries = []
+        for record, field in recs:
+            sealed = None
+            if record.event_id in given:
+                body, _ = given[record.event_id]
+                key = keys[(record.tenant_id, record.chat.attribution.end_user)]
+                when = records.to_datetime(record.event_time, f"{field}.event_time")
+                sealed = seal_for(key, record, body, when)
+            entries.append(records.entry_of(record, field, sealed))
+        return entries
 
     async def ListRecords(  # noqa: N802 - gRPC method name
         self, request: pb.ListRecordsRequest, context: _Context
@@ -196,6 +242,69 @@ class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
             if len(rows) < _EXPORT_BATCH:
                 return
             start = rows[-1].index + 1
+
+    async def GetRecordBody(  # noqa: N802 - gRPC method name
+        self, request: pb.GetRecordBodyRequest, context: _Context
+    ) -> pb.GetRecordBodyResponse:
+        """Decrypts a chat record's body (SCOPE_ADMIN on its tenant, or SCOPE_OPERATOR)."""
+        identity = caller(
+            context, self._signer, identity_pb2.SCOPE_ADMIN, identity_pb2.SCOPE_OPERATOR
+        )
+        if not request.event_id:
+            raise _invalid("event_id", "event_id is required")
+        records.check_text(request.event_id, "event_id")
+        operator = has_scope(identity, identity_pb2.SCOPE_OPERATOR)
+        index, tenant, body = await self._bodies.read(
+            request.event_id, None if operator else identity.tenant_id
+        )
+        # Reading personal data is itself an audited act.
+        record = admin_record(
+            tenant_id=tenant,
+            actor=identity.key_id,
+            action="orchestra.audit.v1.AuditService/GetRecordBody",
+            resource=f"records/{index}",
+            details={"event_id": request.event_id},
+        )
+        await self._store.append([records.entry_of(record, "access")])
+        return pb.GetRecordBodyResponse(index=index, body=body)
+
+    async def EraseSubject(  # noqa: N802 - gRPC method name
+        self, request: pb.EraseSubjectRequest, context: _Context
+    ) -> pb.EraseSubjectResponse:
+        """Destroys a subject's keys and audits it (SCOPE_ADMIN, or SCOPE_OPERATOR)."""
+        identity = caller(
+            context, self._signer, identity_pb2.SCOPE_ADMIN, identity_pb2.SCOPE_OPERATOR
+        )
+        tenant = tenant_of(identity, request.tenant_id)
+        if not tenant:
+            raise _invalid("tenant_id", "tenant_id is required (the caller has no tenant)")
+        for name in ("tenant_id", "end_user", "reason"):
+            records.check_text(getattr(request, name), name)
+        done: list[Erased] = []
+
+        async def destroy(conn: Any) -> list[records.Entry]:
+            erased = await BodyStore.erase(conn, tenant, request.end_user)
+            done.append(erased)
+            record = admin_record(
+                tenant_id=tenant,
+                actor=identity.key_id,
+                action="orchestra.audit.v1.AuditService/EraseSubject",
+                resource=f"tenants/{tenant}/endUsers/{request.end_user}",
+                details={
+                    "end_user": request.end_user,
+                    "keys_destroyed": erased.keys_destroyed,
+                    "bodies_unreadable": erased.bodies_unreadable,
+                    "reason": request.reason,
+                },
+            )
+            return [records.entry_of(record, "erasure")]
+
+        [appended] = await self._store.append_after(destroy)
+        return pb.EraseSubjectResponse(
+            keys_destroyed=done[0].keys_destroyed,
+            bodies_unreadable=done[0].bodies_unreadable,
+            audit_index=appended.index,
+        )
 
     async def _export_range(self, request: pb.ExportRecordsRequest) -> tuple[int, int]:
         """The [start, end) an export covers, fixed when the call starts."""

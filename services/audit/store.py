@@ -20,13 +20,14 @@ import dataclasses
 import datetime
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import asyncpg
 
 from orchestra.common.v1 import errors_pb2
 from services.audit import hashing
+from services.audit.bodies import SealedBody
 from services.audit.records import Entry
 from services.audit.tree_store import TreeStore
 from services.common.errors import Internal, Unavailable
@@ -49,6 +50,18 @@ INSERT INTO audit.records ({_COLUMNS})
 SELECT * FROM unnest(
     $1::bigint[], $2::text[], $3::text[], $4::timestamptz[], $5::smallint[],
     $6::text[], $7::text[], $8::text[], $9::bytea[], $10::bytea[], $11::bytea[])
+"""
+
+_INSERT_BODIES = """
+INSERT INTO audit.bodies (event_id, tenant_id, end_user, key_id, sealed, expire_time)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bytea[],
+    $6::timestamptz[])
+"""
+
+_VERIFY_SCAN = """
+SELECT index, event_id, tenant_id, (extract(epoch FROM event_time) * 1000000)::bigint,
+    kind, actor, model, end_user, record, leaf_hash, chain_hash
+FROM audit.records WHERE index >= $1 AND index < $2 ORDER BY index LIMIT $3
 """
 
 # Failures that say the database is (perhaps briefly) out of reach, as opposed
@@ -142,13 +155,32 @@ class AuditStore:
         self.tree = tree
 
     async def append(self, entries: Sequence[Entry]) -> list[Appended]:
-        """Appends ``entries`` in order, atomically.
+        """Appends ``entries`` in order, atomically, with the bodies they carry.
 
         An entry whose event_id is already in the log (or earlier in
-        ``entries``) is not appended again; its original position is returned.
+        ``entries``) is not appended again; its original position is returned
+        (and its body, if any, is not stored again).
 
         Returns:
             Where each entry is, in the order given.
+
+        Raises:
+            Unavailable: STORE_UNAVAILABLE.
+        """
+
+        async def given(_conn: Any) -> Sequence[Entry]:
+            return entries
+
+        return await self.append_after(given)
+
+    async def append_after(
+        self, step: Callable[[Any], Awaitable[Sequence[Entry]]]
+    ) -> list[Appended]:
+        """Runs ``step`` under the sequencer lock, then appends what it returns.
+
+        ``step`` gets the transaction's connection: whatever it changes (e.g.
+        destroying a subject's keys) commits atomically with the records that
+        describe it, or not at all.
 
         Raises:
             Unavailable: STORE_UNAVAILABLE.
@@ -161,6 +193,7 @@ class AuditStore:
             conn.transaction(isolation="read_committed"),
         ):
             await conn.execute("SELECT pg_advisory_xact_lock($1)", SEQUENCER_LOCK)
+            entries = await step(conn)
             known = await self._known(conn, [e.event_id for e in entries])
             head = await conn.fetchrow(
                 "SELECT index, chain_hash FROM audit.records ORDER BY index DESC LIMIT 1"
@@ -182,6 +215,9 @@ class AuditStore:
                 next_index += 1
             if rows:
                 await conn.execute(_INSERT, *_columns(rows))
+                bodies = [entry.body for _, entry, _ in rows if entry.body is not None]
+                if bodies:
+                    await conn.execute(_INSERT_BODIES, *_body_columns(bodies))
             size = 0 if head is None else head["index"] + 1
             await self._grow_tree(conn, size, [entry.leaf_hash for _, entry, _ in rows])
         return results
@@ -291,6 +327,20 @@ class AuditStore:
         async with store_errors():
             return [_row(r) for r in await self._pool.fetch(query, *args)]
 
+    async def scan_for_verify(self, start: int, end: int, limit: int) -> list[asyncpg.Record]:
+        """Like :meth:`scan` but lean, for verification's hot loop.
+
+        Rows are asyncpg records in :class:`StoredRow`'s field order, except
+        that ``event_time`` is whole microseconds since the Unix epoch (an int:
+        ``extract`` is an exact numeric on PostgreSQL 14+), so no datetime or
+        dataclass is built per row.
+
+        Raises:
+            Unavailable: STORE_UNAVAILABLE.
+        """
+        async with store_errors():
+            return list(await self._pool.fetch(_VERIFY_SCAN, start, end, limit))
+
     async def size(self) -> int:
         """The number of records in the log (one past the last index).
 
@@ -328,4 +378,15 @@ def _columns(rows: list[tuple[int, Entry, bytes]]) -> list[list[Any]]:
         [e.canonical for _, e, _ in rows],
         [e.leaf_hash for _, e, _ in rows],
         [chain for _, _, chain in rows],
+    ]
+
+
+def _body_columns(bodies: list[SealedBody]) -> list[list[Any]]:
+    return [
+        [b.event_id for b in bodies],
+        [b.tenant_id for b in bodies],
+        [b.end_user for b in bodies],
+        [b.key_id for b in bodies],
+        [b.sealed for b in bodies],
+        [b.expire_time for b in bodies],
     ]

@@ -22,9 +22,13 @@ not trusted: proofs built from a damaged cache fail the client's check.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import datetime
+import hashlib
 from collections.abc import Sequence
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from google.protobuf.message import DecodeError
@@ -73,27 +77,67 @@ class Walk:
         self._key = public_key
         self._key_id = None if public_key is None else signing.key_id(public_key)
 
-    def step(self, row: StoredRow) -> Mismatch | None:
-        """Checks the next database row (index, hashes, chain, columns, checkpoints)."""
-        if row.index != self.expected:
-            # A missing index (deleted row) or one out of place.
-            return Mismatch(min(row.index, self.expected), f"expected index {self.expected}")
-        leaf = hashing.leaf_hash(row.record)
-        if leaf != row.leaf_hash:
-            return Mismatch(row.index, "leaf hash does not match the record bytes")
-        chain = hashing.chain_hash(self.chain, leaf)
-        if chain != row.chain_hash:
-            return Mismatch(row.index, "chain hash does not follow from its predecessor")
-        problem = _columns_problem(row)
-        if problem:
-            return Mismatch(row.index, problem)
+    def step_rows(self, rows: Sequence[Any]) -> Mismatch | None:
+        """Checks the next database rows in order (index, hashes, chain, columns, checkpoints).
+
+        Args:
+            rows: Rows of :meth:`AuditStore.scan_for_verify` (event_time as
+                microseconds since the epoch).
+        """
+        sha256 = hashlib.sha256
+        expected = self.expected
+        chain = self.chain
+        leaves: list[bytes] = []
+        problem: Mismatch | None = None
+        for row in rows:
+            index, raw, stored_leaf, stored_chain = row[0], row[8], row[9], row[10]
+            if index != expected:
+                # A missing index (deleted row) or one out of place.
+                problem = Mismatch(min(index, expected), f"expected index {expected}")
+                break
+            leaf = sha256(b"\x00" + raw).digest()
+            if leaf != stored_leaf:
+                problem = Mismatch(index, "leaf hash does not match the record bytes")
+                break
+            next_chain = sha256(chain + leaf).digest()
+            if next_chain != stored_chain:
+                problem = Mismatch(index, "chain hash does not follow from its predecessor")
+                break
+            if not _columns_agree(row):
+                reason = _columns_problem(_stored(row))
+                if reason:
+                    problem = Mismatch(index, reason)
+                    break
+            chain = next_chain
+            leaves.append(leaf)
+            expected += 1
         self.chain = chain
-        return self.add_leaf(leaf)
+        # Checkpoints the good rows reach come first: they may expose an
+        # earlier index than the bad row.
+        return self.add_leaves(leaves) or problem
+
+    def add_leaves(self, leaves: Sequence[bytes]) -> Mismatch | None:
+        """Adds the next (already checked) leaf hashes; checks each checkpoint met."""
+        done = 0
+        while done < len(leaves):
+            take = len(leaves) - done
+            if self._next < len(self._checkpoints):
+                # Checkpoint sizes grow strictly, so the next one is ahead.
+                take = min(take, self._checkpoints[self._next].tree_size - self.frontier.size)
+            self.frontier.extend(leaves[done : done + take])
+            done += take
+            self.expected += take
+            mismatch = self._met()
+            if mismatch is not None:
+                return mismatch
+        return None
 
     def add_leaf(self, leaf: bytes) -> Mismatch | None:
         """Adds the next (already checked) leaf hash to the tree; checks a checkpoint there."""
-        self.frontier.append(leaf)
-        self.expected += 1
+        return self.add_leaves([leaf])
+
+    def _met(self) -> Mismatch | None:
+        """Checks the checkpoints at the current size."""
         while self._next < len(self._checkpoints):
             checkpoint = self._checkpoints[self._next]
             if checkpoint.tree_size != self.frontier.size:
@@ -157,38 +201,42 @@ _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 _MICROSECOND = datetime.timedelta(microseconds=1)
 
 
-def _columns_agree(row: StoredRow) -> bool:
+def _columns_agree(row: Sequence[Any]) -> bool:
     """The fast path of :func:`_columns_problem`: True only if every column matches.
 
-    It parses the record once and compares raw fields (the full path also
-    re-hashes and builds datetimes, twice the cost); anything unusual goes to
-    the full path, which names the problem.
+    ``row`` is a :meth:`AuditStore.scan_for_verify` row. It parses the record
+    once and compares raw fields; anything unusual goes to the full path,
+    which names the problem.
     """
     record = records.AuditRecord()
     try:
-        record.ParseFromString(row.record)
+        record.ParseFromString(row[8])
     except DecodeError:
         return False
     if not record.HasField("event_time"):
         return False
     stamp = record.event_time
-    micros = stamp.seconds * 1_000_000 + stamp.nanos // 1000
+    chat = record.chat
     return (
-        record.event_id == row.event_id
-        and record.tenant_id == row.tenant_id
-        and record.kind == row.kind
-        and record.actor == row.actor
-        and record.chat.model == row.model
-        and record.chat.attribution.end_user == row.end_user
-        and micros == (row.event_time - _EPOCH) // _MICROSECOND
+        record.event_id == row[1]
+        and record.tenant_id == row[2]
+        and stamp.seconds * 1_000_000 + stamp.nanos // 1000 == row[3]
+        and record.kind == row[4]
+        and record.actor == row[5]
+        and chat.model == row[6]
+        and chat.attribution.end_user == row[7]
         and record.kind in _KINDS
     )
 
 
+def _stored(row: Sequence[Any]) -> StoredRow:
+    """A scan_for_verify row as a StoredRow (for the full column check)."""
+    when = _EPOCH + datetime.timedelta(microseconds=row[3])
+    return StoredRow(row[0], row[1], row[2], when, *row[4:])
+
+
 def _columns_problem(row: StoredRow) -> str:
     """Which filterable column disagrees with the record bytes ("" if none)."""
-    if _columns_agree(row):
-        return ""
     try:
         entry = records.entry_from_canonical(row.record)
     except ValueError as exc:
@@ -224,17 +272,28 @@ async def verify(
         end = latest.tree_size if latest is not None else _END
     checkpoints = [c for c in await store.tree.checkpoints(0, _END) if c.tree_size <= end]
     walk = Walk(checkpoints, public_key)
-    after = -1
-    while True:
-        # Reads rows by index, not by position, so a gap shows up as a jump.
-        rows = await store.scan(after + 1, end, batch_size)
-        for row in rows:
-            mismatch = walk.step(row)
+    start = 0
+    # Reads the next batch while this one is checked, so PostgreSQL and
+    # Python work at once. Rows are read by index, not by position, so a gap
+    # shows up as a jump.
+    pending = asyncio.ensure_future(store.scan_for_verify(start, end, batch_size))
+    try:
+        while True:
+            rows = await pending
+            if len(rows) == batch_size:
+                start = rows[-1][0] + 1
+                pending = asyncio.ensure_future(store.scan_for_verify(start, end, batch_size))
+                await asyncio.sleep(0)  # let it send the query
+            mismatch = walk.step_rows(rows)
             if mismatch is not None:
                 return mismatch
-        if len(rows) < batch_size:
-            return walk.finish() or (await _uncovered(store) if whole else None)
-        after = rows[-1].index
+            if len(rows) < batch_size:
+                return walk.finish() or (await _uncovered(store) if whole else None)
+    finally:
+        if not pending.done():
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pending
 
 
 async def _uncovered(store: AuditStore) -> Mismatch | None:

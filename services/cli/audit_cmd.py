@@ -1,11 +1,16 @@
-"""``orchestra audit verify`` and ``orchestra audit export``.
+"""``orchestra audit verify``, ``export``, ``public-key`` and ``erase``.
 
 ``verify`` recomputes the log in PostgreSQL (``DATABASE_URL``) from index 0 —
 leaf hashes, hash chain, columns, the Merkle tree — and checks every signed
-checkpoint's root and signature; or, with ``--export FILE``, does the same
+checkpoint's root and signature, then every stored chat body against the
+``body_sha256`` its record commits to; or, with ``--export FILE``, does the same
 offline for a JSONL export with only the public key. It prints the first index
 where anything differs and exits 1, or prints a summary and exits 0 (2: it
 could not run).
+
+``erase`` calls the EraseSubject RPC through the edge with an ADMIN (or
+OPERATOR) API key: the subject's keys are destroyed, its stored bodies become
+unreadable, and the erasure is itself appended to the log.
 
 The public key is base64 of the raw 32 bytes, given directly or as a file
 holding that text. Without ``--public-key``, the database check uses the key
@@ -24,9 +29,13 @@ import time
 from pathlib import Path
 
 import asyncpg
+import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from orchestra.audit.v1 import audit_service_pb2 as pb
+from orchestra.audit.v1 import audit_service_pb2_grpc
 from services.audit import signing
+from services.audit.body_store import check_bodies
 from services.audit.export import verify_jsonl, write_jsonl
 from services.audit.signing import SigningKeyError
 from services.audit.store import AuditStore
@@ -70,8 +79,13 @@ async def _verify_database(url: str, key: Ed25519PublicKey | None, end: int | No
         mismatch = await verify(store, batch_size=10_000, public_key=key, end=end)
         size = end if end is not None else (await store.size())
         checkpoints = len(await store.tree.checkpoints(0, 2**62))
+        bad_body = await check_bodies(pool) if mismatch is None else None
     finally:
         await pool.close()
+    if bad_body is not None:
+        where = "no record" if bad_body.index is None else f"index {bad_body.index}"
+        print(f"BAD BODY: event_id {bad_body.event_id!r} ({where}): {bad_body.reason}")
+        return 1
     elapsed = time.perf_counter() - started
     signed = "roots and signatures" if key is not None else "roots (signatures NOT checked)"
     return _report(
@@ -148,3 +162,44 @@ def run_public_key(args: argparse.Namespace) -> int:
         return 2
     print(base64.b64encode(signing.raw_public(key)).decode(), signing.key_id(key))
     return 0
+
+
+async def _erase(edge: str, key: str, tenant: str, user: str, reason: str) -> int:
+    from services.cli.client import describe
+
+    request = pb.EraseSubjectRequest(tenant_id=tenant, end_user=user, reason=reason)
+    async with grpc.aio.insecure_channel(edge) as channel:
+        stub = audit_service_pb2_grpc.AuditServiceStub(channel)
+        try:
+            reply = await stub.EraseSubject(
+                request, metadata=(("authorization", f"Bearer {key}"),), timeout=10
+            )
+        except grpc.aio.AioRpcError as exc:
+            print(f"orchestra audit erase: {describe(exc)}", file=sys.stderr)
+            return 1
+    print(
+        f"erased {tenant or 'your tenant'}/{user!r}: {reply.keys_destroyed} key(s) destroyed,"
+        f" {reply.bodies_unreadable} stored bodies now unreadable;"
+        f" audited at index {reply.audit_index}"
+    )
+    return 0
+
+
+def run_erase(args: argparse.Namespace) -> int:
+    """Runs ``orchestra audit erase --user USER [--tenant T] [--reason R]``.
+
+    Args:
+        args: ``edge``, ``api_key`` (or None), ``state_dir`` (or None),
+            ``tenant`` ("" = the key's own), ``user``, ``reason``.
+    """
+    from services.cli.client import CliError, api_key
+
+    try:
+        key = api_key(
+            args.api_key,
+            Path(args.state_dir or os.environ.get("ORCHESTRA_STATE_DIR") or ".orchestra"),
+        )
+    except CliError as exc:
+        print(f"orchestra audit erase: {exc}", file=sys.stderr)
+        return 1
+    return asyncio.run(_erase(args.edge, key, args.tenant, args.user, args.reason))

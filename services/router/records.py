@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Sequence
 
 from google.protobuf import timestamp_pb2
 
 from orchestra.audit.v1 import audit_service_pb2 as audit_pb2
+from orchestra.budget.v1 import account_service_pb2 as account_pb2
 from orchestra.budget.v1 import budget_service_pb2 as budget_pb2
 from orchestra.cache.v1 import cache_service_pb2 as cache_pb2
 from orchestra.common.v1 import chat_pb2, identity_pb2
@@ -141,14 +143,28 @@ def audit_payload(
     latency_ms: int,
     answer_text: str,
     fallbacks: list[str],
+    tool_calls: Sequence[chat_pb2.ToolCall] = (),
+    body_mode: account_pb2.AuditBodyMode.ValueType = account_pb2.AUDIT_BODY_MODE_UNSPECIFIED,
+    retention_days: int = 0,
 ) -> bytes:
-    """The audit record of one chat. Bodies are kept only as salted digests."""
+    """The audit record of one chat, with its bodies as the tenant's policy says.
+
+    ``body_mode`` and ``retention_days`` come from the tenant's policy.
+    HASH (and UNSPECIFIED) keeps salted digests of the prompt and answer in the
+    record; ENCRYPTED sends the plaintext beside the record (``body``) for the
+    audit service to seal under the subject's key, and no digests (they would
+    outlive an erasure); NONE keeps neither.
+    """
     now = timestamp_pb2.Timestamp()
     now.GetCurrentTime()
     attribution = chat_pb2.Attribution()
     attribution.CopyFrom(request.attribution)
     attribution.team = identity.team or attribution.team
     attribution.project = identity.project or attribution.project
+    hashed = body_mode in (
+        account_pb2.AUDIT_BODY_MODE_UNSPECIFIED,
+        account_pb2.AUDIT_BODY_MODE_HASH,
+    )
     record = audit_pb2.AuditRecord(
         event_id=f"chat:{rid}",
         event_time=now,
@@ -167,9 +183,21 @@ def audit_payload(
             status_code=status_code,
             error_reason=error_reason,
             latency_ms=latency_ms,
-            prompt_digest=_digest(salt, identity.tenant_id, _prompt_text(request)),
-            response_digest=_digest(salt, identity.tenant_id, answer_text),
+            prompt_digest=_digest(salt, identity.tenant_id, _prompt_text(request))
+            if hashed
+            else "",
+            response_digest=_digest(salt, identity.tenant_id, answer_text) if hashed else "",
             fallbacks=fallbacks,
         ),
     )
-    return audit_pb2.AppendRecordRequest(record=record).SerializeToString()
+    append = audit_pb2.AppendRecordRequest(record=record)
+    if body_mode == account_pb2.AUDIT_BODY_MODE_ENCRYPTED:
+        append.body.CopyFrom(
+            audit_pb2.RecordBody(
+                chat=audit_pb2.ChatBody(
+                    messages=request.messages, answer_text=answer_text, tool_calls=tool_calls
+                ),
+                retention_days=max(retention_days, 0),
+            )
+        )
+    return append.SerializeToString()

@@ -85,6 +85,21 @@ async def _edit_filter_column(conn: asyncpg.Connection) -> None:
     await conn.execute("UPDATE audit.records SET tenant_id = 'globex' WHERE index = 5")
 
 
+async def _shift_time_a_microsecond(conn: asyncpg.Connection) -> None:
+    await conn.execute(
+        "UPDATE audit.records SET event_time = event_time + interval '1 microsecond'"
+        " WHERE index = 7"
+    )
+
+
+async def _edit_model_column(conn: asyncpg.Connection) -> None:
+    await conn.execute("UPDATE audit.records SET model = 'cheap/model' WHERE index = 8")
+
+
+async def _edit_end_user_column(conn: asyncpg.Connection) -> None:
+    await conn.execute("UPDATE audit.records SET end_user = 'someone' WHERE index = 1")
+
+
 async def _delete_row(conn: asyncpg.Connection) -> None:
     await conn.execute("DELETE FROM audit.records WHERE index = 2")
 
@@ -106,6 +121,9 @@ async def _delete_first_row(conn: asyncpg.Connection) -> None:
         (_edit_bytes_and_leaf_hash, 4, "chain hash"),
         (_flip_one_bit, 6, "leaf hash"),
         (_edit_filter_column, 5, "column tenant_id"),
+        (_shift_time_a_microsecond, 7, "column event_time"),
+        (_edit_model_column, 8, "column model"),
+        (_edit_end_user_column, 1, "column end_user"),
         (_delete_row, 2, "expected index 2"),
         (_swap_rows, 3, "chain hash"),
         (_delete_first_row, 0, "expected index 0"),
@@ -115,6 +133,9 @@ async def _delete_first_row(conn: asyncpg.Connection) -> None:
         "edit-record-and-leaf-hash",
         "flip-a-bit",
         "edit-column",
+        "edit-time-by-1us",
+        "edit-model",
+        "edit-end-user",
         "delete",
         "swap",
         "delete-first",

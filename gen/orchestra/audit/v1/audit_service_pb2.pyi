@@ -128,6 +128,8 @@ class ChatEvent(_message.Message):
     PROMPT_DIGEST_FIELD_NUMBER: _builtins.int
     RESPONSE_DIGEST_FIELD_NUMBER: _builtins.int
     FALLBACKS_FIELD_NUMBER: _builtins.int
+    BODY_SHA256_FIELD_NUMBER: _builtins.int
+    BODY_KEY_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The chat's request id."""
     model: _builtins.str
@@ -150,6 +152,15 @@ class ChatEvent(_message.Message):
     """Salted SHA-256 of the prompt (hex), per the tenant's body mode."""
     response_digest: _builtins.str
     """Salted SHA-256 of the answer (hex)."""
+    body_sha256: _builtins.bytes
+    """SHA-256 of the sealed body kept beside the log (encrypted mode): the leaf
+    commits to the ciphertext, never the plaintext. Set by the service (a
+    producer's value is replaced); empty when no body is kept.
+    """
+    body_key_id: _builtins.str
+    """The subject key that sealed the body; destroying it (EraseSubject) makes
+    the body unreadable. Set by the service.
+    """
     @_builtins.property
     def attribution(self) -> _chat_pb2.Attribution:
         """Team, project and end user."""
@@ -179,14 +190,89 @@ class ChatEvent(_message.Message):
         prompt_digest: _builtins.str = ...,
         response_digest: _builtins.str = ...,
         fallbacks: _abc.Iterable[_builtins.str] | None = ...,
+        body_sha256: _builtins.bytes = ...,
+        body_key_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution", "cache_hit", b"cache_hit", "cost_micro_usd", b"cost_micro_usd", "error_reason", b"error_reason", "fallbacks", b"fallbacks", "latency_ms", b"latency_ms", "model", b"model", "prompt_digest", b"prompt_digest", "provider", b"provider", "request_id", b"request_id", "response_digest", b"response_digest", "routing_reason", b"routing_reason", "status_code", b"status_code", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution", "body_key_id", b"body_key_id", "body_sha256", b"body_sha256", "cache_hit", b"cache_hit", "cost_micro_usd", b"cost_micro_usd", "error_reason", b"error_reason", "fallbacks", b"fallbacks", "latency_ms", b"latency_ms", "model", b"model", "prompt_digest", b"prompt_digest", "provider", b"provider", "request_id", b"request_id", "response_digest", b"response_digest", "routing_reason", b"routing_reason", "status_code", b"status_code", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ChatEvent: _TypeAlias = ChatEvent  # noqa: Y015
+
+@_typing.final
+class ChatBody(_message.Message):
+    """A chat's plaintext, sent with its record when the tenant's policy keeps
+    bodies encrypted. The service seals it under the subject's key and stores
+    it beside the log; the record only commits to the ciphertext.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    ANSWER_TEXT_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    answer_text: _builtins.str
+    """The answer's text."""
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[_chat_pb2.Message]:
+        """The request's messages, as the client sent them."""
+
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[_chat_pb2.ToolCall]:
+        """The answer's tool calls."""
+
+    def __init__(
+        self,
+        *,
+        messages: _abc.Iterable[_chat_pb2.Message] | None = ...,
+        answer_text: _builtins.str = ...,
+        tool_calls: _abc.Iterable[_chat_pb2.ToolCall] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer_text", b"answer_text", "messages", b"messages", "tool_calls", b"tool_calls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChatBody: _TypeAlias = ChatBody  # noqa: Y015
+
+@_typing.final
+class RecordBody(_message.Message):
+    """The body to keep with one appended record."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    CHAT_FIELD_NUMBER: _builtins.int
+    RETENTION_DAYS_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """The record it belongs to (AppendRecords); empty in AppendRecord: the
+    request's record.
+    """
+    retention_days: _builtins.int
+    """Drop the sealed body this many days after the record's event_time
+    (tenant policy retention_days); zero: keep until the subject is erased.
+    """
+    @_builtins.property
+    def chat(self) -> Global___ChatBody:
+        """The plaintext."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        chat: Global___ChatBody | None = ...,
+        retention_days: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "event_id", b"event_id", "retention_days", b"retention_days"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordBody: _TypeAlias = RecordBody  # noqa: Y015
 
 @_typing.final
 class AdminEvent(_message.Message):
@@ -272,18 +358,26 @@ class AppendRecordRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RECORD_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def record(self) -> Global___AuditRecord:
         """The record; index and leaf_hash are ignored."""
+
+    @_builtins.property
+    def body(self) -> Global___RecordBody:
+        """The chat body to keep encrypted, if the tenant's policy says so; only
+        for RECORD_KIND_CHAT.
+        """
 
     def __init__(
         self,
         *,
         record: Global___AuditRecord | None = ...,
+        body: Global___RecordBody | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "record", b"record"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "record", b"record"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -322,18 +416,26 @@ class AppendRecordsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RECORDS_FIELD_NUMBER: _builtins.int
+    BODIES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def records(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditRecord]:
         """The records, in order (at most 1000)."""
+
+    @_builtins.property
+    def bodies(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordBody]:
+        """Bodies to keep encrypted, each naming its record by event_id (at most one
+        per record).
+        """
 
     def __init__(
         self,
         *,
         records: _abc.Iterable[Global___AuditRecord] | None = ...,
+        bodies: _abc.Iterable[Global___RecordBody] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bodies", b"bodies", "records", b"records"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -709,3 +811,115 @@ class ExportRecordsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExportRecordsResponse: _TypeAlias = ExportRecordsResponse  # noqa: Y015
+
+@_typing.final
+class GetRecordBodyRequest(_message.Message):
+    """Request for GetRecordBody."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """The chat record's event_id."""
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRecordBodyRequest: _TypeAlias = GetRecordBodyRequest  # noqa: Y015
+
+@_typing.final
+class GetRecordBodyResponse(_message.Message):
+    """Response for GetRecordBody."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """The record's index in the log."""
+    @_builtins.property
+    def body(self) -> Global___ChatBody:
+        """The decrypted body."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        body: Global___ChatBody | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "index", b"index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRecordBodyResponse: _TypeAlias = GetRecordBodyResponse  # noqa: Y015
+
+@_typing.final
+class EraseSubjectRequest(_message.Message):
+    """Request for EraseSubject."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    END_USER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant; empty: the caller's."""
+    end_user: _builtins.str
+    """The end user (Attribution.end_user) whose bodies to erase; empty erases
+    the tenant's requests that named no end user.
+    """
+    reason: _builtins.str
+    """Why (kept in the audit record of the erasure), e.g. a ticket id."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        end_user: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_user", b"end_user", "reason", b"reason", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseSubjectRequest: _TypeAlias = EraseSubjectRequest  # noqa: Y015
+
+@_typing.final
+class EraseSubjectResponse(_message.Message):
+    """Response for EraseSubject."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_DESTROYED_FIELD_NUMBER: _builtins.int
+    BODIES_UNREADABLE_FIELD_NUMBER: _builtins.int
+    AUDIT_INDEX_FIELD_NUMBER: _builtins.int
+    keys_destroyed: _builtins.int
+    """How many subject keys were destroyed (0: already erased or never keyed)."""
+    bodies_unreadable: _builtins.int
+    """How many stored bodies they sealed (now unreadable)."""
+    audit_index: _builtins.int
+    """Index of the ADMIN record that audits the erasure."""
+    def __init__(
+        self,
+        *,
+        keys_destroyed: _builtins.int = ...,
+        bodies_unreadable: _builtins.int = ...,
+        audit_index: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_index", b"audit_index", "bodies_unreadable", b"bodies_unreadable", "keys_destroyed", b"keys_destroyed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EraseSubjectResponse: _TypeAlias = EraseSubjectResponse  # noqa: Y015

@@ -78,6 +78,16 @@ class AuditServiceStub:
                 request_serializer=orchestra_dot_audit_dot_v1_dot_audit__service__pb2.ExportRecordsRequest.SerializeToString,
                 response_deserializer=orchestra_dot_audit_dot_v1_dot_audit__service__pb2.ExportRecordsResponse.FromString,
                 _registered_method=True)
+        self.GetRecordBody = channel.unary_unary(
+                '/orchestra.audit.v1.AuditService/GetRecordBody',
+                request_serializer=orchestra_dot_audit_dot_v1_dot_audit__service__pb2.GetRecordBodyRequest.SerializeToString,
+                response_deserializer=orchestra_dot_audit_dot_v1_dot_audit__service__pb2.GetRecordBodyResponse.FromString,
+                _registered_method=True)
+        self.EraseSubject = channel.unary_unary(
+                '/orchestra.audit.v1.AuditService/EraseSubject',
+                request_serializer=orchestra_dot_audit_dot_v1_dot_audit__service__pb2.EraseSubjectRequest.SerializeToString,
+                response_deserializer=orchestra_dot_audit_dot_v1_dot_audit__service__pb2.EraseSubjectResponse.FromString,
+                _registered_method=True)
 
 
 class AuditServiceServicer:
@@ -164,6 +174,32 @@ class AuditServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRecordBody(self, request, context):
+        """Decrypts the prompt and answer kept for a chat record (tenants whose
+        policy is AUDIT_BODY_MODE_ENCRYPTED). Each successful read is itself
+        appended to the log (an ADMIN record naming the reader). Needs SCOPE_ADMIN
+        on the record's tenant, or SCOPE_OPERATOR. Errors: NOT_FOUND (RESOURCE_NOT_FOUND: no such
+        record; AUDIT_BODY_NOT_KEPT: no body stored, or dropped by retention),
+        FAILED_PRECONDITION (AUDIT_SUBJECT_ERASED: its subject key was destroyed),
+        INTERNAL (AUDIT_BODY_CORRUPT). Idempotent. Deadline: 1 s.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EraseSubject(self, request, context):
+        """Erases one subject (tenant + end user): destroys every key that sealed
+        its bodies, so they can never be decrypted again, while every leaf and
+        checkpoint still verifies. The erasure is itself appended to the log as
+        an ADMIN record. Needs SCOPE_ADMIN on the tenant, or SCOPE_OPERATOR.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD), UNAVAILABLE (STORE_UNAVAILABLE).
+        Idempotent (a repeat destroys nothing more and is audited again).
+        Deadline: 5 s.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuditServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -206,6 +242,16 @@ def add_AuditServiceServicer_to_server(servicer, server):
                     servicer.ExportRecords,
                     request_deserializer=orchestra_dot_audit_dot_v1_dot_audit__service__pb2.ExportRecordsRequest.FromString,
                     response_serializer=orchestra_dot_audit_dot_v1_dot_audit__service__pb2.ExportRecordsResponse.SerializeToString,
+            ),
+            'GetRecordBody': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRecordBody,
+                    request_deserializer=orchestra_dot_audit_dot_v1_dot_audit__service__pb2.GetRecordBodyRequest.FromString,
+                    response_serializer=orchestra_dot_audit_dot_v1_dot_audit__service__pb2.GetRecordBodyResponse.SerializeToString,
+            ),
+            'EraseSubject': grpc.unary_unary_rpc_method_handler(
+                    servicer.EraseSubject,
+                    request_deserializer=orchestra_dot_audit_dot_v1_dot_audit__service__pb2.EraseSubjectRequest.FromString,
+                    response_serializer=orchestra_dot_audit_dot_v1_dot_audit__service__pb2.EraseSubjectResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -428,6 +474,60 @@ class AuditService:
             '/orchestra.audit.v1.AuditService/ExportRecords',
             orchestra_dot_audit_dot_v1_dot_audit__service__pb2.ExportRecordsRequest.SerializeToString,
             orchestra_dot_audit_dot_v1_dot_audit__service__pb2.ExportRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRecordBody(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestra.audit.v1.AuditService/GetRecordBody',
+            orchestra_dot_audit_dot_v1_dot_audit__service__pb2.GetRecordBodyRequest.SerializeToString,
+            orchestra_dot_audit_dot_v1_dot_audit__service__pb2.GetRecordBodyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EraseSubject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestra.audit.v1.AuditService/EraseSubject',
+            orchestra_dot_audit_dot_v1_dot_audit__service__pb2.EraseSubjectRequest.SerializeToString,
+            orchestra_dot_audit_dot_v1_dot_audit__service__pb2.EraseSubjectResponse.FromString,
             options,
             channel_credentials,
             insecure,

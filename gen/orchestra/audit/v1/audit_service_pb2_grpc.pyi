@@ -82,6 +82,24 @@ class AuditServiceStub:
     only their own tenant's.
     Errors: INVALID_ARGUMENT. Idempotent. Deadline: proportional to the range.
     """
+    GetRecordBody: _grpc.UnaryUnaryMultiCallable[_audit_service_pb2.GetRecordBodyRequest, _audit_service_pb2.GetRecordBodyResponse]
+    """Decrypts the prompt and answer kept for a chat record (tenants whose
+    policy is AUDIT_BODY_MODE_ENCRYPTED). Each successful read is itself
+    appended to the log (an ADMIN record naming the reader). Needs SCOPE_ADMIN
+    on the record's tenant, or SCOPE_OPERATOR. Errors: NOT_FOUND (RESOURCE_NOT_FOUND: no such
+    record; AUDIT_BODY_NOT_KEPT: no body stored, or dropped by retention),
+    FAILED_PRECONDITION (AUDIT_SUBJECT_ERASED: its subject key was destroyed),
+    INTERNAL (AUDIT_BODY_CORRUPT). Idempotent. Deadline: 1 s.
+    """
+    EraseSubject: _grpc.UnaryUnaryMultiCallable[_audit_service_pb2.EraseSubjectRequest, _audit_service_pb2.EraseSubjectResponse]
+    """Erases one subject (tenant + end user): destroys every key that sealed
+    its bodies, so they can never be decrypted again, while every leaf and
+    checkpoint still verifies. The erasure is itself appended to the log as
+    an ADMIN record. Needs SCOPE_ADMIN on the tenant, or SCOPE_OPERATOR.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD), UNAVAILABLE (STORE_UNAVAILABLE).
+    Idempotent (a repeat destroys nothing more and is audited again).
+    Deadline: 5 s.
+    """
 
 @_typing.type_check_only
 class AuditServiceAsyncStub(AuditServiceStub):
@@ -136,6 +154,24 @@ class AuditServiceAsyncStub(AuditServiceStub):
     Needs SCOPE_READ; an operator gets every tenant's records, anyone else
     only their own tenant's.
     Errors: INVALID_ARGUMENT. Idempotent. Deadline: proportional to the range.
+    """
+    GetRecordBody: _aio.UnaryUnaryMultiCallable[_audit_service_pb2.GetRecordBodyRequest, _audit_service_pb2.GetRecordBodyResponse]  # type: ignore[assignment]
+    """Decrypts the prompt and answer kept for a chat record (tenants whose
+    policy is AUDIT_BODY_MODE_ENCRYPTED). Each successful read is itself
+    appended to the log (an ADMIN record naming the reader). Needs SCOPE_ADMIN
+    on the record's tenant, or SCOPE_OPERATOR. Errors: NOT_FOUND (RESOURCE_NOT_FOUND: no such
+    record; AUDIT_BODY_NOT_KEPT: no body stored, or dropped by retention),
+    FAILED_PRECONDITION (AUDIT_SUBJECT_ERASED: its subject key was destroyed),
+    INTERNAL (AUDIT_BODY_CORRUPT). Idempotent. Deadline: 1 s.
+    """
+    EraseSubject: _aio.UnaryUnaryMultiCallable[_audit_service_pb2.EraseSubjectRequest, _audit_service_pb2.EraseSubjectResponse]  # type: ignore[assignment]
+    """Erases one subject (tenant + end user): destroys every key that sealed
+    its bodies, so they can never be decrypted again, while every leaf and
+    checkpoint still verifies. The erasure is itself appended to the log as
+    an ADMIN record. Needs SCOPE_ADMIN on the tenant, or SCOPE_OPERATOR.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD), UNAVAILABLE (STORE_UNAVAILABLE).
+    Idempotent (a repeat destroys nothing more and is audited again).
+    Deadline: 5 s.
     """
 
 class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -236,6 +272,36 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         Needs SCOPE_READ; an operator gets every tenant's records, anyone else
         only their own tenant's.
         Errors: INVALID_ARGUMENT. Idempotent. Deadline: proportional to the range.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRecordBody(
+        self,
+        request: _audit_service_pb2.GetRecordBodyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_service_pb2.GetRecordBodyResponse, _abc.Awaitable[_audit_service_pb2.GetRecordBodyResponse]]:
+        """Decrypts the prompt and answer kept for a chat record (tenants whose
+        policy is AUDIT_BODY_MODE_ENCRYPTED). Each successful read is itself
+        appended to the log (an ADMIN record naming the reader). Needs SCOPE_ADMIN
+        on the record's tenant, or SCOPE_OPERATOR. Errors: NOT_FOUND (RESOURCE_NOT_FOUND: no such
+        record; AUDIT_BODY_NOT_KEPT: no body stored, or dropped by retention),
+        FAILED_PRECONDITION (AUDIT_SUBJECT_ERASED: its subject key was destroyed),
+        INTERNAL (AUDIT_BODY_CORRUPT). Idempotent. Deadline: 1 s.
+        """
+
+    @_abc_1.abstractmethod
+    def EraseSubject(
+        self,
+        request: _audit_service_pb2.EraseSubjectRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_audit_service_pb2.EraseSubjectResponse, _abc.Awaitable[_audit_service_pb2.EraseSubjectResponse]]:
+        """Erases one subject (tenant + end user): destroys every key that sealed
+        its bodies, so they can never be decrypted again, while every leaf and
+        checkpoint still verifies. The erasure is itself appended to the log as
+        an ADMIN record. Needs SCOPE_ADMIN on the tenant, or SCOPE_OPERATOR.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD), UNAVAILABLE (STORE_UNAVAILABLE).
+        Idempotent (a repeat destroys nothing more and is audited again).
+        Deadline: 5 s.
         """
 
 def add_AuditServiceServicer_to_server(servicer: AuditServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

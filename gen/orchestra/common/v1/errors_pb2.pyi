@@ -88,6 +88,34 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The caller's deadline expired."""
     ERROR_REASON_INTERNAL: _ErrorReason.ValueType  # 46
     """A bug: the server logged the details under metadata["incident_id"]."""
+    ERROR_REASON_FEEDBACK_SCORE_OUT_OF_RANGE: _ErrorReason.ValueType  # 100
+    """--- router: learned routing and feedback (100-109) ---
+    INVALID_ARGUMENT: SubmitFeedback's score is not a number from 0 to 1;
+    metadata["score"] echoes it.
+    """
+    ERROR_REASON_FEEDBACK_REQUEST_UNKNOWN: _ErrorReason.ValueType  # 101
+    """NOT_FOUND: the router has no record of this request for the caller's
+    tenant (unknown id, another tenant's, a cache hit, or older than the
+    feedback window of 7 days); metadata["request_id"].
+    """
+    ERROR_REASON_CIRCUIT_OPEN: _ErrorReason.ValueType  # 110
+    """--- router: breakers and batches (110-119) ---
+    The model was not called: its circuit breaker is open after repeated
+    upstream failures (seen as FallbackAttempt.reason "CIRCUIT_OPEN").
+    """
+    ERROR_REASON_AUDIT_SUBJECT_ERASED: _ErrorReason.ValueType  # 140
+    """--- audit: bodies and erasure (140-149) ---
+    FAILED_PRECONDITION: the record's body was sealed under a subject key
+    that EraseSubject destroyed; it can never be decrypted.
+    """
+    ERROR_REASON_AUDIT_BODY_NOT_KEPT: _ErrorReason.ValueType  # 141
+    """NOT_FOUND: the record keeps no body (hash or none mode), or retention
+    dropped it.
+    """
+    ERROR_REASON_AUDIT_BODY_CORRUPT: _ErrorReason.ValueType  # 142
+    """INTERNAL: a stored body does not match its record's commitment
+    (body_sha256) or does not decrypt: it was altered outside the service.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """Every error an Orchestra service returns is a google.rpc.Status whose details
@@ -163,4 +191,32 @@ ERROR_REASON_DEADLINE_EXCEEDED: ErrorReason.ValueType  # 45
 """The caller's deadline expired."""
 ERROR_REASON_INTERNAL: ErrorReason.ValueType  # 46
 """A bug: the server logged the details under metadata["incident_id"]."""
+ERROR_REASON_FEEDBACK_SCORE_OUT_OF_RANGE: ErrorReason.ValueType  # 100
+"""--- router: learned routing and feedback (100-109) ---
+INVALID_ARGUMENT: SubmitFeedback's score is not a number from 0 to 1;
+metadata["score"] echoes it.
+"""
+ERROR_REASON_FEEDBACK_REQUEST_UNKNOWN: ErrorReason.ValueType  # 101
+"""NOT_FOUND: the router has no record of this request for the caller's
+tenant (unknown id, another tenant's, a cache hit, or older than the
+feedback window of 7 days); metadata["request_id"].
+"""
+ERROR_REASON_CIRCUIT_OPEN: ErrorReason.ValueType  # 110
+"""--- router: breakers and batches (110-119) ---
+The model was not called: its circuit breaker is open after repeated
+upstream failures (seen as FallbackAttempt.reason "CIRCUIT_OPEN").
+"""
+ERROR_REASON_AUDIT_SUBJECT_ERASED: ErrorReason.ValueType  # 140
+"""--- audit: bodies and erasure (140-149) ---
+FAILED_PRECONDITION: the record's body was sealed under a subject key
+that EraseSubject destroyed; it can never be decrypted.
+"""
+ERROR_REASON_AUDIT_BODY_NOT_KEPT: ErrorReason.ValueType  # 141
+"""NOT_FOUND: the record keeps no body (hash or none mode), or retention
+dropped it.
+"""
+ERROR_REASON_AUDIT_BODY_CORRUPT: ErrorReason.ValueType  # 142
+"""INTERNAL: a stored body does not match its record's commitment
+(body_sha256) or does not decrypt: it was altered outside the service.
+"""
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015
