@@ -9,7 +9,14 @@ level the same number of streaming chats goes both ways; the table gives time
 to first token and total latency (p50/p99) for each, and their difference.
 
     .venv/bin/python bench/overhead.py [--requests 200] [--concurrency 1,8,32]
-                                       [--latency-ms 50] [--json]
+                                       [--latency-ms 50] [--json] [--decision-only]
+
+It also times the routing decision alone, in process (``policy.decide`` on a
+six-model catalog, varied prompts): the plain policy (cost strategy, the
+baseline), then the learned one (balanced strategy with a trained per-tenant
+bandit: task analysis, prompt embedding, posterior for each model), with the
+task analysis and the embedding on their own. ``--decision-only`` runs just
+that part (no suite).
 
 Cache lookups are made (the request path is the real one) but every request
 asks CACHE_MODE_DISABLED... no: it sends a unique prompt, so each is a miss.
@@ -56,6 +63,100 @@ tenants:
 routing:
   default_max_tokens: 64
 """
+
+
+def _decision_models() -> list[object]:
+    from orchestra.discovery.v1 import discovery_service_pb2 as discovery_pb2
+
+    specs = [
+        ("gpt-4o", 0.80, 2_500_000, 10_000_000), ("gpt-4o-mini", 0.62, 150_000, 600_000),
+        ("gpt-4.1", 0.85, 2_000_000, 8_000_000), ("gpt-4.1-mini", 0.74, 400_000, 1_600_000),
+        ("claude-sonnet", 0.84, 3_000_000, 15_000_000), ("llama-8b", 0.50, 50_000, 80_000),
+    ]  # fmt: skip
+    return [
+        discovery_pb2.Model(
+            name=f"p/{name}", provider_id="p", model_id=name, context_window=128_000,
+            quality=quality, price_source=discovery_pb2.PRICE_SOURCE_CATALOG,
+            pricing=discovery_pb2.Pricing(input_micro_usd_per_mtok=i, output_micro_usd_per_mtok=o),
+        )
+        for name, quality, i, o in specs
+    ]  # fmt: skip
+
+
+_DECISION_PROMPTS = [
+    "What is the capital of {i}?",
+    "Write a Python function that returns the {i}th Fibonacci number, with tests.",
+    "A shop sells {i} pens at 3 dollars each and 2 notebooks at 5 dollars. What is the total?",
+    "Summarize the following text in two sentences: the committee met on day {i} and agreed "
+    "to postpone the vote until the budget report was published and reviewed by all members.",
+    "Which of the following is true about enzyme {i}?\nA. It is a lipid\nB. It lowers "
+    "activation energy\nC. It is consumed\nD. It raises entropy\nAnswer:",
+]
+
+
+def decision_times(n: int = 2000) -> dict[str, float]:
+    """p50/p99 in ms of the routing decision and its parts, in process."""
+    from orchestra.budget.v1 import account_service_pb2 as account_pb2
+    from orchestra.common.v1 import identity_pb2
+    from services.router import learning, policy, tasks
+
+    models = _decision_models()
+    learner = learning.Learner(None, seed=0)
+    # A trained state: every model has rated answers on every kind of prompt.
+    texts = [p.format(i=i) for i in range(40) for p in _DECISION_PROMPTS]
+    xs = learner.featurize.many(texts, [tasks.analyze(t) for t in texts])
+    rng = __import__("numpy").random.default_rng(0)
+    for m in models:
+        learner.train("bench", m.name, xs, rng.uniform(0, 1, len(texts)), m.quality)  # type: ignore[attr-defined]
+
+    def request(i: int) -> chat_api.ChatRequest:
+        text = _DECISION_PROMPTS[i % len(_DECISION_PROMPTS)].format(i=i)
+        return chat_api.ChatRequest(
+            messages=[chat_pb2.Message(role=chat_pb2.ROLE_USER,
+                                       content=[chat_pb2.ContentPart(text=text)])]
+        )  # fmt: skip
+
+    plain = account_pb2.TenantPolicy(routing_strategy=identity_pb2.ROUTING_STRATEGY_COST)
+    learned = account_pb2.TenantPolicy(routing_strategy=identity_pb2.ROUTING_STRATEGY_BALANCED)
+    cases = {
+        "plain_policy": lambda r: policy.decide(
+            r, models, plain, default_max_tokens=256, tenant_id="bench", learner=learner
+        ),
+        "learned_policy": lambda r: policy.decide(
+            r, models, learned, default_max_tokens=256, tenant_id="bench", learner=learner
+        ),
+        "task_analysis": lambda r: tasks.analyze(tasks.prompt_text(r.messages)),
+        "embedding": lambda r: learner.featurize.many(
+            [tasks.prompt_text(r.messages)], [tasks.analyze("")]
+        ),
+    }
+    requests = [request(i) for i in range(n)]
+    out: dict[str, float] = {}
+    for name, run in cases.items():
+        for r in requests[:50]:
+            run(r)  # warm up
+        times = []
+        for r in requests:
+            started = time.perf_counter()
+            run(r)
+            times.append((time.perf_counter() - started) * 1000)
+        out[f"{name}_p50_ms"] = round(_percentile(times, 0.5), 3)
+        out[f"{name}_p99_ms"] = round(_percentile(times, 0.99), 3)
+    out["added_by_learning_p50_ms"] = round(
+        out["learned_policy_p50_ms"] - out["plain_policy_p50_ms"], 3
+    )
+    return out
+
+
+def _print_decision(times: dict[str, float], n: int) -> None:
+    print(f"\nRouting decision in process ({n} varied prompts, 6 models; ms p50 / p99):")
+    for name in ("plain_policy", "learned_policy", "task_analysis", "embedding"):
+        label = {
+            "plain_policy": "plain policy (cost, baseline)",
+            "learned_policy": "learned policy (balanced)",
+        }.get(name, name.replace("_", " "))
+        print(f"  {label:<32} {times[name + '_p50_ms']:.3f} / {times[name + '_p99_ms']:.3f}")
+    print(f"  added by learning at p50: {times['added_by_learning_p50_ms']:.3f} ms (goal <= 1 ms)")
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -191,7 +292,17 @@ def main() -> int:
     )
     parser.add_argument("--latency-ms", type=int, default=50, help="upstream time to first token")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON line")
+    parser.add_argument(
+        "--decision-only", action="store_true", help="only time the routing decision in process"
+    )
+    parser.add_argument("--decisions", type=int, default=2000, help="decisions to time")
     args = parser.parse_args()
+    decision = decision_times(args.decisions)
+    if args.decision_only:
+        _print_decision(decision, args.decisions)
+        if args.json:
+            print(json.dumps({"decision": decision}))
+        return 0
 
     work = Path(tempfile.mkdtemp(prefix="orchestra-bench-"))
     upstream_port = free_port()
@@ -228,8 +339,13 @@ def main() -> int:
         upstream.terminate()
         upstream.wait(timeout=10)
     _print_table(rows, args.latency_ms, args.requests)
+    _print_decision(decision, args.decisions)
     if args.json:
-        print(json.dumps({"upstream_latency_ms": args.latency_ms, "levels": rows}))
+        print(
+            json.dumps(
+                {"upstream_latency_ms": args.latency_ms, "levels": rows, "decision": decision}
+            )
+        )
     return 0
 
 

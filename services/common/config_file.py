@@ -12,10 +12,19 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import jmespath
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from jmespath.exceptions import JMESPathError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 _ID = r"^[a-z0-9][a-z0-9-]{0,62}$"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -45,6 +54,100 @@ ProviderTypeName = Literal[
 ]
 
 
+def _jmespath(value: str) -> str:
+    if value:
+        try:
+            jmespath.compile(value)
+        except JMESPathError as exc:
+            raise ValueError(f"not a JMESPath expression: {exc}") from None
+    return value
+
+
+FinishName = Literal["stop", "length", "tool_calls", "content_filter", "error"]
+# What a custom provider's request template may use, as "{{name}}".
+CUSTOM_PLACEHOLDERS = frozenset(
+    {
+        "model",
+        "messages",
+        "prompt",
+        "system",
+        "last_user",
+        "stream",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "seed",
+        "stop",
+    }
+)
+PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_]+)\s*\}\}")
+
+
+def _placeholders(node: object) -> None:
+    if isinstance(node, dict):
+        for item in node.values():
+            _placeholders(item)
+    elif isinstance(node, list):
+        for item in node:
+            _placeholders(item)
+    elif isinstance(node, str):
+        for name in PLACEHOLDER.findall(node):
+            if name not in CUSTOM_PLACEHOLDERS:
+                known = ", ".join(sorted(CUSTOM_PLACEHOLDERS))
+                raise ValueError(f"unknown placeholder {{{{{name}}}}}; known: {known}")
+
+
+class CustomAnswer(_Strict):
+    """Where a ``custom`` provider's JSON answer (or stream event) keeps each piece.
+
+    Each field is a JMESPath expression (https://jmespath.org), e.g.
+    ``choices[0].message.content``; empty means the provider does not say.
+    """
+
+    text: str
+    finish_reason: str = ""
+    prompt_tokens: str = ""
+    completion_tokens: str = ""
+    error: str = ""
+
+    _paths = field_validator(
+        "text", "finish_reason", "prompt_tokens", "completion_tokens", "error"
+    )(_jmespath)
+
+
+class CustomStream(CustomAnswer):
+    """How a ``custom`` provider streams: the framing, and paths into each event."""
+
+    format: Literal["sse", "ndjson"]
+    done: str = ""  # the SSE data that ends the stream, e.g. "[DONE]"
+
+
+class CustomMapping(_Strict):
+    """How to speak to a ``custom`` provider: a request template and JSON paths.
+
+    In ``request``, a string that is exactly a placeholder (``"{{max_tokens}}"``)
+    becomes the value with its JSON type; a key whose placeholder has no value
+    (an unset temperature) is left out. Placeholders: model, messages (a list
+    of ``{role, content}``), prompt (the conversation as text), system,
+    last_user, max_tokens, temperature, top_p, stop, seed, stream.
+    """
+
+    path: str = ""  # POSTed to base_url + path
+    auth_header: str = "Authorization"  # the credential goes in this header …
+    auth_prefix: str = "Bearer "  # … after this prefix
+    models: list[str] = Field(min_length=1)  # the models it serves (it has no listing)
+    request: dict[str, Any]
+    response: CustomAnswer
+    stream: CustomStream | None = None  # without it: one JSON answer per request
+    finish_reasons: dict[str, FinishName] = Field(default_factory=dict)
+
+    @field_validator("request")
+    @classmethod
+    def _template(cls, value: dict[str, Any]) -> dict[str, Any]:
+        _placeholders(value)
+        return value
+
+
 class ProviderEntry(_Strict):
     """An upstream provider."""
 
@@ -60,6 +163,8 @@ class ProviderEntry(_Strict):
     enabled: bool = True
     connect_timeout_seconds: float = Field(default=5.0, gt=0)
     read_timeout_seconds: float = Field(default=60.0, gt=0)
+    # The request/response mapping of a ``custom`` provider (required for that type).
+    custom: CustomMapping | None = None
 
     @field_validator("base_url")
     @classmethod
@@ -67,6 +172,14 @@ class ProviderEntry(_Strict):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _custom(self) -> ProviderEntry:
+        if self.type == "custom" and self.custom is None:
+            raise ValueError("a custom provider needs its `custom` mapping")
+        if self.type != "custom" and self.custom is not None:
+            raise ValueError("`custom` is only for providers of type custom")
+        return self
 
 
 ScopeName = Literal["chat", "read", "admin", "operator"]

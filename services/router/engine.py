@@ -21,14 +21,16 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from typing import Any
 
 from orchestra.budget.v1 import account_service_pb2 as account_pb2
 from orchestra.common.v1 import chat_pb2, errors_pb2, identity_pb2
 from orchestra.discovery.v1 import discovery_service_pb2 as discovery_pb2
 from orchestra.router.v1 import chat_service_pb2 as chat_api
 from services.common.errors import OrchestraError, Unavailable, reason_name
-from services.router import cost, policy, records, validation
+from services.router import cost, learning, policy, records, validation
+from services.router.breakers import Breakers, Permit, State, counts_as_failure
 from services.router.outbox import Outbox
 from services.router.peers import Peers
 from services.router.providers.base import (
@@ -104,13 +106,22 @@ class Engine:
         outbox: Outbox,
         models: Callable[[], Sequence[discovery_pb2.Model]],
         adapters: Mapping[str, ProviderAdapter],
+        breakers: Breakers | None = None,
+        learner: learning.Learner | None = None,
     ) -> None:
         self._config = config
         self._peers = peers
         self._outbox = outbox
         self._models = models
         self._adapters = adapters
-        self._background: set[asyncio.Task[None]] = set()
+        self.breakers = breakers
+        self.learner = learner
+        self._background: set[asyncio.Task[Any]] = set()
+
+    @property
+    def max_request_bytes(self) -> int:
+        """The largest request accepted (batches validate their items with it)."""
+        return self._config.max_request_bytes
 
     def routable_models(self) -> list[discovery_pb2.Model]:
         """Catalog models whose provider the router has an adapter for."""
@@ -128,6 +139,8 @@ class Engine:
             tenant_policy,
             default_max_tokens=self._config.default_max_tokens,
             default_model=self._config.default_model,
+            learner=self.learner,
+            tenant_id=identity.tenant_id,
         )
 
     async def stream(
@@ -154,6 +167,8 @@ class Engine:
         hold = max(decision.worst_case_micro_usd(m) for m in decision.chain)
         reserve = records.reserve_request(rid, identity, request, decision, hold)
         lookup = records.lookup_request(identity, request, decision) if use_cache else None
+        if lookup is not None and request.cache.exact_only:
+            lookup.exact_only = True
         reserved, hit = await asyncio.gather(
             self._peers.reserve(reserve),
             self._peers.lookup(lookup) if lookup else _none(),
@@ -171,6 +186,46 @@ class Engine:
             raise reserved
         async for event in self._answer(rid, identity, request, decision, deadline, started):
             yield event
+
+    async def chat(
+        self,
+        identity: identity_pb2.Identity,
+        request: chat_api.ChatRequest,
+        deadline: float | None,
+    ) -> chat_api.ChatResponse:
+        """Answers ``request`` as one message: :meth:`stream`'s events folded."""
+        response = chat_api.ChatResponse()
+        message = chat_pb2.Message(role=chat_pb2.ROLE_ASSISTANT)
+        text: list[str] = []
+        calls: dict[int, chat_pb2.ToolCall] = {}
+        async for event in self.stream(identity, request, deadline):
+            kind = event.WhichOneof("event")
+            if kind == "start":
+                response.request_id = event.start.request_id
+                response.model = event.start.model
+                response.provider = event.start.provider
+                response.routing_reason = event.start.routing_reason
+            elif kind == "text_delta":
+                text.append(event.text_delta.text)
+            elif kind == "tool_call_delta":
+                delta = event.tool_call_delta
+                call = calls.setdefault(delta.index, chat_pb2.ToolCall())
+                call.id = call.id or delta.id
+                call.name = call.name or delta.name
+                call.arguments += delta.arguments_delta
+            elif kind == "end":
+                end = event.end
+                response.finish_reason = end.finish_reason
+                response.usage.CopyFrom(end.usage)
+                response.cost_micro_usd = end.cost_micro_usd
+                response.cache_hit = end.cache_hit
+                response.fallbacks.extend(end.fallbacks)
+                response.latency_ms = end.latency_ms
+        if text:
+            message.content.append(chat_pb2.ContentPart(text="".join(text)))
+        message.tool_calls.extend(calls[i] for i in sorted(calls))
+        response.message.CopyFrom(message)
+        return response
 
     async def _replay(
         self,
@@ -211,6 +266,7 @@ class Engine:
                 latency_ms=latency_ms,
             )
         )
+        audit_policy = await self._audit_policy(identity.tenant_id)
         await self._outbox.put(
             (
                 "audit",
@@ -219,6 +275,9 @@ class Engine:
                     identity,
                     request,
                     self._config.audit_salt,
+                    body_mode=audit_policy.audit_body_mode,
+                    retention_days=audit_policy.retention_days,
+                    tool_calls=list(answer.tool_calls),
                     model=answer.model,
                     provider="",
                     reason=reason,
@@ -251,6 +310,10 @@ class Engine:
         outcome: OrchestraError | None = None
         try:
             for model in decision.chain:
+                permit = await self._permit(model)
+                if not permit.allowed:
+                    fallbacks.append(_skipped(model, permit))
+                    continue
                 upstream = UpstreamRequest(
                     model_id=model.model_id,
                     messages=list(request.messages),
@@ -260,17 +323,14 @@ class Engine:
                     timeout=_remaining(deadline, started),
                 )
                 try:
-                    async for event in self._attempt(model, upstream, deadline, started):
+                    async for event in self._attempt(model, upstream, deadline, started, permit):
                         if not answer.started:
                             answer.model = model
                             answer.first_token_ms = int((time.monotonic() - started) * 1000)
                             reason = (
                                 decision.reason
                                 if model is decision.model
-                                else (
-                                    f"fallback to {model.name} after {len(fallbacks)} failure(s); "
-                                    + decision.reason
-                                )
+                                else _fallback_reason(model, fallbacks) + decision.reason
                             )
                             yield chat_api.ChatStreamResponse(
                                 start=chat_api.ChatStart(
@@ -330,17 +390,29 @@ class Engine:
         upstream: UpstreamRequest,
         deadline: float | None,
         started: float,
+        permit: Permit,
     ) -> AsyncIterator[object]:
-        """Streams one model, retrying while nothing has been streamed."""
+        """Streams one model, retrying while nothing has been streamed.
+
+        Each upstream call's outcome goes to the model's circuit breaker; once
+        the breaker opens, the model is not retried.
+        """
         adapter = self._adapters[model.provider_id]
         for attempt in range(MAX_RETRIES_PER_MODEL + 1):
             streamed = False
+            reported = False
             try:
                 async for event in adapter.stream(upstream):
                     streamed = True
                     yield event
+                reported = True
+                if self.breakers is not None:
+                    self._spawn(self._record(model, ok=True))
                 return
             except UpstreamError as exc:
+                reported = counts_as_failure(exc)
+                if reported and await self._record(model, ok=False) is State.OPEN:
+                    raise
                 if streamed or not exc.retryable or attempt == MAX_RETRIES_PER_MODEL:
                     raise
                 delay = min(exc.retry_after or 0.2 * 2**attempt, MAX_RETRY_AFTER_SECONDS)
@@ -348,6 +420,27 @@ class Engine:
                 if remaining is not None and delay >= remaining:
                     raise
                 await asyncio.sleep(delay)
+            finally:
+                # A probe that ended without an upstream verdict (the client
+                # cancelled, or a 4xx caused by the request) frees its slot.
+                if permit.probe and not reported and self.breakers is not None:
+                    self._spawn(self.breakers.release(model.provider_id, model.model_id))
+
+    async def _permit(self, model: discovery_pb2.Model) -> Permit:
+        if self.breakers is None:
+            return Permit(allowed=True)
+        return await self.breakers.acquire(model.provider_id, model.model_id)
+
+    async def _record(self, model: discovery_pb2.Model, *, ok: bool) -> State:
+        if self.breakers is None:
+            return State.CLOSED
+        return await self.breakers.record(model.provider_id, model.model_id, ok=ok)
+
+    def _spawn(self, work: Coroutine[object, object, object]) -> None:
+        """Runs ``work`` off the request's path; :meth:`aclose` waits for it."""
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _apply(self, answer: _Answer, event: object) -> chat_api.ChatStreamResponse | None:
         if isinstance(event, TextDelta):
@@ -387,6 +480,19 @@ class Engine:
             time_to_first_token_ms=answer.first_token_ms,
             latency_ms=int((time.monotonic() - started) * 1000),
         )
+
+    async def _audit_policy(self, tenant_id: str) -> account_pb2.TenantPolicy:
+        """The policy deciding how the audit record keeps bodies.
+
+        Cached by peers (the request already read it). If budget cannot be
+        reached now, the default policy (salted digests only) keeps the record
+        from being lost and never stores more than the tenant allowed.
+        """
+        try:
+            return await self._peers.tenant_policy(tenant_id)
+        except OrchestraError as exc:
+            log.warning("tenant policy unavailable for the audit record: %s", exc.message)
+            return account_pb2.TenantPolicy()
 
     async def _account(
         self,
@@ -451,6 +557,7 @@ class Engine:
             if outcome
             else (1 if answer.finish == chat_pb2.FINISH_REASON_CANCELLED else 0)
         )
+        audit_policy = await self._audit_policy(identity.tenant_id)
         jobs.append(
             (
                 "audit",
@@ -459,6 +566,9 @@ class Engine:
                     identity,
                     request,
                     self._config.audit_salt,
+                    body_mode=audit_policy.audit_body_mode,
+                    retention_days=audit_policy.retention_days,
+                    tool_calls=list(answer.tool_calls.values()),
                     model=answer.model.name if answer.model else decision.model.name,
                     provider=answer.model.provider_id if answer.model else "",
                     reason=decision.reason,
@@ -474,6 +584,21 @@ class Engine:
             )
         )
         await self._outbox.put(*jobs)
+        if self.learner is None:
+            return
+        learned = answer.model or decision.model
+        await learning.record_outcome(  # best effort: never raises
+            self.learner,
+            identity.tenant_id,
+            rid,
+            request,
+            learned.name,
+            learned.quality,
+            ok=outcome is None and answer.started,
+            cancelled=answer.finish == chat_pb2.FINISH_REASON_CANCELLED,
+            ttft_ms=answer.first_token_ms,
+            cost_micro_usd=end.cost_micro_usd,
+        )
 
     async def aclose(self) -> None:
         """Waits for in-flight accounting to reach the outbox."""
@@ -502,6 +627,23 @@ def _remaining(deadline: float | None, started: float) -> float | None:
     if deadline is None:
         return None
     return max(0.0, deadline - (time.monotonic() - started))
+
+
+def _skipped(model: discovery_pb2.Model, permit: Permit) -> chat_api.FallbackAttempt:
+    opened = time.strftime("%H:%M:%SZ", time.gmtime(permit.opened_at))
+    return chat_api.FallbackAttempt(
+        model=model.name,
+        reason=reason_name(errors_pb2.ERROR_REASON_CIRCUIT_OPEN),
+        message=f"not called: circuit breaker open since {opened} after repeated failures",
+    )
+
+
+def _fallback_reason(model: discovery_pb2.Model, fallbacks: list[chat_api.FallbackAttempt]) -> str:
+    skipped = sum(f.reason == "CIRCUIT_OPEN" for f in fallbacks)
+    failed = len(fallbacks) - skipped
+    why = [f"{failed} failure(s)"] if failed else []
+    why += [f"{skipped} open circuit breaker(s)"] if skipped else []
+    return f"fallback to {model.name} after {' and '.join(why)}; "
 
 
 def _fallback(model: discovery_pb2.Model, exc: UpstreamError) -> chat_api.FallbackAttempt:

@@ -19,6 +19,9 @@ from services.common.identity import IdentitySigner
 from services.common.settings import Settings, require
 from services.common.stores import connect_redis
 from services.discovery.client import ModelCatalogView
+from services.router import learning
+from services.router.batches import BatchRunner, BatchStore
+from services.router.breakers import Breakers
 from services.router.engine import Engine, EngineConfig
 from services.router.outbox import Outbox
 from services.router.peers import Peers
@@ -69,6 +72,7 @@ class RouterService:
                 adapters[entry.id] = adapter
         self._adapters = adapters
         routing = settings.config.routing
+        self.learner = learning.Learner(redis)
         self.engine = Engine(
             EngineConfig(
                 default_max_tokens=routing.default_max_tokens,
@@ -80,7 +84,10 @@ class RouterService:
             self.outbox,
             self.catalog.all,
             adapters,
+            Breakers(redis),
+            self.learner,
         )
+        self.batches = BatchRunner(BatchStore(redis), self.engine)
         self._signer = signer
 
     def full_names(self) -> Sequence[str]:
@@ -96,7 +103,8 @@ class RouterService:
             ChatServicer(self.engine, self._signer), server
         )
         router_service_pb2_grpc.add_RouterServiceServicer_to_server(
-            RouterServicer(self.engine, self._signer), server
+            RouterServicer(self.engine, self._signer, self.learner, batches=self.batches),
+            server,
         )
 
     async def start(self) -> None:
@@ -110,9 +118,11 @@ class RouterService:
         self.catalog.start()
         if not await self.catalog.wait_ready(CATALOG_WAIT_SECONDS):
             log.warning("no model catalog from discovery yet; routing will refuse until it comes")
+        self.batches.start()
 
     async def stop(self) -> None:
         """Hands in-flight accounting to the outbox, then closes everything."""
+        await self.batches.stop()
         await self.engine.aclose()
         await self.outbox.stop()
         await self.catalog.stop()

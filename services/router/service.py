@@ -2,21 +2,35 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from redis.exceptions import RedisError
 
-from orchestra.common.v1 import chat_pb2, identity_pb2
+from orchestra.common.v1 import errors_pb2, identity_pb2
 from orchestra.router.v1 import chat_service_pb2 as chat_api
 from orchestra.router.v1 import chat_service_pb2_grpc as chat_grpc
 from orchestra.router.v1 import router_service_pb2 as router_api
 from orchestra.router.v1 import router_service_pb2_grpc as router_grpc
+from services.common import paging
+from services.common.errors import InvalidArgument, NotFound, Unavailable
 from services.common.identity import IdentitySigner, caller
-from services.router import cost
+from services.router import cost, learning, validation
+from services.router.batches import BatchRunner
+from services.router.breakers import State
 from services.router.engine import Engine
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+MAX_FEEDBACK_COMMENT_CHARS = 2_000
+
+_CIRCUIT_STATES = {
+    State.CLOSED: router_api.CIRCUIT_STATE_CLOSED,
+    State.OPEN: router_api.CIRCUIT_STATE_OPEN,
+    State.HALF_OPEN: router_api.CIRCUIT_STATE_HALF_OPEN,
+}
 
 
 def _deadline(context: Context) -> float | None:
@@ -44,38 +58,7 @@ class ChatServicer(chat_grpc.ChatServiceServicer):
     ) -> chat_api.ChatResponse:
         """See the proto: the same flow as ChatStream, folded into one message."""
         identity = caller(context, self._signer, identity_pb2.SCOPE_CHAT)
-        response = chat_api.ChatResponse()
-        message = chat_pb2.Message(role=chat_pb2.ROLE_ASSISTANT)
-        text: list[str] = []
-        calls: dict[int, chat_pb2.ToolCall] = {}
-        async for event in self._engine.stream(identity, request, _deadline(context)):
-            kind = event.WhichOneof("event")
-            if kind == "start":
-                response.request_id = event.start.request_id
-                response.model = event.start.model
-                response.provider = event.start.provider
-                response.routing_reason = event.start.routing_reason
-            elif kind == "text_delta":
-                text.append(event.text_delta.text)
-            elif kind == "tool_call_delta":
-                delta = event.tool_call_delta
-                call = calls.setdefault(delta.index, chat_pb2.ToolCall())
-                call.id = call.id or delta.id
-                call.name = call.name or delta.name
-                call.arguments += delta.arguments_delta
-            elif kind == "end":
-                end = event.end
-                response.finish_reason = end.finish_reason
-                response.usage.CopyFrom(end.usage)
-                response.cost_micro_usd = end.cost_micro_usd
-                response.cache_hit = end.cache_hit
-                response.fallbacks.extend(end.fallbacks)
-                response.latency_ms = end.latency_ms
-        if text:
-            message.content.append(chat_pb2.ContentPart(text="".join(text)))
-        message.tool_calls.extend(calls[i] for i in sorted(calls))
-        response.message.CopyFrom(message)
-        return response
+        return await self._engine.chat(identity, request, _deadline(context))
 
 
 class RouterServicer(router_grpc.RouterServiceServicer):
@@ -84,9 +67,17 @@ class RouterServicer(router_grpc.RouterServiceServicer):
     Feedback and batches arrive with the learned routing policy.
     """
 
-    def __init__(self, engine: Engine, signer: IdentitySigner) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        signer: IdentitySigner,
+        learner: learning.Learner,
+        batches: BatchRunner | None = None,
+    ) -> None:
         self._engine = engine
         self._signer = signer
+        self._batches = batches
+        self._learner = learner
 
     async def Route(  # noqa: N802 - gRPC method name
         self, request: router_api.RouteRequest, context: Context
@@ -95,6 +86,8 @@ class RouterServicer(router_grpc.RouterServiceServicer):
         identity = caller(context, self._signer, identity_pb2.SCOPE_CHAT)
         decision = await self._engine.route(identity, request.chat)
         model = decision.model
+        counts = self._learner.state(identity.tenant_id).counts.get(model.name)
+        task = decision.task
         return router_api.RouteResponse(
             decision=router_api.RouteDecision(
                 model=model.name,
@@ -104,43 +97,127 @@ class RouterServicer(router_grpc.RouterServiceServicer):
                 estimated_cost_micro_usd=cost.worst_case_micro_usd(
                     decision.prompt_tokens, decision.max_tokens, model.pricing
                 ),
-                estimated_latency_ms=model.health.ttft_p50_ms,
+                estimated_latency_ms=model.health.ttft_p50_ms
+                or (int(counts.mean_ttft_ms) if counts else 0),
+                confidence=decision.confidence,
                 strategy=decision.strategy,
+                task_type=task.task_type if task else chat_api.TASK_TYPE_UNSPECIFIED,
+                complexity=task.complexity if task else chat_api.COMPLEXITY_UNSPECIFIED,
                 excluded=[
                     router_api.ExcludedModel(model=name, filter=f) for name, f in decision.excluded
                 ],
+                explored=decision.explored,
+                expected_quality=decision.expected_quality,
             )
         )
-
-    # Batches and feedback come with the learned routing policy. Until then these
-    # raise NotImplementedError, which the interceptor answers as UNIMPLEMENTED.
 
     async def SubmitFeedback(  # noqa: N802 - gRPC method name
         self, request: router_api.SubmitFeedbackRequest, context: Context
     ) -> router_api.SubmitFeedbackResponse:
-        """Not available yet."""
-        raise NotImplementedError
+        """See the proto: the score becomes the answering model's quality reward."""
+        identity = caller(context, self._signer, identity_pb2.SCOPE_CHAT)
+        rid = request.request_id
+        if not validation._REQUEST_ID.match(rid):  # the ChatRequest.request_id rule
+            raise InvalidArgument(
+                errors_pb2.ERROR_REASON_INVALID_FIELD,
+                "request_id must be the id of an answered chat request "
+                "(1-128 characters of [A-Za-z0-9._:-])",
+                field="request_id",
+            )
+        score = request.score
+        if not (math.isfinite(score) and 0.0 <= score <= 1.0):
+            raise InvalidArgument(
+                errors_pb2.ERROR_REASON_FEEDBACK_SCORE_OUT_OF_RANGE,
+                f"score must be from 0 (useless) to 1 (perfect), not {score}",
+                metadata={"score": str(score)},
+                field="score",
+            )
+        if len(request.comment) > MAX_FEEDBACK_COMMENT_CHARS:
+            raise InvalidArgument(
+                errors_pb2.ERROR_REASON_INVALID_FIELD,
+                f"comment is limited to {MAX_FEEDBACK_COMMENT_CHARS} characters",
+                field="comment",
+            )
+        try:
+            found = await self._learner.feedback(identity.tenant_id, rid, float(score))
+        except (RedisError, OSError) as exc:
+            raise Unavailable(
+                errors_pb2.ERROR_REASON_STORE_UNAVAILABLE,
+                f"feedback could not be stored: {exc}",
+                retry_after=1.0,
+            ) from exc
+        if not found:
+            raise NotFound(
+                errors_pb2.ERROR_REASON_FEEDBACK_REQUEST_UNKNOWN,
+                f"no answered request {rid!r} for this tenant in the last 7 days "
+                "(cache hits and failed requests take no feedback)",
+                metadata={"request_id": rid},
+            )
+        return router_api.SubmitFeedbackResponse()
+
+    def _batch_runner(self) -> BatchRunner:
+        if self._batches is None:
+            raise NotImplementedError  # answered as UNIMPLEMENTED
+        return self._batches
 
     async def CreateBatch(  # noqa: N802 - gRPC method name
         self, request: router_api.CreateBatchRequest, context: Context
     ) -> router_api.CreateBatchResponse:
-        """Not available yet."""
-        raise NotImplementedError
+        """See the proto."""
+        identity = caller(context, self._signer, identity_pb2.SCOPE_CHAT)
+        batch = await self._batch_runner().create(identity, request)
+        return router_api.CreateBatchResponse(batch=batch)
 
     async def GetBatch(  # noqa: N802 - gRPC method name
         self, request: router_api.GetBatchRequest, context: Context
     ) -> router_api.GetBatchResponse:
-        """Not available yet."""
-        raise NotImplementedError
+        """See the proto."""
+        identity = caller(context, self._signer, identity_pb2.SCOPE_CHAT)
+        batch = await self._batch_runner().store.get(identity.tenant_id, request.batch_id)
+        return router_api.GetBatchResponse(batch=batch)
 
     async def ListBatchResults(  # noqa: N802 - gRPC method name
         self, request: router_api.ListBatchResultsRequest, context: Context
     ) -> router_api.ListBatchResultsResponse:
-        """Not available yet."""
-        raise NotImplementedError
+        """See the proto."""
+        identity = caller(context, self._signer, identity_pb2.SCOPE_CHAT)
+        return await self._batch_runner().store.results(identity.tenant_id, request)
 
     async def CancelBatch(  # noqa: N802 - gRPC method name
         self, request: router_api.CancelBatchRequest, context: Context
     ) -> router_api.CancelBatchResponse:
-        """Not available yet."""
-        raise NotImplementedError
+        """See the proto."""
+        identity = caller(context, self._signer, identity_pb2.SCOPE_CHAT)
+        batch = await self._batch_runner().store.cancel(identity.tenant_id, request.batch_id)
+        return router_api.CancelBatchResponse(batch=batch)
+
+    async def ListCircuitBreakers(  # noqa: N802 - gRPC method name
+        self, request: router_api.ListCircuitBreakersRequest, context: Context
+    ) -> router_api.ListCircuitBreakersResponse:
+        """See the proto."""
+        caller(context, self._signer, identity_pb2.SCOPE_READ)
+        size = paging.page_size(request.page_size)
+        after = paging.decode(request.page_token) or ""
+        models = sorted(
+            (m for m in self._engine.routable_models() if m.name > after), key=lambda m: m.name
+        )
+        page = models[:size]
+        response = router_api.ListCircuitBreakersResponse()
+        if len(models) > size:
+            response.next_page_token = paging.encode(page[-1].name)
+        breakers = self._engine.breakers
+        if breakers is None:
+            return response
+        statuses = await breakers.status([(m.provider_id, m.model_id) for m in page])
+        for model, status in zip(page, statuses, strict=True):
+            out = response.breakers.add(
+                model=model.name,
+                state=_CIRCUIT_STATES[status.state],
+                consecutive_failures=status.consecutive_failures,
+                window_calls=status.window_calls,
+                window_failures=status.window_failures,
+                trips=status.trips,
+            )
+            if status.opened_at:
+                out.open_time.FromNanoseconds(int(status.opened_at * 1e9))
+        return response

@@ -9,6 +9,7 @@ import pytest
 from services.common.config_file import ProviderEntry, ProviderTypeName
 from services.router.providers import (
     AnthropicAdapter,
+    CustomAdapter,
     GeminiAdapter,
     OllamaAdapter,
     OpenAIAdapter,
@@ -23,8 +24,9 @@ EXPECTED: dict[str, type | None] = {
     "anthropic": AnthropicAdapter,
     "gemini": GeminiAdapter,
     "ollama": OllamaAdapter,
-    "custom": None,
+    "custom": CustomAdapter,
 }
+CUSTOM = {"models": ["m1"], "request": {"q": "{{prompt}}"}, "response": {"text": "answer"}}
 
 
 def test_every_configurable_type_is_decided() -> None:
@@ -35,6 +37,7 @@ def test_every_configurable_type_is_decided() -> None:
 async def test_adapter_for(kind: str, expected: type | None) -> None:
     entry = ProviderEntry.model_validate(
         {"id": "p1", "type": kind, "base_url": "http://127.0.0.1:1", "credential": "k"}
+        | ({"custom": CUSTOM} if kind == "custom" else {})
     )
     adapter = adapter_for(entry)
     if expected is None:

@@ -153,6 +153,40 @@ async def test_the_same_question_is_answered_from_the_cache(suite: Suite) -> Non
     assert len(_chats(suite.primary)) == 1
 
 
+async def test_a_paraphrase_is_answered_from_the_cache_a_changed_question_is_not(
+    suite: Suite,
+) -> None:
+    first = await suite.chat.Chat(
+        _request("How do I reverse a list in Python?"), metadata=suite.metadata
+    )
+    await suite.drain()
+
+    paraphrase = await suite.chat.Chat(
+        _request("How can I reverse a list in Python?"), metadata=suite.metadata
+    )
+    negated = await suite.chat.Chat(
+        _request("How do I not reverse a list in Python?"), metadata=suite.metadata
+    )
+    renumbered = await suite.chat.Chat(
+        _request("How do I reverse a list in Python 2?"), metadata=suite.metadata
+    )
+    exact_only = await suite.chat.Chat(
+        _request(
+            "How can I reverse a list in Python?",
+            cache=chat_api.CacheControl(exact_only=True),
+        ),
+        metadata=suite.metadata,
+    )
+
+    assert not first.cache_hit
+    assert paraphrase.cache_hit
+    assert paraphrase.message.content[0].text == first.message.content[0].text
+    assert not negated.cache_hit
+    assert not renumbered.cache_hit
+    assert not exact_only.cache_hit
+    assert len(_chats(suite.primary)) == 4
+
+
 async def test_route_explains_its_decision(suite: Suite) -> None:
     reply = await suite.router.Route(
         router_api.RouteRequest(chat=_request()), metadata=suite.metadata

@@ -5,6 +5,7 @@ from __future__ import annotations
 from services.common.config_file import ProviderEntry
 from services.router.providers.anthropic import AnthropicAdapter
 from services.router.providers.base import ProviderAdapter
+from services.router.providers.custom import CustomAdapter
 from services.router.providers.gemini import GeminiAdapter
 from services.router.providers.ollama import OllamaAdapter
 from services.router.providers.openai import OpenAIAdapter
@@ -20,6 +21,7 @@ _NATIVE: dict[str, type[AnthropicAdapter | GeminiAdapter | OllamaAdapter]] = {
 __all__ = [
     "OPENAI_WIRE",
     "AnthropicAdapter",
+    "CustomAdapter",
     "GeminiAdapter",
     "OllamaAdapter",
     "OpenAIAdapter",
@@ -35,7 +37,7 @@ def adapter_for(entry: ProviderEntry) -> ProviderAdapter | None:
 
     Returns:
         An adapter speaking the provider's wire format, or None for a type no
-        adapter speaks yet (``custom``).
+        adapter speaks.
     """
     if entry.type in OPENAI_WIRE:
         return OpenAIAdapter(
@@ -43,6 +45,16 @@ def adapter_for(entry: ProviderEntry) -> ProviderAdapter | None:
             entry.base_url,
             credential=entry.credential,
             organization=entry.organization,
+            headers=entry.headers,
+            connect_timeout=entry.connect_timeout_seconds,
+            read_timeout=entry.read_timeout_seconds,
+        )
+    if entry.type == "custom" and entry.custom is not None:
+        return CustomAdapter(
+            entry.id,
+            entry.base_url,
+            entry.custom,
+            credential=entry.credential,
             headers=entry.headers,
             connect_timeout=entry.connect_timeout_seconds,
             read_timeout=entry.read_timeout_seconds,

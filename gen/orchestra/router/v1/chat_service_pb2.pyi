@@ -287,19 +287,25 @@ class CacheControl(_message.Message):
 
     MODE_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    EXACT_ONLY_FIELD_NUMBER: _builtins.int
     mode: Global___CacheMode.ValueType
     """What the cache may do with this request."""
     ttl_seconds: _builtins.int
     """How long a stored answer lives; zero: the tenant's TTL."""
+    exact_only: _builtins.bool
+    """Accept only an identical earlier request's answer: no semantic
+    (paraphrase) match. For prompts whose exact wording matters.
+    """
     def __init__(
         self,
         *,
         mode: Global___CacheMode.ValueType = ...,
         ttl_seconds: _builtins.int = ...,
+        exact_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mode", b"mode", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exact_only", b"exact_only", "mode", b"mode", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -569,7 +575,9 @@ Global___ChatEnd: _TypeAlias = ChatEnd  # noqa: Y015
 
 @_typing.final
 class FallbackAttempt(_message.Message):
-    """A model that was tried and failed before the first token."""
+    """A model that was tried and failed before the first token, or was skipped
+    because its circuit breaker is open (reason "CIRCUIT_OPEN").
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -54,6 +54,34 @@ BATCH_STATE_CANCELLED: BatchState.ValueType  # 4
 """Cancelled before every item ran."""
 Global___BatchState: _TypeAlias = BatchState  # noqa: Y015
 
+class _CircuitState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CircuitStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CircuitState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CIRCUIT_STATE_UNSPECIFIED: _CircuitState.ValueType  # 0
+    """Never set."""
+    CIRCUIT_STATE_CLOSED: _CircuitState.ValueType  # 1
+    """Calls pass."""
+    CIRCUIT_STATE_OPEN: _CircuitState.ValueType  # 2
+    """The model is skipped until the cool-down ends."""
+    CIRCUIT_STATE_HALF_OPEN: _CircuitState.ValueType  # 3
+    """The cool-down ended: a bounded number of probe calls decide."""
+
+class CircuitState(_CircuitState, metaclass=_CircuitStateEnumTypeWrapper):
+    """Circuit breaker states."""
+
+CIRCUIT_STATE_UNSPECIFIED: CircuitState.ValueType  # 0
+"""Never set."""
+CIRCUIT_STATE_CLOSED: CircuitState.ValueType  # 1
+"""Calls pass."""
+CIRCUIT_STATE_OPEN: CircuitState.ValueType  # 2
+"""The model is skipped until the cool-down ends."""
+CIRCUIT_STATE_HALF_OPEN: CircuitState.ValueType  # 3
+"""The cool-down ended: a bounded number of probe calls decide."""
+Global___CircuitState: _TypeAlias = CircuitState  # noqa: Y015
+
 @_typing.final
 class RouteRequest(_message.Message):
     """Request for Route."""
@@ -119,6 +147,8 @@ class RouteDecision(_message.Message):
     TASK_TYPE_FIELD_NUMBER: _builtins.int
     COMPLEXITY_FIELD_NUMBER: _builtins.int
     EXCLUDED_FIELD_NUMBER: _builtins.int
+    EXPLORED_FIELD_NUMBER: _builtins.int
+    EXPECTED_QUALITY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The chosen model, as "provider/model"."""
     provider: _builtins.str
@@ -130,13 +160,27 @@ class RouteDecision(_message.Message):
     estimated_latency_ms: _builtins.int
     """Expected time to first token, ms (from discovery's probes)."""
     confidence: _builtins.float
-    """How sure the policy is that this model is the right one, 0–1."""
+    """How sure the policy is that this model is the right one, 0–1: for the
+    learned strategies (balanced, quality) the posterior probability that it
+    beats the runner-up; 1 for a pinned model or a strict winner on cost or
+    latency.
+    """
     strategy: _identity_pb2.RoutingStrategy.ValueType
     """The strategy applied."""
     task_type: _chat_service_pb2.TaskType.ValueType
     """The task type (given or inferred)."""
     complexity: _chat_service_pb2.Complexity.ValueType
     """The inferred complexity."""
+    explored: _builtins.bool
+    """True when the learned policy explored: it followed a sample from its
+    posterior rather than its best estimate (at most the tenant's
+    max_exploration_rate of decisions; 5% when unset).
+    """
+    expected_quality: _builtins.float
+    """The chosen model's expected answer quality for this prompt, 0–1: the
+    catalog's quality adjusted by what the router learned from feedback on
+    similar prompts, times its observed success rate.
+    """
     @_builtins.property
     def fallbacks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The fallback chain, in the order it would be tried."""
@@ -159,10 +203,12 @@ class RouteDecision(_message.Message):
         task_type: _chat_service_pb2.TaskType.ValueType = ...,
         complexity: _chat_service_pb2.Complexity.ValueType = ...,
         excluded: _abc.Iterable[Global___ExcludedModel] | None = ...,
+        explored: _builtins.bool = ...,
+        expected_quality: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["complexity", b"complexity", "confidence", b"confidence", "estimated_cost_micro_usd", b"estimated_cost_micro_usd", "estimated_latency_ms", b"estimated_latency_ms", "excluded", b"excluded", "fallbacks", b"fallbacks", "model", b"model", "provider", b"provider", "reason", b"reason", "strategy", b"strategy", "task_type", b"task_type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["complexity", b"complexity", "confidence", b"confidence", "estimated_cost_micro_usd", b"estimated_cost_micro_usd", "estimated_latency_ms", b"estimated_latency_ms", "excluded", b"excluded", "expected_quality", b"expected_quality", "explored", b"explored", "fallbacks", b"fallbacks", "model", b"model", "provider", b"provider", "reason", b"reason", "strategy", b"strategy", "task_type", b"task_type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -210,7 +256,7 @@ class SubmitFeedbackRequest(_message.Message):
     score: _builtins.float
     """Quality of the answer, 0 (useless) to 1 (perfect)."""
     comment: _builtins.str
-    """Optional free text, kept in the audit log."""
+    """Optional free text, at most 2,000 characters."""
     def __init__(
         self,
         *,
@@ -604,3 +650,105 @@ class CancelBatchResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelBatchResponse: _TypeAlias = CancelBatchResponse  # noqa: Y015
+
+@_typing.final
+class ListCircuitBreakersRequest(_message.Message):
+    """Request for ListCircuitBreakers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many breakers (default 100, max 1000)."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCircuitBreakersRequest: _TypeAlias = ListCircuitBreakersRequest  # noqa: Y015
+
+@_typing.final
+class ListCircuitBreakersResponse(_message.Message):
+    """Response for ListCircuitBreakers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BREAKERS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def breakers(self) -> _containers.RepeatedCompositeFieldContainer[Global___CircuitBreaker]:
+        """The breakers, in model-name order."""
+
+    def __init__(
+        self,
+        *,
+        breakers: _abc.Iterable[Global___CircuitBreaker] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["breakers", b"breakers", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListCircuitBreakersResponse: _TypeAlias = ListCircuitBreakersResponse  # noqa: Y015
+
+@_typing.final
+class CircuitBreaker(_message.Message):
+    """The circuit breaker of one model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CONSECUTIVE_FAILURES_FIELD_NUMBER: _builtins.int
+    WINDOW_CALLS_FIELD_NUMBER: _builtins.int
+    WINDOW_FAILURES_FIELD_NUMBER: _builtins.int
+    OPEN_TIME_FIELD_NUMBER: _builtins.int
+    TRIPS_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """The model, as "provider/model"."""
+    state: Global___CircuitState.ValueType
+    """Its state."""
+    consecutive_failures: _builtins.int
+    """Upstream failures in a row (closed state)."""
+    window_calls: _builtins.int
+    """Calls recorded in the current failure-rate window."""
+    window_failures: _builtins.int
+    """Failed calls in the current failure-rate window."""
+    trips: _builtins.int
+    """How many times it has opened."""
+    @_builtins.property
+    def open_time(self) -> _timestamp_pb2.Timestamp:
+        """When it last opened; unset if it never did."""
+
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        state: Global___CircuitState.ValueType = ...,
+        consecutive_failures: _builtins.int = ...,
+        window_calls: _builtins.int = ...,
+        window_failures: _builtins.int = ...,
+        open_time: _timestamp_pb2.Timestamp | None = ...,
+        trips: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["open_time", b"open_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consecutive_failures", b"consecutive_failures", "model", b"model", "open_time", b"open_time", "state", b"state", "trips", b"trips", "window_calls", b"window_calls", "window_failures", b"window_failures"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CircuitBreaker: _TypeAlias = CircuitBreaker  # noqa: Y015

@@ -66,6 +66,11 @@ class RouterServiceStub:
                 request_serializer=orchestra_dot_router_dot_v1_dot_router__service__pb2.CancelBatchRequest.SerializeToString,
                 response_deserializer=orchestra_dot_router_dot_v1_dot_router__service__pb2.CancelBatchResponse.FromString,
                 _registered_method=True)
+        self.ListCircuitBreakers = channel.unary_unary(
+                '/orchestra.router.v1.RouterService/ListCircuitBreakers',
+                request_serializer=orchestra_dot_router_dot_v1_dot_router__service__pb2.ListCircuitBreakersRequest.SerializeToString,
+                response_deserializer=orchestra_dot_router_dot_v1_dot_router__service__pb2.ListCircuitBreakersResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -85,9 +90,14 @@ class RouterServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SubmitFeedback(self, request, context):
-        """Records how good an answer was; the learned routing policy uses it.
-        Needs SCOPE_CHAT. Errors: INVALID_ARGUMENT (score outside 0–1),
-        NOT_FOUND (no such request for this tenant).
+        """Records how good an answer was; the learned routing policy uses it (the
+        score becomes the quality reward of the model that answered, for prompts
+        like this one). Accepted for 7 days after the request, once its
+        accounting has run (milliseconds after the stream ends). Needs SCOPE_CHAT.
+        Errors: INVALID_ARGUMENT (FEEDBACK_SCORE_OUT_OF_RANGE: score not in 0–1;
+        INVALID_FIELD: request_id malformed, comment too long), NOT_FOUND
+        (FEEDBACK_REQUEST_UNKNOWN: no such answered request for this tenant),
+        UNAVAILABLE (STORE_UNAVAILABLE).
         Idempotent: later feedback for the same request replaces earlier.
         Deadline: 1 s.
         """
@@ -130,6 +140,15 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCircuitBreakers(self, request, context):
+        """Lists the circuit breaker of every routable model (shared by all router
+        replicas), in model-name order. Needs SCOPE_READ.
+        Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 1 s.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +181,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.CancelBatch,
                     request_deserializer=orchestra_dot_router_dot_v1_dot_router__service__pb2.CancelBatchRequest.FromString,
                     response_serializer=orchestra_dot_router_dot_v1_dot_router__service__pb2.CancelBatchResponse.SerializeToString,
+            ),
+            'ListCircuitBreakers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCircuitBreakers,
+                    request_deserializer=orchestra_dot_router_dot_v1_dot_router__service__pb2.ListCircuitBreakersRequest.FromString,
+                    response_serializer=orchestra_dot_router_dot_v1_dot_router__service__pb2.ListCircuitBreakersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -328,6 +352,33 @@ class RouterService:
             '/orchestra.router.v1.RouterService/CancelBatch',
             orchestra_dot_router_dot_v1_dot_router__service__pb2.CancelBatchRequest.SerializeToString,
             orchestra_dot_router_dot_v1_dot_router__service__pb2.CancelBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCircuitBreakers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestra.router.v1.RouterService/ListCircuitBreakers',
+            orchestra_dot_router_dot_v1_dot_router__service__pb2.ListCircuitBreakersRequest.SerializeToString,
+            orchestra_dot_router_dot_v1_dot_router__service__pb2.ListCircuitBreakersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,9 +43,14 @@ class RouterServiceStub:
     Idempotent (no side effects). Deadline: 1 s.
     """
     SubmitFeedback: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.SubmitFeedbackRequest, _router_service_pb2.SubmitFeedbackResponse]
-    """Records how good an answer was; the learned routing policy uses it.
-    Needs SCOPE_CHAT. Errors: INVALID_ARGUMENT (score outside 0–1),
-    NOT_FOUND (no such request for this tenant).
+    """Records how good an answer was; the learned routing policy uses it (the
+    score becomes the quality reward of the model that answered, for prompts
+    like this one). Accepted for 7 days after the request, once its
+    accounting has run (milliseconds after the stream ends). Needs SCOPE_CHAT.
+    Errors: INVALID_ARGUMENT (FEEDBACK_SCORE_OUT_OF_RANGE: score not in 0–1;
+    INVALID_FIELD: request_id malformed, comment too long), NOT_FOUND
+    (FEEDBACK_REQUEST_UNKNOWN: no such answered request for this tenant),
+    UNAVAILABLE (STORE_UNAVAILABLE).
     Idempotent: later feedback for the same request replaces earlier.
     Deadline: 1 s.
     """
@@ -68,6 +73,11 @@ class RouterServiceStub:
     """Stops a batch: queued items are not run; running ones finish.
     Needs SCOPE_CHAT. Errors: NOT_FOUND. Idempotent. Deadline: 1 s.
     """
+    ListCircuitBreakers: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.ListCircuitBreakersRequest, _router_service_pb2.ListCircuitBreakersResponse]
+    """Lists the circuit breaker of every routable model (shared by all router
+    replicas), in model-name order. Needs SCOPE_READ.
+    Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 1 s.
+    """
 
 @_typing.type_check_only
 class RouterServiceAsyncStub(RouterServiceStub):
@@ -84,9 +94,14 @@ class RouterServiceAsyncStub(RouterServiceStub):
     Idempotent (no side effects). Deadline: 1 s.
     """
     SubmitFeedback: _aio.UnaryUnaryMultiCallable[_router_service_pb2.SubmitFeedbackRequest, _router_service_pb2.SubmitFeedbackResponse]  # type: ignore[assignment]
-    """Records how good an answer was; the learned routing policy uses it.
-    Needs SCOPE_CHAT. Errors: INVALID_ARGUMENT (score outside 0–1),
-    NOT_FOUND (no such request for this tenant).
+    """Records how good an answer was; the learned routing policy uses it (the
+    score becomes the quality reward of the model that answered, for prompts
+    like this one). Accepted for 7 days after the request, once its
+    accounting has run (milliseconds after the stream ends). Needs SCOPE_CHAT.
+    Errors: INVALID_ARGUMENT (FEEDBACK_SCORE_OUT_OF_RANGE: score not in 0–1;
+    INVALID_FIELD: request_id malformed, comment too long), NOT_FOUND
+    (FEEDBACK_REQUEST_UNKNOWN: no such answered request for this tenant),
+    UNAVAILABLE (STORE_UNAVAILABLE).
     Idempotent: later feedback for the same request replaces earlier.
     Deadline: 1 s.
     """
@@ -108,6 +123,11 @@ class RouterServiceAsyncStub(RouterServiceStub):
     CancelBatch: _aio.UnaryUnaryMultiCallable[_router_service_pb2.CancelBatchRequest, _router_service_pb2.CancelBatchResponse]  # type: ignore[assignment]
     """Stops a batch: queued items are not run; running ones finish.
     Needs SCOPE_CHAT. Errors: NOT_FOUND. Idempotent. Deadline: 1 s.
+    """
+    ListCircuitBreakers: _aio.UnaryUnaryMultiCallable[_router_service_pb2.ListCircuitBreakersRequest, _router_service_pb2.ListCircuitBreakersResponse]  # type: ignore[assignment]
+    """Lists the circuit breaker of every routable model (shared by all router
+    replicas), in model-name order. Needs SCOPE_READ.
+    Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 1 s.
     """
 
 class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -134,9 +154,14 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _router_service_pb2.SubmitFeedbackRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_router_service_pb2.SubmitFeedbackResponse, _abc.Awaitable[_router_service_pb2.SubmitFeedbackResponse]]:
-        """Records how good an answer was; the learned routing policy uses it.
-        Needs SCOPE_CHAT. Errors: INVALID_ARGUMENT (score outside 0–1),
-        NOT_FOUND (no such request for this tenant).
+        """Records how good an answer was; the learned routing policy uses it (the
+        score becomes the quality reward of the model that answered, for prompts
+        like this one). Accepted for 7 days after the request, once its
+        accounting has run (milliseconds after the stream ends). Needs SCOPE_CHAT.
+        Errors: INVALID_ARGUMENT (FEEDBACK_SCORE_OUT_OF_RANGE: score not in 0–1;
+        INVALID_FIELD: request_id malformed, comment too long), NOT_FOUND
+        (FEEDBACK_REQUEST_UNKNOWN: no such answered request for this tenant),
+        UNAVAILABLE (STORE_UNAVAILABLE).
         Idempotent: later feedback for the same request replaces earlier.
         Deadline: 1 s.
         """
@@ -182,6 +207,17 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_router_service_pb2.CancelBatchResponse, _abc.Awaitable[_router_service_pb2.CancelBatchResponse]]:
         """Stops a batch: queued items are not run; running ones finish.
         Needs SCOPE_CHAT. Errors: NOT_FOUND. Idempotent. Deadline: 1 s.
+        """
+
+    @_abc_1.abstractmethod
+    def ListCircuitBreakers(
+        self,
+        request: _router_service_pb2.ListCircuitBreakersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_service_pb2.ListCircuitBreakersResponse, _abc.Awaitable[_router_service_pb2.ListCircuitBreakersResponse]]:
+        """Lists the circuit breaker of every routable model (shared by all router
+        replicas), in model-name order. Needs SCOPE_READ.
+        Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 1 s.
         """
 
 def add_RouterServiceServicer_to_server(servicer: RouterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

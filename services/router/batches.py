@@ -1,0 +1,530 @@
+"""Batches: many chats queued as one, run in the background, results kept in Redis.
+
+A batch is a few Redis keys (under ``router:batch:<tenant>/<batch_id>``): its
+meta hash (state, counts, priority, concurrency limit, the creator's identity),
+the items, a queue of item ids still to run, the leases of running items, and
+the results (a hash, with a sorted set of ids for paging in custom_id order).
+Because everything is in Redis, results and the remaining queue survive a
+router restart, and every replica's :class:`BatchRunner` works on the same
+queues.
+
+Claiming an item, finishing it and cancelling are Lua scripts, so replicas
+never run more than ``max_concurrency`` items of a batch at once and never
+count a result twice. A claimed item holds a lease; if its replica dies, the
+lease expires and the item is queued again (it then runs with the request id
+``<batch_id>:<custom_id>.r<n>``, so budget admission sees a new request).
+Runners take batches highest priority first, oldest first among equals.
+Finished batches are kept for ``RETENTION_SECONDS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable
+
+import grpc
+import redis.asyncio as aioredis
+from google.protobuf import timestamp_pb2
+from redis.exceptions import RedisError, WatchError
+
+from orchestra.common.v1 import errors_pb2, identity_pb2
+from orchestra.router.v1 import chat_service_pb2 as chat_api
+from orchestra.router.v1 import router_service_pb2 as router_api
+from services.common import paging
+from services.common.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    OrchestraError,
+    reason_name,
+)
+from services.router import validation
+from services.router.engine import Engine
+
+log = logging.getLogger(__name__)
+
+PREFIX = "router:batch:"
+READY = "router:batches:ready"  # batches with items to run, by priority then age
+MAX_ITEMS = 10_000
+DEFAULT_CONCURRENCY = 4
+MAX_CONCURRENCY = 64
+RETENTION_SECONDS = 30 * 86_400
+ITEM_DEADLINE_SECONDS = 300.0
+LEASE_SECONDS = ITEM_DEADLINE_SECONDS + 60.0
+_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_STATES = {
+    "queued": router_api.BATCH_STATE_QUEUED,
+    "running": router_api.BATCH_STATE_RUNNING,
+    "completed": router_api.BATCH_STATE_COMPLETED,
+    "cancelled": router_api.BATCH_STATE_CANCELLED,
+}
+
+# KEYS: meta, queue, leases, attempts, items. ARGV: now, lease seconds.
+# Returns {"item", id, request bytes, attempts} or {"busy"|"empty"|"done"}.
+_CLAIM = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state or state == 'cancelled' or state == 'completed' then return {'done'} end
+local now = tonumber(ARGV[1])
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
+  redis.call('ZREM', KEYS[3], id)  -- its replica died: run it again
+  redis.call('LPUSH', KEYS[2], id)
+  redis.call('HINCRBY', KEYS[1], 'running', -1)
+  redis.call('HINCRBY', KEYS[4], id, 1)
+end
+local running = tonumber(redis.call('HGET', KEYS[1], 'running') or '0')
+if running >= tonumber(redis.call('HGET', KEYS[1], 'max_concurrency')) then return {'busy'} end
+local id = redis.call('LPOP', KEYS[2])
+if not id then
+  if running == 0 then return {'done'} end
+  return {'empty'}
+end
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), id)
+redis.call('HINCRBY', KEYS[1], 'running', 1)
+if state == 'queued' then redis.call('HSET', KEYS[1], 'state', 'running') end
+return {'item', id, redis.call('HGET', KEYS[5], id), redis.call('HGET', KEYS[4], id) or '0'}
+"""
+
+# KEYS: meta, queue, leases, results, done. ARGV: id, result bytes, ok (1/0), cost, now, ttl.
+# Returns 1 when this was the batch's last item.
+_FINISH = """
+local leased = redis.call('ZREM', KEYS[3], ARGV[1])
+if leased == 1 then
+  redis.call('HINCRBY', KEYS[1], 'running', -1)
+else
+  redis.call('LREM', KEYS[2], 0, ARGV[1])  -- it was re-queued meanwhile: done now
+end
+if redis.call('HSETNX', KEYS[4], ARGV[1], ARGV[2]) == 1 then
+  redis.call('ZADD', KEYS[5], 0, ARGV[1])
+  redis.call('HINCRBY', KEYS[1], ARGV[3] == '1' and 'succeeded' or 'failed', 1)
+  redis.call('HINCRBY', KEYS[1], 'cost', ARGV[4])
+end
+local state = redis.call('HGET', KEYS[1], 'state')
+local running = tonumber(redis.call('HGET', KEYS[1], 'running') or '0')
+if running > 0 or redis.call('LLEN', KEYS[2]) > 0 or state == 'completed' then return 0 end
+if state ~= 'cancelled' then redis.call('HSET', KEYS[1], 'state', 'completed') end
+if not redis.call('HGET', KEYS[1], 'end_time') then
+  redis.call('HSET', KEYS[1], 'end_time', ARGV[5])
+end
+for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
+return 1
+"""
+
+# KEYS: meta, queue, leases. ARGV: id. Gives a claimed item back (this replica stops).
+_RELEASE = """
+if redis.call('ZREM', KEYS[3], ARGV[1]) == 1 then
+  redis.call('HINCRBY', KEYS[1], 'running', -1)
+  redis.call('LPUSH', KEYS[2], ARGV[1])
+end
+return 1
+"""
+
+# KEYS: meta, queue. ARGV: now. Queued items are dropped; running ones finish.
+_CANCEL = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return 0 end
+if state == 'queued' or state == 'running' then
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'state', 'cancelled')
+  if tonumber(redis.call('HGET', KEYS[1], 'running') or '0') == 0 then
+    redis.call('HSET', KEYS[1], 'end_time', ARGV[1])
+  end
+end
+return 1
+"""
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _invalid(field: str, message: str) -> InvalidArgument:
+    return InvalidArgument(errors_pb2.ERROR_REASON_INVALID_FIELD, message, field=field)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Keys:
+    meta: str
+    items: str
+    queue: str
+    leases: str
+    attempts: str
+    results: str
+    done: str
+
+    @classmethod
+    def of(cls, ref: str) -> _Keys:
+        base = PREFIX + ref
+        return cls(
+            meta=base,
+            items=f"{base}:items",
+            queue=f"{base}:queue",
+            leases=f"{base}:leases",
+            attempts=f"{base}:attempts",
+            results=f"{base}:results",
+            done=f"{base}:done",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Claimed:
+    """An item a runner is to run."""
+
+    ref: str  # "<tenant>/<batch_id>"
+    custom_id: str
+    request: chat_api.ChatRequest
+    attempts: int
+
+
+def _ref(tenant_id: str, batch_id: str) -> str:
+    return f"{tenant_id}/{batch_id}"
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+class BatchStore:
+    """The Redis side of batches: create, read, claim, finish, cancel."""
+
+    def __init__(self, redis: aioredis.Redis, *, clock: Callable[[], float] = time.time) -> None:
+        self._redis = redis
+        self._clock = clock
+        self._claim = redis.register_script(_CLAIM)
+        self._finish = redis.register_script(_FINISH)
+        self._release = redis.register_script(_RELEASE)
+        self._cancel = redis.register_script(_CANCEL)
+
+    async def create(
+        self,
+        identity: identity_pb2.Identity,
+        request: router_api.CreateBatchRequest,
+        max_request_bytes: int,
+    ) -> router_api.Batch:
+        """Queues a batch; the same batch_id with the same items returns the existing one.
+
+        Raises:
+            InvalidArgument: INVALID_FIELD naming the bad field or item.
+            AlreadyExists: RESOURCE_EXISTS: the batch_id holds other items.
+        """
+        batch_id = request.batch_id or f"batch_{uuid.uuid4().hex[:16]}"
+        if not _ID.match(batch_id):
+            raise _invalid("batch_id", "batch_id must be 1-64 characters of [A-Za-z0-9._-]")
+        items = _validated_items(batch_id, request, max_request_bytes)
+        if not 0 <= request.max_concurrency <= MAX_CONCURRENCY:
+            raise _invalid("max_concurrency", f"max_concurrency must be 0-{MAX_CONCURRENCY}")
+        digest = hashlib.sha256(
+            b"".join(chat.SerializeToString(deterministic=True) for chat in items.values())
+            + str(request.priority).encode()
+        ).hexdigest()
+        ref = _ref(identity.tenant_id, batch_id)
+        keys = _Keys.of(ref)
+        now = self._clock()
+        async with self._redis.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(keys.meta)
+                existing = await pipe.hget(keys.meta, "digest")
+                if existing is None:
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    for start in range(0, len(items), 1000):
+                        chunk = list(items.items())[start : start + 1000]
+                        pipe.hset(keys.items, mapping={k: v.SerializeToString() for k, v in chunk})
+                        pipe.rpush(keys.queue, *[k for k, _ in chunk])
+                    pipe.hset(
+                        keys.meta,
+                        mapping={
+                            "digest": digest,
+                            "state": "queued",
+                            "total": len(items),
+                            "succeeded": 0,
+                            "failed": 0,
+                            "running": 0,
+                            "cost": 0,
+                            "priority": request.priority,
+                            "max_concurrency": request.max_concurrency or DEFAULT_CONCURRENCY,
+                            "create_time": f"{now:.6f}",
+                            "identity": identity.SerializeToString(),
+                        },
+                    )
+                    # Higher priority first; among equals, the older batch first.
+                    pipe.zadd(READY, {ref: -request.priority * 1e12 + now})
+                    await pipe.execute()
+            except WatchError:
+                existing = await self._redis.hget(keys.meta, "digest")
+        if existing is not None and _text(existing) != digest:
+            raise AlreadyExists(
+                errors_pb2.ERROR_REASON_RESOURCE_EXISTS,
+                f"batch {batch_id} exists with other items",
+                metadata={"batch_id": batch_id},
+            )
+        return await self.get(identity.tenant_id, batch_id)
+
+    async def get(self, tenant_id: str, batch_id: str) -> router_api.Batch:
+        """The batch as the API shows it.
+
+        Raises:
+            NotFound: RESOURCE_NOT_FOUND.
+        """
+        raw = await self._redis.hgetall(_Keys.of(_ref(tenant_id, batch_id)).meta)
+        if not raw:
+            raise NotFound(
+                errors_pb2.ERROR_REASON_RESOURCE_NOT_FOUND,
+                f"no batch {batch_id!r}",
+                metadata={"batch_id": batch_id},
+            )
+        row = {_text(k): v for k, v in raw.items()}
+        batch = router_api.Batch(
+            batch_id=batch_id,
+            state=_STATES[_text(row["state"])],
+            total_items=int(row["total"]),
+            succeeded_items=int(row["succeeded"]),
+            failed_items=int(row["failed"]),
+            priority=int(row["priority"]),
+            create_time=_timestamp(float(row["create_time"])),
+            cost_micro_usd=int(row["cost"]),
+        )
+        if "end_time" in row:
+            batch.end_time.CopyFrom(_timestamp(float(row["end_time"])))
+        return batch
+
+    async def results(
+        self, tenant_id: str, request: router_api.ListBatchResultsRequest
+    ) -> router_api.ListBatchResultsResponse:
+        """A page of finished items in custom_id order.
+
+        Raises:
+            NotFound: RESOURCE_NOT_FOUND.
+            InvalidArgument: INVALID_PAGE_TOKEN, INVALID_FIELD (page_size).
+        """
+        await self.get(tenant_id, request.batch_id)
+        size = paging.page_size(request.page_size)
+        after = paging.decode(request.page_token, request.batch_id)
+        keys = _Keys.of(_ref(tenant_id, request.batch_id))
+        low = f"({after}" if after else "-"
+        ids = [_text(i) for i in await self._redis.zrangebylex(keys.done, low, "+", 0, size + 1)]
+        response = router_api.ListBatchResultsResponse()
+        page = ids[:size]
+        if page:
+            for raw in await self._redis.hmget(keys.results, page):
+                if isinstance(raw, bytes):
+                    response.results.append(router_api.BatchResult.FromString(raw))
+        if len(ids) > size:
+            response.next_page_token = paging.encode(page[-1], request.batch_id)
+        return response
+
+    async def cancel(self, tenant_id: str, batch_id: str) -> router_api.Batch:
+        """Cancels a batch (idempotent); running items finish.
+
+        Raises:
+            NotFound: RESOURCE_NOT_FOUND.
+        """
+        ref = _ref(tenant_id, batch_id)
+        keys = _Keys.of(ref)
+        if await self._cancel(keys=[keys.meta, keys.queue], args=[f"{self._clock():.6f}"]):
+            await self._redis.zrem(READY, ref)
+        return await self.get(tenant_id, batch_id)
+
+    # -- for the runner ----------------------------------------------------------
+    async def ready(self, limit: int = 50) -> list[str]:
+        """Batches with items to run, in the order they should be served."""
+        return [_text(r) for r in await self._redis.zrange(READY, 0, limit - 1)]
+
+    async def claim(self, ref: str) -> Claimed | str:
+        """Claims the next item of ``ref``, or says why not ("busy", "empty", "done")."""
+        keys = _Keys.of(ref)
+        answer = await self._claim(
+            keys=[keys.meta, keys.queue, keys.leases, keys.attempts, keys.items],
+            args=[f"{self._clock():.6f}", LEASE_SECONDS],
+        )
+        if _text(answer[0]) != "item":
+            if _text(answer[0]) == "done":
+                await self._redis.zrem(READY, ref)
+            return _text(answer[0])
+        return Claimed(
+            ref=ref,
+            custom_id=_text(answer[1]),
+            request=chat_api.ChatRequest.FromString(answer[2]),
+            attempts=int(answer[3]),
+        )
+
+    async def identity(self, ref: str) -> identity_pb2.Identity:
+        """The identity the batch was created with (its items run as that caller)."""
+        raw = await self._redis.hget(_Keys.of(ref).meta, "identity")
+        return identity_pb2.Identity.FromString(raw if isinstance(raw, bytes) else b"")
+
+    async def finish(self, item: Claimed, result: router_api.BatchResult, cost: int) -> None:
+        """Stores an item's result; marks the batch completed after its last item."""
+        keys = _Keys.of(item.ref)
+        last = await self._finish(
+            keys=[keys.meta, keys.queue, keys.leases, keys.results, keys.done],
+            args=[
+                item.custom_id,
+                result.SerializeToString(),
+                "1" if result.HasField("response") else "0",
+                cost,
+                f"{self._clock():.6f}",
+                RETENTION_SECONDS,
+            ],
+        )
+        if last:
+            await self._redis.zrem(READY, item.ref)
+            await self._redis.expire(keys.items, RETENTION_SECONDS)
+            await self._redis.expire(keys.attempts, RETENTION_SECONDS)
+
+    async def release(self, item: Claimed) -> None:
+        """Queues a claimed item again (this replica is stopping)."""
+        keys = _Keys.of(item.ref)
+        await self._release(keys=[keys.meta, keys.queue, keys.leases], args=[item.custom_id])
+
+
+def _validated_items(
+    batch_id: str, request: router_api.CreateBatchRequest, max_request_bytes: int
+) -> dict[str, chat_api.ChatRequest]:
+    if not request.items:
+        raise _invalid("items", "a batch needs at least one item")
+    if len(request.items) > MAX_ITEMS:
+        raise _invalid("items", f"a batch holds at most {MAX_ITEMS} items")
+    items: dict[str, chat_api.ChatRequest] = {}
+    for index, item in enumerate(request.items):
+        field = f"items[{index}]"
+        if not _ID.match(item.custom_id):
+            raise _invalid(
+                f"{field}.custom_id", "custom_id must be 1-64 characters of [A-Za-z0-9._-]"
+            )
+        if item.custom_id in items:
+            raise _invalid(f"{field}.custom_id", f"custom_id {item.custom_id!r} is repeated")
+        chat = chat_api.ChatRequest()
+        chat.CopyFrom(item.request)
+        chat.request_id = chat.request_id or f"{batch_id}:{item.custom_id}"
+        try:
+            validation.validate(chat, max_request_bytes)
+        except InvalidArgument as exc:
+            inner = exc.field or ""
+            raise _invalid(f"{field}.request.{inner}".rstrip("."), exc.message) from None
+        items[item.custom_id] = chat
+    return items
+
+
+class BatchRunner:
+    """Runs queued batch items through the engine, in the background of a router.
+
+    Args:
+        store: The batches.
+        engine: Answers each item as a unary chat would.
+        slots: Items this replica runs at once, over all batches.
+        poll: Seconds between looks for work when there was none.
+    """
+
+    def __init__(
+        self, store: BatchStore, engine: Engine, *, slots: int = 8, poll: float = 1.0
+    ) -> None:
+        self.store = store
+        self._engine = engine
+        self._slots = slots
+        self._poll = poll
+        self._wake = asyncio.Event()
+        self._running: dict[asyncio.Task[None], Claimed] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    def start(self) -> None:
+        """Starts looking for work."""
+        self._stopping = False
+        self._loop_task = asyncio.create_task(self._loop())
+
+    async def create(
+        self, identity: identity_pb2.Identity, request: router_api.CreateBatchRequest
+    ) -> router_api.Batch:
+        """Queues a batch (see :meth:`BatchStore.create`) and starts on it."""
+        batch = await self.store.create(identity, request, self._engine.max_request_bytes)
+        self._wake.set()
+        return batch
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stops claiming; lets running items finish for ``grace`` seconds, then re-queues them."""
+        # The loop is asked to stop rather than cancelled: a Redis call cancelled
+        # while its connection is being set up can leave the client waiting.
+        self._stopping = True
+        self._wake.set()
+        if self._loop_task is not None:
+            done, _ = await asyncio.wait({self._loop_task}, timeout=grace)
+            if not done:
+                self._loop_task.cancel()
+        if self._running:
+            await asyncio.wait(list(self._running), timeout=grace)
+        for task, item in list(self._running.items()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            with contextlib.suppress(RedisError):
+                await self.store.release(item)
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            try:
+                claimed = await self._fill()
+            except RedisError as exc:
+                log.warning("batch runner: Redis unavailable (%s); retrying", exc)
+                claimed = False
+            if self._stopping:
+                return
+            if not claimed or len(self._running) >= self._slots:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._poll)
+
+    async def _fill(self) -> bool:
+        """Claims items into free slots, best batches first; True if any was claimed."""
+        claimed = False
+        for ref in await self.store.ready():
+            while len(self._running) < self._slots and not self._stopping:
+                item = await self.store.claim(ref)
+                if isinstance(item, str):
+                    break
+                task = asyncio.create_task(self._run(item))
+                self._running[task] = item
+                task.add_done_callback(self._done)
+                claimed = True
+            if len(self._running) >= self._slots:
+                break
+        return claimed
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._running.pop(task, None)
+        self._wake.set()  # a slot is free
+
+    async def _run(self, item: Claimed) -> None:
+        identity = await self.store.identity(item.ref)
+        request = item.request
+        if item.attempts:
+            request.request_id = f"{request.request_id}.r{item.attempts}"
+        result = router_api.BatchResult(custom_id=item.custom_id)
+        cost = 0
+        try:
+            response = await self._engine.chat(identity, request, ITEM_DEADLINE_SECONDS)
+            result.response.CopyFrom(response)
+            cost = response.cost_micro_usd
+        except OrchestraError as exc:
+            result.error.CopyFrom(_item_error(exc.code, reason_name(exc.reason), exc.message))
+        except Exception:
+            log.exception("batch %s item %s failed", item.ref, item.custom_id)
+            result.error.CopyFrom(
+                _item_error(
+                    grpc.StatusCode.INTERNAL,
+                    reason_name(errors_pb2.ERROR_REASON_INTERNAL),
+                    "internal error",
+                )
+            )
+        await self.store.finish(item, result, cost)
+
+
+def _item_error(code: grpc.StatusCode, reason: str, message: str) -> router_api.BatchItemError:
+    return router_api.BatchItemError(code=code.value[0], reason=reason, message=message)
