@@ -5,7 +5,7 @@ key; its bodies are sealed with AES-256-GCM and bound (as associated data) to
 their record's event id, tenant and end user, so a ciphertext moved onto
 another record does not open. The key is stored wrapped by a master key
 derived from ``ORCHESTRA_INTERNAL_KEY`` with the same sealing discovery uses
-for provider credentials (:class:`services.discovery.crypto.CredentialCipher`,
+for provider credentials (:class:`services.common.crypto.CredentialCipher`,
 keyed here from an audit-specific HKDF label so the two never share a key).
 
 Sealing is deterministic for a given key, record and plaintext: the nonce is an
@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from services.discovery.crypto import CredentialCipher, CredentialError
+from services.common.crypto import CredentialCipher, CredentialError
 
 _VERSION = 1
 _NONCE_BYTES = 12

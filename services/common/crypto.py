@@ -1,4 +1,4 @@
-"""Provider credentials at rest: AES-256-GCM under a key derived from the internal key.
+"""Secrets at rest (provider credentials, audit subject keys): AES-256-GCM under a derived key.
 
 The data key is HKDF-SHA256 of ``ORCHESTRA_INTERNAL_KEY`` with a purpose label,
 so the identity MAC key and this key never coincide. Each sealed value is

@@ -20,10 +20,10 @@ import httpx
 
 from orchestra.common.v1 import errors_pb2
 from orchestra.discovery.v1 import discovery_service_pb2 as pb
+from services.common.crypto import CredentialCipher, CredentialError, scrub
 from services.common.errors import NotFound
 from services.discovery import listing, providers
 from services.discovery.catalog import Catalog, build_model
-from services.discovery.crypto import CredentialCipher, CredentialError, scrub
 from services.discovery.feed import ModelFeed
 from services.discovery.records import ProviderRecord
 from services.discovery.store import DiscoveryStore, ModelChanges

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import httpx
@@ -76,6 +76,8 @@ class Endpoint:
         connect_timeout: Seconds to wait for a connection.
         read_timeout: Seconds to wait between bytes.
         local: A local server (its listed models are loaded and free).
+        declared_models: Models the provider declares (a custom provider):
+            reported as they are, without a request.
     """
 
     type: int
@@ -86,6 +88,7 @@ class Endpoint:
     connect_timeout: float = 5.0
     read_timeout: float = 60.0
     local: bool = False
+    declared_models: Sequence[str] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +115,7 @@ class ListedModel:
 def supports_listing(provider_type: int) -> bool:
     """Whether :func:`list_models` knows how to list this wire format."""
     return provider_type in _OPENAI_WIRE or provider_type in (
+        pb.PROVIDER_TYPE_CUSTOM,  # its declared models
         pb.PROVIDER_TYPE_OLLAMA,
         pb.PROVIDER_TYPE_ANTHROPIC,
         pb.PROVIDER_TYPE_GEMINI,
@@ -159,6 +163,8 @@ async def _dispatch(
     endpoint: Endpoint, client: httpx.AsyncClient, details: DetailCache
 ) -> list[ListedModel]:
     kind = endpoint.type
+    if kind == pb.PROVIDER_TYPE_CUSTOM:
+        return [ListedModel(model_id=model) for model in endpoint.declared_models]
     if kind in _OPENAI_WIRE:
         return await _openai(endpoint, client)
     if kind == pb.PROVIDER_TYPE_OLLAMA:

@@ -35,8 +35,8 @@ from pydantic import ValidationError
 from orchestra.common.v1 import chat_pb2
 from orchestra.discovery.v1 import discovery_service_pb2 as pb
 from services.common.config_file import ProviderEntry
+from services.common.crypto import CredentialCipher, CredentialError, scrub
 from services.discovery import health, providers
-from services.discovery.crypto import CredentialCipher, CredentialError, scrub
 from services.discovery.health import HealthPolicy, Outcome, ProbeStats
 from services.discovery.records import ProviderRecord, model_name
 from services.discovery.store import DiscoveryStore

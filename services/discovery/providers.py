@@ -18,9 +18,9 @@ from google.protobuf import duration_pb2, field_mask_pb2
 from orchestra.common.v1 import errors_pb2
 from orchestra.discovery.v1 import discovery_service_pb2 as pb
 from services.common.config_file import ProviderEntry
+from services.common.crypto import CredentialCipher, CredentialError, credential_hint
 from services.common.errors import InvalidArgument
 from services.discovery.catalog import combined_health
-from services.discovery.crypto import CredentialCipher, CredentialError, credential_hint
 from services.discovery.health import ProbeStats
 from services.discovery.listing import Endpoint
 from services.discovery.records import (
@@ -269,6 +269,7 @@ def from_config(entry: ProviderEntry, cipher: CredentialCipher) -> ProviderRecor
         connect_timeout_ms=round(entry.connect_timeout_seconds * 1000),
         read_timeout_ms=round(entry.read_timeout_seconds * 1000),
         source=SOURCE_CONFIG,
+        declared_models=tuple(entry.custom.models) if entry.custom is not None else (),
     )
 
 
@@ -308,6 +309,7 @@ def endpoint(record: ProviderRecord, cipher: CredentialCipher) -> Endpoint:
         connect_timeout=record.connect_timeout_ms / 1000,
         read_timeout=record.read_timeout_ms / 1000,
         local=record.local,
+        declared_models=record.declared_models,
     )
 
 

@@ -35,6 +35,8 @@ class ProviderRecord:
         requests_per_minute: The provider's own RPM limit (0 = none).
         tokens_per_minute: The provider's own TPM limit (0 = none).
         source: "config" (declared in the config file) or "api".
+        declared_models: Models the provider declares instead of a listing
+            (a custom provider's ``custom.models``); empty: listed.
         health_status: ``HealthStatus`` value of the last listing.
         last_error: The last listing's error ("" when it worked).
         last_probe_time: When it was last listed.
@@ -57,6 +59,7 @@ class ProviderRecord:
     requests_per_minute: int = 0
     tokens_per_minute: int = 0
     source: str = SOURCE_API
+    declared_models: tuple[str, ...] = ()
     health_status: int = pb.HEALTH_STATUS_UNSPECIFIED
     last_error: str = ""
     last_probe_time: datetime.datetime | None = None

@@ -30,12 +30,14 @@ import httpx
 
 from orchestra.discovery.v1 import discovery_service_pb2 as pb
 from orchestra.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
+from services.audit.admin_client import AdminAuditor
+from services.audit.audited import DISCOVERY_CHANGES, audit_changes
 from services.common import stores
+from services.common.crypto import CredentialCipher
 from services.common.identity import IdentitySigner
 from services.common.settings import Settings, SettingsError, require
 from services.discovery import listing, providers
 from services.discovery.catalog import Catalog
-from services.discovery.crypto import CredentialCipher
 from services.discovery.discovery import Discovery
 from services.discovery.fanout import CatalogFanout
 from services.discovery.feed import ModelFeed
@@ -132,6 +134,8 @@ class DiscoveryService:
         self._pool = pool
         self._options = options
         self._cipher = CredentialCipher(settings.internal_key)
+        self._signer = IdentitySigner(settings.internal_key)
+        self._auditor = AdminAuditor.connect(settings.addrs["audit"], self._signer, "discovery")
         self._store = DiscoveryStore(pool)
         self._feed = ModelFeed()
         # One client for every provider: pooled connections; timeouts per request.
@@ -150,7 +154,7 @@ class DiscoveryService:
         )
         self.discovery.announcer = self.fanout.announce
         self._servicer = DiscoveryServicer(
-            signer=IdentitySigner(settings.internal_key),
+            signer=self._signer,
             store=self._store,
             cipher=self._cipher,
             discovery=self.discovery,
@@ -168,8 +172,15 @@ class DiscoveryService:
         return [pb.DESCRIPTOR.services_by_name["DiscoveryService"].full_name]
 
     def register(self, server: grpc.aio.Server) -> None:
-        """Adds the servicer."""
-        pb_grpc.add_DiscoveryServiceServicer_to_server(self._servicer, server)
+        """Adds the servicer, its provider changes audited."""
+        servicer = audit_changes(
+            self._servicer,
+            self._auditor,
+            self._signer,
+            pb.DESCRIPTOR.services_by_name["DiscoveryService"].full_name,
+            DISCOVERY_CHANGES,
+        )
+        pb_grpc.add_DiscoveryServiceServicer_to_server(servicer, server)
 
     async def start(self) -> None:
         """Applies the config file's providers, loads the catalog, starts passes."""
@@ -195,6 +206,7 @@ class DiscoveryService:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await self.fanout.stop()
+        await self._auditor.aclose()
         self._feed.close()
         await self._servicer.close()
         await self.prober.aclose()

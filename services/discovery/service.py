@@ -19,11 +19,11 @@ from orchestra.common.v1 import errors_pb2, identity_pb2
 from orchestra.discovery.v1 import discovery_service_pb2 as pb
 from orchestra.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
 from services.common import paging
+from services.common.crypto import CredentialCipher
 from services.common.errors import InvalidArgument, NotFound, Unavailable
 from services.common.identity import IdentitySigner, caller
 from services.discovery import providers
 from services.discovery.catalog import build_model
-from services.discovery.crypto import CredentialCipher
 from services.discovery.discovery import Discovery, not_found
 from services.discovery.feed import FeedError, ModelFeed
 from services.discovery.health import to_health

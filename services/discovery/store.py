@@ -23,7 +23,7 @@ from services.discovery.records import SOURCE_CONFIG, ProviderRecord, StoredMode
 _PROVIDER_COLUMNS = (
     "provider_id, display_name, provider_type, base_url, credential_sealed, credential_hint,"
     " headers, organization, local, enabled, connect_timeout_ms, read_timeout_ms,"
-    " requests_per_minute, tokens_per_minute, source, health_status, last_error,"
+    " requests_per_minute, tokens_per_minute, source, declared_models, health_status, last_error,"
     " last_probe_time, create_time, update_time"
 )
 # The columns an RPC or the config file sets (not health, not timestamps).
@@ -42,6 +42,7 @@ _SETTABLE = (
     "requests_per_minute",
     "tokens_per_minute",
     "source",
+    "declared_models",
 )
 _MODEL_COLUMNS = (
     "m.provider_id, m.model_id, m.context_window, m.max_output_tokens, m.loaded, m.last_seen_time,"
@@ -434,6 +435,7 @@ def _settable_values(record: ProviderRecord) -> tuple[Any, ...]:
         record.requests_per_minute,
         record.tokens_per_minute,
         record.source,
+        json.dumps(list(record.declared_models)),
     )
 
 
@@ -455,6 +457,7 @@ def _provider(row: asyncpg.Record) -> ProviderRecord:
         requests_per_minute=row["requests_per_minute"],
         tokens_per_minute=row["tokens_per_minute"],
         source=row["source"],
+        declared_models=tuple(json.loads(row["declared_models"])),
         health_status=row["health_status"],
         last_error=row["last_error"],
         last_probe_time=row["last_probe_time"],

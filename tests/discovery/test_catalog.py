@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from orchestra.discovery.v1 import discovery_service_pb2 as pb
+from services.common.crypto import CredentialCipher, CredentialError, credential_hint
 from services.discovery.catalog import Catalog, CatalogError, build_model
-from services.discovery.crypto import CredentialCipher, CredentialError, credential_hint
 from services.discovery.records import ProviderRecord, StoredModel
 
 CATALOG = Catalog.packaged()

@@ -265,3 +265,36 @@ async def _error(call: Awaitable[object]) -> grpc.aio.AioRpcError:
     except grpc.aio.AioRpcError as exc:
         return exc
     raise AssertionError("the call succeeded")
+
+
+async def test_a_custom_provider_reports_the_models_it_declares(
+    discovery: Start, as_caller: AsCaller
+) -> None:
+    # A custom provider has no listing endpoint: its config names its models,
+    # and discovery must report exactly those (priced as local here) so routers
+    # can route to them. Nothing listens at the URL: no request is made.
+    handle = await discovery(
+        """
+providers:
+  - id: acme
+    type: custom
+    base_url: http://127.0.0.1:9
+    local: true
+    custom:
+      path: /v2/generate
+      models: [acme-large, acme-small]
+      request: {model: "{{model}}", input: "{{prompt}}"}
+      response: {text: output.text}
+"""
+    )
+    admin, reader = as_caller("acme", "operator"), as_caller("router", "internal")
+
+    result = await handle.stub.RunDiscovery(pb.RunDiscoveryRequest(), metadata=admin)
+
+    assert (result.models, dict(result.errors)) == (2, {})
+    assert await names(handle, reader) == ["acme/acme-large", "acme/acme-small"]
+    model = (
+        await handle.stub.GetModel(pb.GetModelRequest(name="acme/acme-large"), metadata=reader)
+    ).model
+    assert model.provider_type == pb.PROVIDER_TYPE_CUSTOM
+    assert model.price_source == pb.PRICE_SOURCE_LOCAL

@@ -241,5 +241,8 @@ async def test_unreachable_malformed_slow_and_unsupported(
         endpoint = Endpoint(pb.PROVIDER_TYPE_OPENAI, fake_openai.url, credential=SECRET)
         await list_models(endpoint, http, deadline=0.3)
 
-    with pytest.raises(ListingError, match="not supported for PROVIDER_TYPE_CUSTOM"):
-        await list_models(Endpoint(pb.PROVIDER_TYPE_CUSTOM, "http://127.0.0.1:9"), http)
+    with pytest.raises(ListingError, match="not supported for PROVIDER_TYPE_UNSPECIFIED"):
+        await list_models(Endpoint(pb.PROVIDER_TYPE_UNSPECIFIED, "http://127.0.0.1:9"), http)
+    # A custom provider is never asked: it reports the models it declares.
+    declared = Endpoint(pb.PROVIDER_TYPE_CUSTOM, "http://127.0.0.1:9", declared_models=["m1"])
+    assert [m.model_id for m in await list_models(declared, http)] == ["m1"]
