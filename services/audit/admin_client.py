@@ -171,10 +171,13 @@ class AdminAuditor:
         logged at once.
         """
         if self._drainer is not None and not self._drainer.done():
-            if self._unreachable:
-                grace = 0
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._drainer), grace)
+            # Wait in short slices: give up as soon as an append fails for
+            # want of the audit service, not only when the grace is over.
+            loop = asyncio.get_running_loop()
+            until = loop.time() + grace
+            while not self._drainer.done() and not self._unreachable and loop.time() < until:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(self._drainer), 0.05)
             self._drainer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._drainer

@@ -22,6 +22,8 @@ from orchestra.budget.v1 import (
     budget_service_pb2,
     budget_service_pb2_grpc,
 )
+from services.audit.admin_client import AdminAuditor
+from services.audit.audited import ACCOUNT_CHANGES, BUDGET_CHANGES, audit_changes
 from services.budget.accounts import AccountStore
 from services.budget.admission import Admission
 from services.budget.alerts import Alerts, AlertStore
@@ -41,15 +43,17 @@ from services.budget.unheld import UnheldStore
 from services.common.errors import OrchestraError
 from services.common.identity import IdentitySigner
 from services.common.settings import Settings, require
-from services.common.stores import connect_postgres, migrate
+from services.common.stores import connect_postgres, connect_redis, migrate
 
 log = logging.getLogger(__name__)
 
 REAP_INTERVAL_SECONDS = 1.0
 REAP_BATCH = 200
 CLOSE_TIMEOUT_SECONDS = 5.0
-REDIS_MAX_CONNECTIONS = 64
-REDIS_POOL_WAIT_SECONDS = 2.0
+
+
+_ACCOUNT_SERVICE = account_service_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name
+_BUDGET_SERVICE = budget_service_pb2.DESCRIPTOR.services_by_name["BudgetService"].full_name
 
 
 class BudgetApp:
@@ -100,30 +104,43 @@ class BudgetApp:
         self.bootstrap = Bootstrap(self.accounts, self.keys, self.budgets, self.admission)
         self._signer = signer
         self._tasks: list[asyncio.Task[None]] = []
+        # Set by build(): appends admin-change records (None: not audited).
+        self.auditor: AdminAuditor | None = None
 
     def full_names(self) -> Sequence[str]:
         """AccountService, BudgetService and ext_authz Authorization."""
         return [
-            account_service_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name,
-            budget_service_pb2.DESCRIPTOR.services_by_name["BudgetService"].full_name,
+            _ACCOUNT_SERVICE,
+            _BUDGET_SERVICE,
             external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name,
         ]
 
     def register(self, server: grpc.aio.Server) -> None:
-        """Adds the three servicers."""
+        """Adds the three servicers; account and budget changes are audited."""
+        accounts: object = AccountServicer(
+            self.accounts,
+            self.keys,
+            self.authenticator,
+            self.invalidations,
+            self.catalog,
+            self._signer,
+        )
+        budgets: object = BudgetServicer(
+            self.budgets, self.admission, self.catalog, self.ledger, self._signer
+        )
+        if self.auditor is not None:
+            accounts = audit_changes(
+                accounts, self.auditor, self._signer, _ACCOUNT_SERVICE, ACCOUNT_CHANGES
+            )
+            budgets = audit_changes(
+                budgets, self.auditor, self._signer, _BUDGET_SERVICE, BUDGET_CHANGES
+            )
         account_service_pb2_grpc.add_AccountServiceServicer_to_server(
-            AccountServicer(
-                self.accounts,
-                self.keys,
-                self.authenticator,
-                self.invalidations,
-                self.catalog,
-                self._signer,
-            ),
+            accounts,  # type: ignore[arg-type]
             server,
         )
         budget_service_pb2_grpc.add_BudgetServiceServicer_to_server(
-            BudgetServicer(self.budgets, self.admission, self.catalog, self.ledger, self._signer),
+            budgets,  # type: ignore[arg-type]
             server,
         )
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
@@ -146,6 +163,8 @@ class BudgetApp:
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=CLOSE_TIMEOUT_SECONDS)
         self._tasks = []
+        if self.auditor is not None:
+            await self.auditor.aclose()
         await self.alerts.close()
         await self._redis.aclose()
         try:
@@ -167,24 +186,6 @@ class BudgetApp:
                 await asyncio.sleep(REAP_INTERVAL_SECONDS)
 
 
-def _redis(url: str) -> aioredis.Redis:
-    """A Redis client whose calls wait for a free connection when all are busy.
-
-    redis-py's default pool raises MaxConnectionsError beyond 100 connections,
-    which would read as "Redis unreachable" (UNAVAILABLE, or fail open) under
-    a burst of Reserves; a blocking pool queues them instead.
-    """
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=REDIS_MAX_CONNECTIONS,
-        timeout=REDIS_POOL_WAIT_SECONDS,
-        socket_connect_timeout=2.0,
-        socket_timeout=2.0,
-        health_check_interval=30,
-    )
-    return aioredis.Redis(connection_pool=pool)
-
-
 async def build(settings: Settings, *, clock: Callable[[], float] = time.time) -> BudgetApp:
     """Connects the stores, migrates, applies the config file and rebuilds counters.
 
@@ -198,8 +199,10 @@ async def build(settings: Settings, *, clock: Callable[[], float] = time.time) -
     database_url = require(settings.database_url, "DATABASE_URL", "budget")
     redis_url = require(settings.redis_url, "REDIS_URL", "budget")
     pool = await connect_postgres(database_url)
-    client = _redis(redis_url)
-    app = BudgetApp(pool, client, IdentitySigner(settings.internal_key), clock=clock)
+    client = connect_redis(redis_url)
+    signer = IdentitySigner(settings.internal_key)
+    app = BudgetApp(pool, client, signer, clock=clock)
+    app.auditor = AdminAuditor.connect(settings.addrs["audit"], signer, "budget")
     try:
         await migrate(pool, "budget")
         report = await app.bootstrap.apply(list(settings.config.tenants))

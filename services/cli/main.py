@@ -7,7 +7,7 @@
     orchestra serve     run one service (containers)
     orchestra edge      render the Envoy configuration and run Envoy (containers)
     orchestra local-model  serve the packaged model over the OpenAI API (containers)
-    orchestra audit     verify or export the audit log, or print its public key
+    orchestra audit     verify, export or erase in the audit log, or print its public key
 
 ``orchestra COMMAND --help`` describes each.
 """
@@ -104,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8090, help="port (default 8090)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
 
-    p = sub.add_parser("audit", help="verify, export or show the key of the audit log")
+    p = sub.add_parser("audit", help="verify, export, erase in, or show the key of the audit log")
     audit = p.add_subparsers(dest="audit_command", required=True, metavar="AUDIT_COMMAND")
     v = audit.add_parser(
         "verify",
@@ -119,6 +119,17 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--database-url", help="PostgreSQL (default: $DATABASE_URL)")
     e.add_argument("--end", type=int, help="export only the first END records")
     audit.add_parser("public-key", help="print the checkpoint public key and key_id")
+    x = audit.add_parser(
+        "erase",
+        parents=[state, client],
+        help="erase an end user's stored chat bodies (destroys their key; the log still verifies)",
+        description="Destroys the subject key of TENANT + USER through the edge (needs an ADMIN"
+        " or OPERATOR key): their encrypted prompt and answer bodies can never be read again,"
+        " every record and checkpoint still verifies, and the erasure is itself audited.",
+    )
+    x.add_argument("--user", required=True, help="the end user (Attribution.end_user)")
+    x.add_argument("--tenant", default="", help="the tenant (default: the API key's own)")
+    x.add_argument("--reason", default="", help="why, kept in the audit record (e.g. a ticket)")
     return parser
 
 
@@ -179,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 "verify": audit_cmd.run_verify,
                 "export": audit_cmd.run_export,
                 "public-key": audit_cmd.run_public_key,
+                "erase": audit_cmd.run_erase,
             }[args.audit_command]
             return run(args)
         if args.command == "local-model":

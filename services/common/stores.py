@@ -44,15 +44,28 @@ async def connect_postgres(
             await asyncio.sleep(0.2)
 
 
+REDIS_MAX_CONNECTIONS = 64
+REDIS_POOL_WAIT_SECONDS = 2.0
+
+
 def connect_redis(url: str) -> aioredis.Redis:
-    """A Redis client (connections open lazily) with short, explicit timeouts."""
-    return aioredis.Redis.from_url(
+    """A Redis client (connections open lazily) with short, explicit timeouts.
+
+    Its calls wait (up to ``REDIS_POOL_WAIT_SECONDS``) for a free connection
+    when all ``REDIS_MAX_CONNECTIONS`` are busy: redis-py's default pool raises
+    MaxConnectionsError instead, which a service would read as "Redis
+    unreachable" (UNAVAILABLE, or a fail-open) under a burst of requests.
+    """
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=REDIS_MAX_CONNECTIONS,
+        timeout=REDIS_POOL_WAIT_SECONDS,
         socket_connect_timeout=2.0,
         socket_timeout=2.0,
         health_check_interval=30,
         decode_responses=False,
     )
+    return aioredis.Redis(connection_pool=pool)
 
 
 async def migrate(pool: asyncpg.Pool, service: str) -> list[str]:
