@@ -19,6 +19,8 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from orchestra.budget.v1 import budget_service_pb2 as budget_pb2
+from orchestra.budget.v1 import budget_service_pb2_grpc as budget_grpc
 from orchestra.common.v1 import chat_pb2
 from orchestra.discovery.v1 import discovery_service_pb2 as discovery_pb2
 from orchestra.discovery.v1 import discovery_service_pb2_grpc as discovery_grpc
@@ -181,6 +183,54 @@ def model_rows(found: Sequence[discovery_pb2.Model]) -> list[tuple[str, ...]]:
                 f"{health.tokens_per_second:.0f}" if health.tokens_per_second else "-",
                 f"{health.error_rate:.0%}" if probed else "-",
                 loaded,
+            )
+        )
+    return rows
+
+
+async def budget_status(
+    edge: str,
+    key: str,
+    subject: budget_pb2.SpendSubject,
+    out: TextIO = sys.stdout,
+) -> None:
+    """Prints every budget that applies to ``subject`` in its current window:
+    limit, spent, held, remaining and the month-end projection, in USD."""
+    async with grpc.aio.insecure_channel(edge) as channel:
+        try:
+            reply = await budget_grpc.BudgetServiceStub(channel).GetBudgetStatus(
+                budget_pb2.GetBudgetStatusRequest(subject=subject),
+                metadata=_metadata(key),
+                timeout=10,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise CliError(describe(exc)) from None
+    _table(budget_rows(reply.statuses), out)
+
+
+def budget_rows(statuses: Sequence[budget_pb2.BudgetStatus]) -> list[tuple[str, ...]]:
+    """The ``orchestra budget`` table: a header, then one row per budget."""
+    header = (
+        "LEVEL", "SUBJECT", "WINDOW", "KIND", "LIMIT", "SPENT", "HELD", "REMAINING", "PROJECTED",
+    )  # fmt: skip
+    rows: list[tuple[str, ...]] = [header]
+
+    def usd(micro: int) -> str:
+        return f"${micro / 1e6:,.4f}"
+
+    for status in statuses:
+        budget = status.budget
+        rows.append(
+            (
+                budget_pb2.BudgetLevel.Name(budget.level).removeprefix("BUDGET_LEVEL_").lower(),
+                budget.subject or budget.tenant_id,
+                budget_pb2.BudgetWindow.Name(budget.window).removeprefix("BUDGET_WINDOW_").lower(),
+                "soft" if budget.soft else "hard",
+                usd(budget.limit_micro_usd),
+                usd(status.spent_micro_usd),
+                usd(status.reserved_micro_usd),
+                usd(status.remaining_micro_usd),
+                usd(status.projected_micro_usd) if status.projected_micro_usd else "-",
             )
         )
     return rows

@@ -3,6 +3,7 @@
     orchestra up        start the whole suite on this machine
     orchestra chat      stream an answer through the edge
     orchestra models    list the models discovery knows
+    orchestra budget    budget status of the API key's tenant (spent, held, remaining)
     orchestra status    health of every component
     orchestra serve     run one service (containers)
     orchestra edge      render the Envoy configuration and run Envoy (containers)
@@ -81,6 +82,17 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", parents=[state, client], help="list models, prices and health")
     sub.add_parser("status", parents=[state], help="health of every component of `up`")
+    p = sub.add_parser(
+        "budget",
+        parents=[state, client],
+        help="budget status: limit, spent, held, remaining and projection of each budget",
+        description="Shows every budget that applies to the API key's tenant (or to the team,"
+        " project, key or end user given) in its current window. Needs a key with SCOPE_READ.",
+    )
+    p.add_argument("--team", default="", help="include this team's budgets")
+    p.add_argument("--project", default="", help="include this project's budgets")
+    p.add_argument("--key-id", default="", help="include this API key's budgets")
+    p.add_argument("--end-user", default="", help="include this end user's budgets")
 
     p = sub.add_parser(
         "serve", help="run one service in the foreground (configured by environment)"
@@ -177,6 +189,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "status":
             return 0 if asyncio.run(client.status(_state_dir(args.state_dir))) else 1
+        if args.command == "budget":
+            from orchestra.budget.v1 import budget_service_pb2 as budget_pb2
+
+            key = client.api_key(args.api_key, _state_dir(args.state_dir))
+            subject = budget_pb2.SpendSubject(
+                team=args.team, project=args.project, key_id=args.key_id, end_user=args.end_user
+            )
+            asyncio.run(client.budget_status(args.edge, key, subject))
+            return 0
         if args.command == "serve":
             sys.argv = [f"services.{args.service}"]
             runpy.run_module(f"services.{args.service}", run_name="__main__", alter_sys=True)

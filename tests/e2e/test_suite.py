@@ -191,6 +191,35 @@ def test_a_repeated_chat_is_answered_from_the_cache_and_audited(
     assert {first.request_id, second.request_id} <= ids
 
 
+def test_a_paraphrase_hits_the_cache_a_renumbered_or_negated_question_does_not(
+    suite: Suite, channel: grpc.Channel
+) -> None:
+    stub = chat_grpc.ChatServiceStub(channel)
+
+    def ask(text: str) -> chat_api.ChatResponse:
+        request = chat_api.ChatRequest(
+            messages=[_user(text)],
+            generation=chat_pb2.GenerationConfig(max_tokens=8, temperature=0.0),
+        )
+        return stub.Chat(request, metadata=suite.auth(), timeout=CHAT_DEADLINE)
+
+    question = "How can I improve my English speaking in 30 days?"
+    first = ask(question)
+    deadline = time.monotonic() + 30  # the store happens off the request path
+    while not ask(question).cache_hit and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+    paraphrase = ask("What is the best way to improve my English speaking in 30 days?")
+    renumbered = ask("How can I improve my English speaking in 60 days?")
+    negated = ask("How can I not improve my English speaking in 30 days?")
+
+    assert paraphrase.cache_hit, paraphrase.routing_reason
+    assert paraphrase.routing_reason == "cache hit (semantic)"
+    assert paraphrase.message.content[0].text == first.message.content[0].text
+    assert not renumbered.cache_hit
+    assert not negated.cache_hit
+
+
 def test_grpcurl_streams_a_chat_through_the_edge(suite: Suite) -> None:
     body = json.dumps({
         "messages": [{"role": "ROLE_USER", "content": [{"text": "Hi"}]}],
@@ -206,7 +235,7 @@ def test_grpcurl_streams_a_chat_through_the_edge(suite: Suite) -> None:
     assert '"start"' in result.stdout and '"end"' in result.stdout
 
 
-def test_orchestra_chat_and_models_commands(suite: Suite) -> None:
+def test_orchestra_chat_models_and_budget_commands(suite: Suite) -> None:
     base = ["--state-dir", str(suite.state_dir), "--edge", suite.edge]
     chat = subprocess.run(
         [str(BIN / "orchestra"), "chat", "hello", "--max-tokens", "8", *base],
@@ -220,6 +249,14 @@ def test_orchestra_chat_and_models_commands(suite: Suite) -> None:
     )
     assert models.returncode == 0, models.stderr
     assert "local/smollm2" in models.stdout
+    budget = subprocess.run(
+        [str(BIN / "orchestra"), "budget", *base], capture_output=True, text=True, timeout=30
+    )
+    assert budget.returncode == 0, budget.stderr
+    header, *rows = budget.stdout.strip().splitlines()
+    assert header.split()[:3] == ["LEVEL", "SUBJECT", "WINDOW"]
+    # The packaged config's one budget: tenant "default", monthly, $100, hard.
+    assert rows[0].split()[:5] == ["tenant", "default", "month", "hard", "$100.0000"]
 
 
 def _status(call: object) -> errors.ErrorDetails:
