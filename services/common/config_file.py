@@ -240,6 +240,20 @@ class RoutingSection(_Strict):
     max_request_bytes: int = Field(default=1_048_576, gt=0)
 
 
+class PriceOverride(_Strict):
+    """An operator's price for a model, replacing the packaged catalog's.
+
+    ``model`` is a full name ("openai/gpt-4o-mini": that provider's model) or a
+    bare model id ("gpt-4o-mini": that model at every provider); a full name
+    wins over a bare id.
+    """
+
+    model: str = Field(min_length=1)
+    input_usd_per_mtok: float = Field(ge=0)
+    output_usd_per_mtok: float = Field(ge=0)
+    cached_input_usd_per_mtok: float = Field(default=0.0, ge=0)
+
+
 class OrchestraFile(_Strict):
     """The whole file."""
 
@@ -247,6 +261,8 @@ class OrchestraFile(_Strict):
     providers: list[ProviderEntry] = Field(default_factory=list)
     tenants: list[TenantEntry] = Field(default_factory=list)
     routing: RoutingSection = Field(default_factory=RoutingSection)
+    # Operator prices (negotiated rates, self-hosted costs), over the catalog's.
+    prices: list[PriceOverride] = Field(default_factory=list)
 
 
 def _expand(node: object) -> object:

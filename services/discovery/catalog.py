@@ -21,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from orchestra.discovery.v1 import discovery_service_pb2 as pb
+from services.common.config_file import PriceOverride
 from services.discovery.health import ProbeStats, to_health, worst
 from services.discovery.records import ProviderRecord, StoredModel
 
@@ -75,9 +76,20 @@ class CatalogFile(_Strict):
 
 
 class Catalog:
-    """Catalog entries indexed by lower-cased id and alias."""
+    """Catalog entries indexed by lower-cased id and alias, and operator prices."""
 
-    def __init__(self, entries: Iterable[CatalogEntry]) -> None:
+    def __init__(
+        self, entries: Iterable[CatalogEntry], overrides: Iterable[PriceOverride] = ()
+    ) -> None:
+        # Operator prices by full name or bare model id (see PriceOverride).
+        self._prices: dict[str, PriceEntry] = {
+            o.model: PriceEntry(
+                input=round(o.input_usd_per_mtok * 1_000_000),
+                output=round(o.output_usd_per_mtok * 1_000_000),
+                cached_input=round(o.cached_input_usd_per_mtok * 1_000_000),
+            )
+            for o in overrides
+        }
         self._by_key: dict[str, CatalogEntry] = {}
         # Listed id -> entry: a pass looks up the same thousands of ids each time.
         self._found: dict[str, CatalogEntry | None] = {}
@@ -86,22 +98,26 @@ class Catalog:
                 self._by_key[key.lower()] = entry
 
     @classmethod
-    def packaged(cls) -> Catalog:
-        """The catalog shipped with the package."""
+    def packaged(cls, overrides: Iterable[PriceOverride] = ()) -> Catalog:
+        """The catalog shipped with the package, with the operator's prices."""
         text = (resources.files("services.discovery") / "catalog.yaml").read_text()
-        return cls.parse(text)
+        return cls.parse(text, overrides)
 
     @classmethod
-    def parse(cls, text: str) -> Catalog:
+    def parse(cls, text: str, overrides: Iterable[PriceOverride] = ()) -> Catalog:
         """Parses a catalog document.
 
         Raises:
             CatalogError: It does not validate.
         """
         try:
-            return cls(CatalogFile.model_validate(yaml.safe_load(text)).models)
+            return cls(CatalogFile.model_validate(yaml.safe_load(text)).models, overrides)
         except (ValidationError, yaml.YAMLError) as exc:
             raise CatalogError(f"model catalog does not validate: {exc}") from None
+
+    def override(self, name: str, model_id: str) -> PriceEntry | None:
+        """The operator's price for this model (by full name, then bare id), or None."""
+        return self._prices.get(name) or self._prices.get(model_id)
 
     def lookup(self, model_id: str) -> CatalogEntry | None:
         """The entry for a listed model id, or None.
@@ -182,16 +198,21 @@ def build_model(
             tools=caps.tools, vision=caps.vision, json_mode=caps.json_mode, streaming=caps.streaming
         )
     )
-    if provider.local:
+    override = catalog.override(stored.name, stored.model_id)
+    price = override or (entry.pricing if entry is not None else None)
+    if override is not None:
+        model.price_source = pb.PRICE_SOURCE_OVERRIDE
+    elif provider.local:
         model.price_source = pb.PRICE_SOURCE_LOCAL
-        model.pricing.CopyFrom(pb.Pricing())
-    elif entry is not None and entry.pricing is not None:
+        price = PriceEntry(input=0, output=0)
+    elif price is not None:
         model.price_source = pb.PRICE_SOURCE_CATALOG
+    if price is not None and model.price_source != pb.PRICE_SOURCE_UNSPECIFIED:
         model.pricing.CopyFrom(
             pb.Pricing(
-                input_micro_usd_per_mtok=entry.pricing.input,
-                output_micro_usd_per_mtok=entry.pricing.output,
-                cached_input_micro_usd_per_mtok=entry.pricing.cached_input,
+                input_micro_usd_per_mtok=price.input,
+                output_micro_usd_per_mtok=price.output,
+                cached_input_micro_usd_per_mtok=price.cached_input,
             )
         )
     else:

@@ -143,7 +143,7 @@ class DiscoveryService:
         self.discovery = Discovery(
             self._store,
             self._cipher,
-            catalog or Catalog.packaged(),
+            catalog or Catalog.packaged(settings.config.prices),
             self._feed,
             self._http,
             listing_deadline=options.listing_deadline_seconds,

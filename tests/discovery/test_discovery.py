@@ -298,3 +298,45 @@ providers:
     ).model
     assert model.provider_type == pb.PROVIDER_TYPE_CUSTOM
     assert model.price_source == pb.PRICE_SOURCE_LOCAL
+
+
+async def test_operator_prices_override_the_catalog(
+    discovery: Start, fake_openai: FakeOpenAI, fake_ollama: FakeOllama, as_caller: AsCaller
+) -> None:
+    handle = await discovery(
+        config(fake_openai, fake_ollama)
+        + """
+prices:
+  - model: gpt-4o-mini                 # every provider's gpt-4o-mini
+    input_usd_per_mtok: 0.10
+    output_usd_per_mtok: 0.40
+  - model: ollama/llama3.1:8b          # a local model's real cost
+    input_usd_per_mtok: 0.02
+    output_usd_per_mtok: 0.02
+    cached_input_usd_per_mtok: 0.01
+"""
+    )
+    admin, reader = as_caller("acme", "operator"), as_caller("router", "internal")
+    await handle.stub.RunDiscovery(pb.RunDiscoveryRequest(), metadata=admin)
+
+    async def model(name: str) -> pb.Model:
+        reply = await handle.stub.GetModel(pb.GetModelRequest(name=name), metadata=reader)
+        return reply.model
+
+    mini, llama, gpt4o, smol = (
+        await model("openai/gpt-4o-mini"),
+        await model("ollama/llama3.1:8b"),
+        await model("openai/gpt-4o-2024-08-06"),
+        await model("ollama/smollm2:135m"),
+    )
+    assert (mini.price_source, mini.pricing.input_micro_usd_per_mtok) == (
+        pb.PRICE_SOURCE_OVERRIDE,
+        100_000,
+    )
+    assert mini.pricing.output_micro_usd_per_mtok == 400_000
+    assert (llama.price_source, llama.pricing.cached_input_micro_usd_per_mtok) == (
+        pb.PRICE_SOURCE_OVERRIDE,
+        10_000,
+    )
+    assert gpt4o.price_source == pb.PRICE_SOURCE_CATALOG  # untouched
+    assert smol.price_source == pb.PRICE_SOURCE_LOCAL  # untouched
