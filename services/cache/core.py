@@ -15,7 +15,7 @@ from orchestra.cache.v1 import cache_service_pb2
 from services.cache import keys, policy
 from services.cache.config import CacheConfig
 from services.cache.keys import invalid
-from services.cache.layers import ExactLayer, Layer, Match
+from services.cache.layers import ExactLayer, Exploration, Layer, Match
 from services.cache.semantic import SemanticLayer
 from services.cache.stats import Counters, LatencyWindow, StatsStore
 from services.cache.store import Entry, EntryStore
@@ -87,8 +87,8 @@ class Cache:
 
     async def lookup(
         self, key: cache_service_pb2.CacheKey, *, exact_only: bool, threshold: float
-    ) -> Match | None:
-        """Finds the answer for ``key``; None is a miss.
+    ) -> Match | Exploration | None:
+        """Finds the answer for ``key``; None (or an exploration) is a miss.
 
         Raises:
             InvalidArgument: EMPTY_MESSAGES, or INVALID_FIELD for a malformed
@@ -106,10 +106,11 @@ class Cache:
             match = await layer.find(normalised, threshold)
             if match is not None:
                 break
+        hit = match if isinstance(match, Match) else None
         await self._stats.record_lookup(
             normalised.tenant,
-            match.kind if match else cache_service_pb2.MATCH_KIND_UNSPECIFIED,
-            match.entry.answer if match else None,
+            hit.kind if hit else cache_service_pb2.MATCH_KIND_UNSPECIFIED,
+            hit.entry.answer if hit else None,
             _now_ms(),
         )
         self._latency.observe(normalised.tenant, (time.perf_counter_ns() - started) // 1000)
@@ -123,6 +124,7 @@ class Cache:
         request_id: str,
         end_user: str,
         ttl_seconds: int,
+        explored_entry_id: str = "",
     ) -> StoreOutcome:
         """Stores ``answer`` under ``key`` if it is eligible.
 
@@ -138,6 +140,8 @@ class Cache:
         answer = _checked_answer(answer)
         _check_label(request_id, "request_id")
         _check_label(end_user, "end_user")
+        if explored_entry_id and not keys.is_digest(explored_entry_id):
+            raise invalid("explored_entry_id", "explored_entry_id must be 64 hex digits")
         if ttl_seconds < 0:
             raise invalid("ttl_seconds", "ttl_seconds must not be negative")
         entry = Entry(
@@ -165,6 +169,8 @@ class Cache:
             await layer.added(normalised, entry)
             if evicted:
                 await layer.removed(normalised.tenant, evicted)
+        if explored_entry_id and self._semantic is not None:
+            await self._semantic.observe(normalised, explored_entry_id, answer.text)
         return StoreOutcome(stored=True, entry_id=entry.entry_id)
 
     async def invalidate(self, tenant: str, request: cache_service_pb2.InvalidateRequest) -> int:

@@ -38,14 +38,28 @@ class Match:
     similarity: float
 
 
+@dataclasses.dataclass(frozen=True)
+class Exploration:
+    """A near entry that the adaptive policy chose not to serve this time.
+
+    The lookup is a miss; the fresh answer is compared with this entry's when
+    it is stored, which teaches the entry (see :mod:`services.cache.verify`).
+
+    Attributes:
+        entry_id: The entry explored.
+    """
+
+    entry_id: str
+
+
 class Layer(Protocol):
     """One way of finding an entry for a request."""
 
     kind: MatchKind
     """The kind of match it makes (Lookup's ``exact_only`` skips non-exact layers)."""
 
-    async def find(self, key: NormalisedKey, threshold: float) -> Match | None:
-        """The entry for ``key``, or None.
+    async def find(self, key: NormalisedKey, threshold: float) -> Match | Exploration | None:
+        """The entry for ``key``, an exploration, or None.
 
         Args:
             key: The normalised request.

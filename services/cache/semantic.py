@@ -50,7 +50,7 @@ from services.cache import scope as scopes
 from services.cache import verify
 from services.cache.config import CacheConfig
 from services.cache.keys import NormalisedKey
-from services.cache.layers import Match, MatchKind
+from services.cache.layers import Exploration, Match, MatchKind
 from services.cache.store import Entry, EntryStore, SemanticFields
 from services.common.embeddings import Embedder
 from services.common.errors import Unavailable
@@ -79,7 +79,7 @@ class Judge(Protocol):
         ...
 
 
-def judge_for(config: CacheConfig, embedder: Embedder) -> Judge:
+def judge_for(config: CacheConfig, embedder: Embedder) -> verify.CacheJudge:
     """The judge the configuration asks for (:mod:`services.cache.verify`)."""
     policy = verify.Policy(
         mode=verify.Mode(config.semantic_mode),
@@ -206,6 +206,7 @@ class SemanticLayer:
         judge: Judge,
         *,
         hnsw_from: int,
+        adaptive: verify.Verifier | None = None,
     ) -> None:
         """Creates the layer (empty until :meth:`start`).
 
@@ -214,10 +215,13 @@ class SemanticLayer:
             embedder: The embedding model.
             judge: Decides whether a neighbour may answer.
             hnsw_from: Entries in one scope from which its index is HNSW.
+            adaptive: In adaptive mode, the verifier deciding with each
+                entry's learned state (hit, miss or explore) instead of the judge.
         """
         self._store = store
         self._embedder = embedder
         self._judge = judge
+        self._adaptive = adaptive
         self._hnsw_from = hnsw_from
         self._scopes: dict[tuple[str, str], ScopeIndex] = {}
         self._scope_of: dict[tuple[str, str], str] = {}  # (tenant, entry id) -> scope
@@ -227,8 +231,8 @@ class SemanticLayer:
 
     # --- the Layer protocol ---------------------------------------------------
 
-    async def find(self, key: NormalisedKey, threshold: float) -> Match | None:
-        """The nearest accepted entry of ``key``'s scope, or None."""
+    async def find(self, key: NormalisedKey, threshold: float) -> Match | Exploration | None:
+        """The nearest accepted entry of ``key``'s scope, an exploration, or None."""
         semantic = scopes.split(key)
         if semantic is None:
             return None
@@ -237,7 +241,18 @@ class SemanticLayer:
             return None
         vector = self.embed(semantic.text)
         for similarity, item in index.search(vector, NEIGHBOURS, _now_ms()):
-            if not self._judge.accept(semantic.text, item.text, similarity, threshold):
+            if self._adaptive is not None and threshold == 0:
+                state = verify.EntryState.from_json(
+                    await self._store.adaptive_state(key.tenant, item.entry_id)
+                )
+                verdict = self._adaptive.decide(
+                    semantic.text, item.text, similarity, state=state
+                ).verdict
+                if verdict is verify.Verdict.EXPLORE:
+                    return Exploration(item.entry_id)
+                if verdict is verify.Verdict.MISS:
+                    continue
+            elif not self._judge.accept(semantic.text, item.text, similarity, threshold):
                 continue
             entry = await self._store.get(key.tenant, item.entry_id)
             if entry is None:  # expired or deleted elsewhere
@@ -258,6 +273,34 @@ class SemanticLayer:
         for entry_id in entry_ids:
             self._drop(tenant, entry_id)
         await self._store.publish("del", tenant, entry_ids)
+
+    async def observe(self, key: NormalisedKey, explored_id: str, fresh: str) -> None:
+        """Teaches an explored entry whether its answer would have been right.
+
+        ``fresh`` is the model's answer to ``key``, which explored the entry
+        ``explored_id``; they agree when :func:`verify.answers_agree` says so.
+        An entry that is gone, of another tenant or of another scope is
+        ignored. Best effort: two replicas observing the same entry at once may
+        keep only one of the two observations.
+        """
+        if self._adaptive is None:
+            return
+        semantic = scopes.split(key)
+        if semantic is None:
+            return
+        entry = await self._store.get(key.tenant, explored_id)
+        fields = (await self._store.semantic_fields(key.tenant, [explored_id]))[0]
+        if entry is None or fields is None or fields[0].scope != semantic.scope:
+            return
+        correct = verify.answers_agree(fresh, entry.answer.text, self._embedder)
+        probability = self._adaptive.probability(semantic.text, fields[0].text)
+        state = verify.EntryState.from_json(
+            await self._store.adaptive_state(key.tenant, explored_id)
+        )
+        state = dataclasses.replace(
+            verify.observe(state, probability, correct), explorations=state.explorations + 1
+        )
+        await self._store.set_adaptive_state(key.tenant, explored_id, state.to_json())
 
     # --- what the core asks before storing -------------------------------------
 

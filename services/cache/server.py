@@ -83,11 +83,13 @@ async def build(settings: Settings, env: Mapping[str, str] | None = None) -> Cac
             embedder = load_embedder(config.embedding_model)
         except ValueError as exc:
             raise SettingsError(f"ORCHESTRA_CACHE_EMBEDDING_MODEL: {exc}") from None
+        judge = judge_for(config, embedder)
         semantic = SemanticLayer(
             store,
             embedder,
-            judge_for(config, embedder),
+            judge,
             hnsw_from=config.hnsw_from,
+            adaptive=judge.verifier if config.semantic_mode == "adaptive" else None,
         )
     cache = Cache(store, StatsStore(redis), config, semantic)
     return CacheService(cache, IdentitySigner(settings.internal_key), redis, semantic)

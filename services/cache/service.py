@@ -11,6 +11,7 @@ from orchestra.cache.v1 import cache_service_pb2, cache_service_pb2_grpc
 from orchestra.common.v1 import identity_pb2
 from services.cache.core import Cache
 from services.cache.keys import invalid
+from services.cache.layers import Exploration
 from services.common.identity import IdentitySigner, caller, tenant_of
 
 _Context = grpc.aio.ServicerContext[Any, Any]
@@ -36,6 +37,8 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         )
         if match is None:
             return cache_service_pb2.LookupResponse(hit=False)
+        if isinstance(match, Exploration):
+            return cache_service_pb2.LookupResponse(hit=False, explored_entry_id=match.entry_id)
         return cache_service_pb2.LookupResponse(
             hit=True,
             match_kind=match.kind,
@@ -56,6 +59,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             request_id=request.request_id,
             end_user=request.end_user,
             ttl_seconds=request.ttl_seconds,
+            explored_entry_id=request.explored_entry_id.lower(),
         )
         return cache_service_pb2.StoreResponse(
             stored=outcome.stored, entry_id=outcome.entry_id, skip_reason=outcome.skip_reason

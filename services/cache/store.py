@@ -4,7 +4,8 @@ Every replica reads and writes the same Redis, so an entry stored through one
 replica is served by all of them, and a restart loses nothing. Layout::
 
     cache:{T}:e:<entry_id>  HASH answer, model, answer_model, end_user,
-                            request_id, created_ms, size; EXPIRE = the TTL
+                            request_id, created_ms, size (and scope, text,
+                            vec, adapt for the semantic layer); EXPIRE = the TTL
     cache:{T}:m:<model>     SET of entry ids whose key model or answering
                             model is <model>
     cache:{T}:u:<end_user>  SET of entry ids stored for that end user
@@ -213,6 +214,13 @@ return out
 )
 
 
+# KEYS: entry. ARGV: state. Writes the adaptive state only into a live entry
+# (a plain HSET would resurrect an expired or deleted entry as a stub).
+_SET_ADAPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'adapt', ARGV[1]) end
+"""
+
+
 # --- entries ---------------------------------------------------------------
 
 
@@ -271,6 +279,7 @@ class EntryStore:
         self._put = redis.register_script(_PUT)
         self._delete = redis.register_script(_DELETE)
         self._drain = redis.register_script(_DRAIN)
+        self._set_adapt = redis.register_script(_SET_ADAPT)
 
     async def get(self, tenant: str, entry_id: str) -> Entry | None:
         """The live entry with this id, or None."""
@@ -401,6 +410,17 @@ class EntryStore:
                     approximate=True,
                 )
             await pipe.execute()
+
+    async def adaptive_state(self, tenant: str, entry_id: str) -> bytes | None:
+        """The adaptive policy's state of an entry (JSON), or None."""
+        async with redis_errors():
+            value = await self._redis.hget(entry_key(tenant, entry_id), "adapt")
+        return _bytes(value)
+
+    async def set_adaptive_state(self, tenant: str, entry_id: str, state: str) -> None:
+        """Saves an entry's adaptive state, unless the entry is gone meanwhile."""
+        async with redis_errors():
+            await self._set_adapt(keys=[entry_key(tenant, entry_id)], args=[state])
 
     async def latest_change(self) -> str:
         """The id of the newest change ("0-0" if none): where a fresh follower starts."""

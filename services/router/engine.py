@@ -67,6 +67,7 @@ class _Answer:
     model: discovery_pb2.Model | None = None
     text: list[str] = dataclasses.field(default_factory=list)
     tool_calls: dict[int, chat_pb2.ToolCall] = dataclasses.field(default_factory=dict)
+    explored_entry_id: str = ""  # the cache entry explored by this request (adaptive mode)
     usage: UsageReport | None = None
     finish: chat_pb2.FinishReason.ValueType = chat_pb2.FINISH_REASON_UNSPECIFIED
     first_token_ms: int = 0
@@ -176,7 +177,10 @@ class Engine:
         )
         if isinstance(hit, BaseException):
             hit = None
-        if hit is not None:
+        # Adaptive cache mode: a near entry not served this time, to be compared
+        # with the fresh answer when that is stored.
+        explored = hit.explored_entry_id if hit is not None else ""
+        if hit is not None and hit.hit:
             if not isinstance(reserved, BaseException):
                 await self._outbox.put(("release", records.release_payload(rid)))
             async for event in self._replay(rid, identity, request, decision, hit, started):
@@ -184,7 +188,9 @@ class Engine:
             return
         if isinstance(reserved, BaseException):
             raise reserved
-        async for event in self._answer(rid, identity, request, decision, deadline, started):
+        async for event in self._answer(
+            rid, identity, request, decision, deadline, started, explored
+        ):
             yield event
 
     async def chat(
@@ -301,8 +307,9 @@ class Engine:
         decision: policy.Decision,
         deadline: float | None,
         started: float,
+        explored: str = "",
     ) -> AsyncIterator[chat_api.ChatStreamResponse]:
-        answer = _Answer()
+        answer = _Answer(explored_entry_id=explored)
         fallbacks: list[chat_api.FallbackAttempt] = []
         generation = chat_pb2.GenerationConfig()
         generation.CopyFrom(request.generation)
@@ -549,6 +556,7 @@ class Engine:
                             end.cost_micro_usd,
                             ttl_seconds=request.cache.ttl_seconds
                             or tenant_policy.cache_ttl_seconds,
+                            explored_entry_id=answer.explored_entry_id,
                         ),
                     )
                 )

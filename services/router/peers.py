@@ -88,7 +88,8 @@ class Peers:
             raise from_rpc_error(exc, dependency="budget") from None
 
     async def lookup(self, request: cache_pb2.LookupRequest) -> cache_pb2.LookupResponse | None:
-        """A cached answer, or None on a miss. A failing cache is a miss, not an error."""
+        """The cache's answer (``hit`` false on a miss); None if the cache failed,
+        which is a miss too, not an error."""
         try:
             reply: cache_pb2.LookupResponse = await self.cache.Lookup(
                 request, timeout=LOOKUP_DEADLINE, metadata=self._token.metadata()
@@ -96,7 +97,7 @@ class Peers:
         except grpc.aio.AioRpcError as exc:
             log.warning("cache lookup failed, treated as a miss: %s", exc.code().name)
             return None
-        return reply if reply.hit else None
+        return reply
 
     # --- outbox handlers: raise to retry later, PermanentFailure to dead-letter
 

@@ -88,6 +88,7 @@ def store_payload(
     cost_micro_usd: int,
     *,
     ttl_seconds: int,
+    explored_entry_id: str = "",
 ) -> bytes:
     """A cache Store for a completed answer, under the chosen model's scope."""
     return cache_pb2.StoreRequest(
@@ -103,6 +104,7 @@ def store_payload(
         request_id=rid,
         end_user=request.attribution.end_user,
         ttl_seconds=ttl_seconds,
+        explored_entry_id=explored_entry_id,
     ).SerializeToString()
 
 

@@ -178,6 +178,7 @@ class LookupResponse(_message.Message):
     ENTRY_ID_FIELD_NUMBER: _builtins.int
     ANSWER_FIELD_NUMBER: _builtins.int
     SIMILARITY_FIELD_NUMBER: _builtins.int
+    EXPLORED_ENTRY_ID_FIELD_NUMBER: _builtins.int
     hit: _builtins.bool
     """Whether an entry matched."""
     match_kind: Global___MatchKind.ValueType
@@ -186,6 +187,12 @@ class LookupResponse(_message.Message):
     """The matched entry's id."""
     similarity: _builtins.float
     """Cosine similarity of the match (1 for exact)."""
+    explored_entry_id: _builtins.str
+    """Adaptive mode (ORCHESTRA_CACHE_SEMANTIC_MODE=adaptive), on a miss only: the
+    entry that was close enough to serve but was not served this time, so that
+    the model answers and the two answers can be compared (an exploration).
+    Pass it back as StoreRequest.explored_entry_id with the fresh answer.
+    """
     @_builtins.property
     def answer(self) -> Global___CachedAnswer:
         """The cached answer."""
@@ -198,10 +205,11 @@ class LookupResponse(_message.Message):
         entry_id: _builtins.str = ...,
         answer: Global___CachedAnswer | None = ...,
         similarity: _builtins.float = ...,
+        explored_entry_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "entry_id", b"entry_id", "hit", b"hit", "match_kind", b"match_kind", "similarity", b"similarity"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "entry_id", b"entry_id", "explored_entry_id", b"explored_entry_id", "hit", b"hit", "match_kind", b"match_kind", "similarity", b"similarity"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -218,12 +226,19 @@ class StoreRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     END_USER_FIELD_NUMBER: _builtins.int
     TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    EXPLORED_ENTRY_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The chat request id (for audit and erasure)."""
     end_user: _builtins.str
     """The end user (for erasure requests)."""
     ttl_seconds: _builtins.int
     """Lifetime, seconds; zero: the tenant's TTL."""
+    explored_entry_id: _builtins.str
+    """The LookupResponse.explored_entry_id of this request, if any: the fresh
+    answer is compared with that entry's answer, and whether they agree
+    teaches the entry when it may be served (adaptive mode). An id that is
+    gone or of another tenant is ignored.
+    """
     @_builtins.property
     def key(self) -> Global___CacheKey:
         """The request that was answered."""
@@ -240,10 +255,11 @@ class StoreRequest(_message.Message):
         request_id: _builtins.str = ...,
         end_user: _builtins.str = ...,
         ttl_seconds: _builtins.int = ...,
+        explored_entry_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "key", b"key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "end_user", b"end_user", "key", b"key", "request_id", b"request_id", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "end_user", b"end_user", "explored_entry_id", b"explored_entry_id", "key", b"key", "request_id", b"request_id", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
