@@ -3,7 +3,7 @@
 It measures the real index class of the cache (``services.cache.semantic.ScopeIndex``)
 holding one scope of N entries, both ways the cache can hold it: exact
 (``IndexFlatIP``, the baseline: it always finds the true nearest neighbour) and
-HNSW (``IndexHNSWFlat``, M=32, efSearch=64). For each size it prints the search
+HNSW (``IndexHNSWFlat``, M=32, efSearch=128). For each size it prints the search
 p50/p99 (embedding excluded), the lookup p50/p99 with the query's embedding
 included, HNSW's recall@1 against the exact search of the same queries (the
 share of queries where HNSW's nearest is as similar as the true nearest), and the

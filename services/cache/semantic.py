@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 
 NEIGHBOURS = 4  # candidates judged per lookup
 _HNSW_M = 32
-_HNSW_EF_SEARCH = 64
+_HNSW_EF_SEARCH = 128  # bench/cache_scale.py at 1M: recall@1 0.79 vs 0.72 at 64, p99 1.1 ms
 _FOLLOW_BLOCK_MS = 1000
 _RECONNECT_SECONDS = 1.0
 
