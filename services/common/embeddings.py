@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -78,7 +79,14 @@ class WordLlamaEmbedder:
     name = "wordllama"
 
     def __init__(self) -> None:
+        # wordllama configures the root logger when imported (basicConfig at
+        # INFO); put the process's logging back as it was.
+        root = logging.getLogger()
+        handlers, level = root.handlers[:], root.level
         import wordllama
+
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
         self._model = wordllama.WordLlama.load(
             cache_dir=Path(wordllama.__file__).parent, disable_download=True
