@@ -65,15 +65,17 @@ _RECONNECT_SECONDS = 1.0
 
 
 class Judge(Protocol):
-    """Decides whether a cached entry may answer a query."""
+    """Decides which cached entries may answer a query."""
 
-    def accept(self, query: str, cached: str, similarity: float, threshold: float) -> bool:
-        """Whether the entry that asked ``cached`` may answer ``query``.
+    def accepted(
+        self, query: str, candidates: Sequence[tuple[str, float]], threshold: float
+    ) -> list[int]:
+        """The indices of the candidates that may answer ``query``, in order.
 
         Args:
             query: The new request's compared text.
-            cached: The entry's compared text.
-            similarity: Their cosine similarity.
+            candidates: (an entry's compared text, its cosine similarity),
+                nearest first.
             threshold: The caller's threshold (0: the configured policy).
         """
         ...
@@ -239,24 +241,42 @@ class SemanticLayer:
         index = self._scopes.get((semantic.tenant, semantic.scope))
         if index is None or not len(index):
             return None
-        vector = self.embed(semantic.text)
-        for similarity, item in index.search(vector, NEIGHBOURS, _now_ms()):
-            if self._adaptive is not None and threshold == 0:
-                state = verify.EntryState.from_json(
-                    await self._store.adaptive_state(key.tenant, item.entry_id)
-                )
-                verdict = self._adaptive.decide(
-                    semantic.text, item.text, similarity, state=state
-                ).verdict
-                if verdict is verify.Verdict.EXPLORE:
-                    return Exploration(item.entry_id)
-                if verdict is verify.Verdict.MISS:
-                    continue
-            elif not self._judge.accept(semantic.text, item.text, similarity, threshold):
-                continue
+        found = index.search(self.embed(semantic.text), NEIGHBOURS, _now_ms())
+        if self._adaptive is not None and threshold == 0:
+            return await self._find_adaptive(self._adaptive, key.tenant, semantic.text, found)
+        chosen = self._judge.accepted(
+            semantic.text, [(item.text, similarity) for similarity, item in found], threshold
+        )
+        for i in chosen:
+            similarity, item = found[i]
             entry = await self._store.get(key.tenant, item.entry_id)
             if entry is None:  # expired or deleted elsewhere
                 self._drop(key.tenant, item.entry_id)
+                continue
+            return Match(entry=entry, kind=self.kind, similarity=similarity)
+        return None
+
+    async def _find_adaptive(
+        self,
+        adaptive: verify.Verifier,
+        tenant: str,
+        text: str,
+        found: Sequence[tuple[float, _Item]],
+    ) -> Match | Exploration | None:
+        """Adaptive mode: each candidate is served, explored or passed over by
+        the verifier with that entry's learned state."""
+        for similarity, item in found:
+            state = verify.EntryState.from_json(
+                await self._store.adaptive_state(tenant, item.entry_id)
+            )
+            verdict = adaptive.decide(text, item.text, similarity, state=state).verdict
+            if verdict is verify.Verdict.EXPLORE:
+                return Exploration(item.entry_id)
+            if verdict is verify.Verdict.MISS:
+                continue
+            entry = await self._store.get(tenant, item.entry_id)
+            if entry is None:
+                self._drop(tenant, item.entry_id)
                 continue
             return Match(entry=entry, kind=self.kind, similarity=similarity)
         return None

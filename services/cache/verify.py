@@ -611,3 +611,30 @@ class CacheJudge:
         if threshold > 0:
             return similarity >= threshold and not guards.hard_guards(query, cached)
         return self.verifier.decide(query, cached, similarity).hit
+
+    def accepted(
+        self, query: str, candidates: Sequence[tuple[str, float]], threshold: float
+    ) -> list[int]:
+        """The indices of the (cached text, similarity) candidates that may answer
+        ``query``, in order: :meth:`accept` for each, with the verifier run once
+        for all the candidates that pass the cheap checks (a lookup's cost)."""
+        if threshold > 0 or self.verifier.policy.mode is not Mode.VERIFIED:
+            return [
+                i
+                for i, (cached, similarity) in enumerate(candidates)
+                if self.accept(query, cached, similarity, threshold)
+            ]
+        # probability=1 makes decide() apply only the floor, length and guards.
+        passing = [
+            i
+            for i, (cached, similarity) in enumerate(candidates)
+            if self.verifier.decide(query, cached, similarity, probability=1.0).hit
+        ]
+        if not passing:
+            return []
+        probabilities = self.verifier.probabilities([(query, candidates[i][0]) for i in passing])
+        return [
+            i
+            for i, p in zip(passing, probabilities, strict=True)
+            if self.verifier.decide(query, candidates[i][0], candidates[i][1], probability=p).hit
+        ]

@@ -241,3 +241,20 @@ def test_the_adaptive_policy_serves_more_once_an_entry_has_proved_right() -> Non
         )
 
     assert served(proven) > 2 * served(EntryState()) > 2 * served(failed)
+
+
+def test_judging_candidates_together_agrees_with_judging_each(verifier: Verifier) -> None:
+    judge = CacheJudge(verifier)
+    query = ACCEPTED[0][0]
+    texts = [
+        ACCEPTED[0][1],  # a paraphrase: served
+        "How can I improve my English speaking in 2 weeks?",  # a number on one side only
+        "How can I not improve my English speaking?",  # negated: a guard
+        "What is the capital of Australia?",  # unrelated
+    ]
+    candidates = [(text, max(0.61, _cosine(query, text))) for text in texts]
+    for threshold in (0.0, 0.7):
+        each = [i for i, (t, s) in enumerate(candidates) if judge.accept(query, t, s, threshold)]
+        assert judge.accepted(query, candidates, threshold) == each
+    assert judge.accepted(query, candidates, 0.0)[:1] == [0]
+    assert judge.accepted(query, [], 0.0) == []
