@@ -171,12 +171,16 @@ def test_a_repeated_chat_is_answered_from_the_cache_and_audited(
     first = stub.Chat(request, metadata=suite.auth(), timeout=CHAT_DEADLINE)
     assert not first.cache_hit
     deadline = time.monotonic() + 30  # the store happens off the request path
+    # Every miss stores its own answer (the tiny model is not always
+    # deterministic), so the hit replays one of the answers the misses got.
+    answers = {first.message.content[0].text}
     second = stub.Chat(request, metadata=suite.auth(), timeout=CHAT_DEADLINE)
     while not second.cache_hit and time.monotonic() < deadline:
+        answers.add(second.message.content[0].text)
         time.sleep(0.2)
         second = stub.Chat(request, metadata=suite.auth(), timeout=CHAT_DEADLINE)
     assert second.cache_hit
-    assert second.message.content[0].text == first.message.content[0].text
+    assert second.message.content[0].text in answers
     audit = audit_grpc.AuditServiceStub(channel)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -204,10 +208,13 @@ def test_a_paraphrase_hits_the_cache_a_renumbered_or_negated_question_does_not(
         return stub.Chat(request, metadata=suite.auth(), timeout=CHAT_DEADLINE)
 
     question = "How can I improve my English speaking in 30 days?"
-    first = ask(question)
+    ask(question)
     deadline = time.monotonic() + 30  # the store happens off the request path
-    while not ask(question).cache_hit and time.monotonic() < deadline:
-        time.sleep(0.2)
+    cached = ask(question)
+    while not cached.cache_hit and time.monotonic() < deadline:
+        time.sleep(0.2)  # a miss meanwhile stores its own answer: compare with the hit's
+        cached = ask(question)
+    assert cached.cache_hit
 
     paraphrase = ask("What is the best way to improve my English speaking in 30 days?")
     renumbered = ask("How can I improve my English speaking in 60 days?")
@@ -215,7 +222,7 @@ def test_a_paraphrase_hits_the_cache_a_renumbered_or_negated_question_does_not(
 
     assert paraphrase.cache_hit, paraphrase.routing_reason
     assert paraphrase.routing_reason == "cache hit (semantic)"
-    assert paraphrase.message.content[0].text == first.message.content[0].text
+    assert paraphrase.message.content[0].text == cached.message.content[0].text
     assert not renumbered.cache_hit
     assert not negated.cache_hit
 
