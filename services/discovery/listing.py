@@ -259,15 +259,16 @@ async def _openai(endpoint: Endpoint, client: httpx.AsyncClient) -> list[ListedM
     return out
 
 
-def _ollama_root(base_url: str) -> str:
-    # Operators often paste Ollama's OpenAI-compatible URL; the native API is at the root.
+def ollama_root(base_url: str) -> str:
+    """Ollama's root URL: operators often paste its OpenAI-compatible ``/v1``
+    (or ``/api``) URL, but the native API hangs off the root."""
     return base_url.removesuffix("/v1").removesuffix("/api")
 
 
 async def _ollama(
     endpoint: Endpoint, client: httpx.AsyncClient, details: DetailCache
 ) -> list[ListedModel]:
-    root = _ollama_root(endpoint.base_url)
+    root = ollama_root(endpoint.base_url)
     headers = {"authorization": f"Bearer {endpoint.credential}"} if endpoint.credential else {}
     body = await _get_json(client, endpoint, f"{root}/api/tags", headers)
     names, digests = [], []

@@ -38,6 +38,7 @@ from services.common.config_file import ProviderEntry
 from services.common.crypto import CredentialCipher, CredentialError, scrub
 from services.discovery import health, providers
 from services.discovery.health import HealthPolicy, Outcome, ProbeStats
+from services.discovery.listing import ollama_root
 from services.discovery.records import ProviderRecord, model_name
 from services.discovery.store import DiscoveryStore
 from services.router.providers import adapter_for
@@ -96,7 +97,7 @@ def provider_entry(record: ProviderRecord, credential: str) -> ProviderEntry:
     if record.type == pb.PROVIDER_TYPE_ANTHROPIC:
         base = base.removesuffix("/v1")
     elif record.type == pb.PROVIDER_TYPE_OLLAMA:
-        base = base.removesuffix("/v1").removesuffix("/api")
+        base = ollama_root(base)
     return ProviderEntry(
         id=record.provider_id,
         type=name,  # type: ignore[arg-type]
