@@ -69,7 +69,7 @@ class Invalidations:
                 log.warning("key invalidation channel lost (%s); resubscribing", exc)
                 await asyncio.sleep(1.0)
             finally:
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()
 
 
 def _key_ids(data: bytes | str) -> list[str]:

@@ -153,10 +153,12 @@ async def test_stream_cut_and_malformed(
 ) -> None:
     fake.set_fault(Fault.stream_cut(after_chunks=3), times=1)
     stream = await client.messages.create(model=MODEL, max_tokens=64, messages=HI, stream=True)
-    # Mid-stream the SDK lets its HTTP library's error through: an incomplete chunked read.
-    with pytest.raises(httpx2.RemoteProtocolError, match="incomplete chunked read"):
+    # Mid-stream the SDK wraps its HTTP library's error (an incomplete chunked read)
+    # as a connection error, the cause kept.
+    with pytest.raises(anthropic.APIConnectionError, match="incomplete chunked read") as cut:
         async for _ in stream:
             pass
+    assert isinstance(cut.value.__cause__, httpx2.RemoteProtocolError)
     fake.set_fault(Fault.malformed_chunk(after_chunks=2), times=1)
     stream = await client.messages.create(model=MODEL, max_tokens=64, messages=HI, stream=True)
     with pytest.raises(json.JSONDecodeError):
