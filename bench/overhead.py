@@ -1,15 +1,28 @@
-"""What the gateway adds to a chat: the same request through the whole suite and
-straight to the upstream, in the same run.
+"""What the gateway adds to a chat, and the CPU each process of the suite spends on it.
 
 The upstream is the project's OpenAI-wire fake (tests/fakes/openai_upstream.py)
-in its own process with a fixed latency before the first token. The suite is a
-real ``orchestra up`` (Envoy, ext_authz, the five services, embedded PostgreSQL
-and Redis) configured with that fake as its only provider. For each concurrency
-level the same number of streaming chats goes both ways; the table gives time
-to first token and total latency (p50/p99) for each, and their difference.
+in its own process, with a fixed latency before the first token and 16 content
+chunks. The suite is a real ``orchestra up --no-local-model`` (Envoy, ext_authz,
+the five services, embedded PostgreSQL and Redis; :mod:`bench.suite`) with that
+fake as its only provider. At each concurrency level:
 
-    .venv/bin/python bench/overhead.py [--requests 200] [--concurrency 1,8,32]
-                                       [--latency-ms 50] [--json] [--decision-only]
+* the same number of streaming chats goes straight to the upstream (the
+  baseline) and through the suite, each with a unique prompt (a cache miss that
+  is then stored, settled and audited), then as many asking one prompt already
+  answered (cache hits); the latency table gives time to first token and total
+  latency (p50/p99) of each, the difference, and chats per second;
+* the CPU table gives, for each process of the suite, CPU milliseconds per chat
+  (``/proc/<pid>/stat`` before and after the run, once the outbox has delivered
+  every follow-up job, less what the suite spends idle over the same time).
+
+``--baseline DIR`` measures the suite of another checkout in the same run (e.g.
+``git worktree add /tmp/base <commit>``), so a change is judged against the code
+before it under the same conditions. ``--profile DIR`` runs py-spy on every
+service during the cache-miss runs and writes one flame graph per service and
+level (CPU figures of a profiled run are inflated by the sampling).
+
+    .venv/bin/python bench/overhead.py [--requests 200] [--concurrency 1,16,32]
+        [--latency-ms 50] [--baseline DIR] [--profile DIR] [--json] [--decision-only]
 
 It also times the routing decision alone, in process (``policy.decide`` on a
 six-model catalog, varied prompts): the plain policy (cost strategy, the
@@ -17,9 +30,6 @@ baseline), then the learned one (balanced strategy with a trained per-tenant
 bandit: task analysis, prompt embedding, posterior for each model), with the
 task analysis and the embedding on their own. ``--decision-only`` runs just
 that part (no suite).
-
-Cache lookups are made (the request path is the real one) but every request
-asks CACHE_MODE_DISABLED... no: it sends a unique prompt, so each is a miss.
 """
 
 from __future__ import annotations
@@ -27,13 +37,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import subprocess
 import sys
-import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import httpx
@@ -41,6 +50,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.suite import PARTS, SERVICES, Suite, cpu_delta, cpu_seconds, wait_idle_outbox  # noqa: E402
 from orchestra.common.v1 import chat_pb2  # noqa: E402
 from orchestra.router.v1 import chat_service_pb2 as chat_api  # noqa: E402
 from orchestra.router.v1 import chat_service_pb2_grpc as chat_grpc  # noqa: E402
@@ -164,12 +174,17 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def _direct(client: httpx.AsyncClient, url: str, i: int) -> tuple[float, float]:
+# One chat: (seconds to first token, seconds in all, whether it was a cache hit).
+Call = Callable[[int], Awaitable[tuple[float, float, bool]]]
+IDLE_SECONDS = 5.0
+
+
+async def _direct(client: httpx.AsyncClient, url: str, prompt: str) -> tuple[float, float, bool]:
     started = time.perf_counter()
     first = 0.0
     body = {
         "model": MODEL,
-        "messages": [{"role": "user", "content": f"question {i} {time.time_ns()}"}],
+        "messages": [{"role": "user", "content": prompt}],
         "max_tokens": 64,
         "stream": True,
         "stream_options": {"include_usage": True},
@@ -178,119 +193,237 @@ async def _direct(client: httpx.AsyncClient, url: str, i: int) -> tuple[float, f
         async for line in response.aiter_lines():
             if not first and '"content"' in line:
                 first = time.perf_counter() - started
-    return first, time.perf_counter() - started
+    return first, time.perf_counter() - started, False
 
 
-async def _gateway(stub: chat_grpc.ChatServiceStub, i: int) -> tuple[float, float]:
+async def _gateway(stub: chat_grpc.ChatServiceStub, prompt: str) -> tuple[float, float, bool]:
     started = time.perf_counter()
     first = 0.0
     request = chat_api.ChatRequest(
         messages=[
-            chat_pb2.Message(
-                role=chat_pb2.ROLE_USER,
-                content=[chat_pb2.ContentPart(text=f"question {i} {time.time_ns()}")],
-            )
+            chat_pb2.Message(role=chat_pb2.ROLE_USER, content=[chat_pb2.ContentPart(text=prompt)])
         ],
         generation=chat_pb2.GenerationConfig(max_tokens=64, temperature=0),
     )
+    hit = False
     async for event in stub.ChatStream(
         request, metadata=(("authorization", f"Bearer {KEY}"),), timeout=60
     ):
-        if not first and event.WhichOneof("event") == "text_delta":
+        kind = event.WhichOneof("event")
+        if not first and kind == "text_delta":
             first = time.perf_counter() - started
-    return first, time.perf_counter() - started
+        elif kind == "end":
+            hit = event.end.cache_hit
+    if not first:
+        raise RuntimeError("the gateway streamed no text")
+    return first, time.perf_counter() - started, hit
 
 
-async def _run_level(
-    call: object, requests: int, concurrency: int
-) -> tuple[list[float], list[float], float]:
+def _unique(i: int) -> str:
+    return f"question {i} {time.time_ns()}"
+
+
+async def _run_level(call: Call, requests: int, concurrency: int) -> dict[str, float]:
     semaphore = asyncio.Semaphore(concurrency)
     ttft: list[float] = []
     total: list[float] = []
+    hits = 0
 
     async def one(i: int) -> None:
+        nonlocal hits
         async with semaphore:
-            first, whole = await call(i)  # type: ignore[operator]
+            first, whole, hit = await call(i)
             ttft.append(first * 1000)
             total.append(whole * 1000)
+            hits += hit
 
     started = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(requests)))
-    return ttft, total, requests / (time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    return {
+        "ttft_p50_ms": round(_percentile(ttft, 0.5), 2),
+        "ttft_p99_ms": round(_percentile(ttft, 0.99), 2),
+        "total_p50_ms": round(_percentile(total, 0.5), 2),
+        "total_p99_ms": round(_percentile(total, 0.99), 2),
+        "rps": round(requests / elapsed, 1),
+        "hit_share": hits / requests,
+    }
 
 
-async def measure(args: argparse.Namespace, upstream_url: str, edge: str) -> list[dict[str, float]]:
-    rows = []
-    async with (
-        httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=256)) as client,
-        grpc.aio.insecure_channel(edge) as channel,
-    ):
+class Profiler:
+    """py-spy on every service of a suite while a run lasts (``--profile``)."""
+
+    def __init__(self, out: Path | None, suite: Suite, name: str, rate: int) -> None:
+        self._out, self._suite, self._name, self._rate = out, suite, name, rate
+        self._spies: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> Profiler:
+        if self._out is None:
+            return self
+        self._out.mkdir(parents=True, exist_ok=True)
+        spy = str(Path(sys.executable).parent / "py-spy")
+        for part, pids in self._suite.pids().items():
+            if part not in SERVICES:
+                continue
+            target = self._out / f"{self._suite.label}-{self._name}-{part}.svg"
+            # fmt: off
+            self._spies.append(subprocess.Popen(
+                [spy, "record", "--pid", str(pids[0]), "--rate", str(self._rate),
+                 "--nonblocking", "--format", "flamegraph", "--output", str(target)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))
+            # fmt: on
+        time.sleep(1.0)  # py-spy attaches
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for spy in self._spies:
+            spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
+        for spy in self._spies:
+            spy.wait(timeout=60)
+
+
+async def _idle_rates(suite: Suite) -> dict[str, float]:
+    """CPU seconds per second each part spends with no requests (timers, probes)."""
+    before = cpu_seconds(suite.pid)
+    await asyncio.sleep(IDLE_SECONDS)
+    spent = cpu_delta(before, cpu_seconds(suite.pid))
+    return {part: spent[part] / IDLE_SECONDS for part in PARTS}
+
+
+async def _measured(
+    suite: Suite, call: Call, requests: int, level: int, idle: dict[str, float]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """(latency figures, CPU ms per chat by part) of one run, follow-up work included."""
+    before = cpu_seconds(suite.pid)
+    started = time.perf_counter()
+    latency = await _run_level(call, requests, level)
+    await asyncio.to_thread(wait_idle_outbox, suite.redis_url)
+    await asyncio.sleep(0.5)  # the last deliveries' own work (audit batches, checkpoints)
+    elapsed = time.perf_counter() - started
+    spent = cpu_delta(before, cpu_seconds(suite.pid))
+    cpu = {
+        part: round(max(0.0, spent[part] - idle[part] * elapsed) * 1000 / requests, 2)
+        for part in PARTS
+    }
+    cpu["total"] = round(sum(cpu[p] for p in PARTS), 2)
+    return latency, cpu
+
+
+async def measure_suite(
+    args: argparse.Namespace, suite: Suite, direct: dict[int, dict[str, float]]
+) -> dict[str, Any]:
+    """Every level's miss and hit runs through ``suite``."""
+    result: dict[str, Any] = {"label": suite.label, "levels": []}
+    async with grpc.aio.insecure_channel(suite.edge) as channel:
         stub = chat_grpc.ChatServiceStub(channel)
-        # Warm both paths (connections, caches of policy and keys).
-        for i in range(10):
-            await _direct(client, upstream_url, i)
-            await _gateway(stub, i)
+        for i in range(20):  # warm: connections, key and policy caches, the learner
+            await _gateway(stub, _unique(i))
+        await asyncio.to_thread(wait_idle_outbox, suite.redis_url)
+        idle = await _idle_rates(suite)
+        result["idle_cpu_ms_per_s"] = {p: round(v * 1000, 2) for p, v in idle.items()}
         for level in args.concurrency:
-            d_ttft, d_total, d_rps = await _run_level(
-                lambda i: _direct(client, upstream_url, i), args.requests, level
-            )
-            g_ttft, g_total, g_rps = await _run_level(
-                lambda i: _gateway(stub, i), args.requests, level
-            )
-            row = {"concurrency": level}
-            for name, values in (
-                ("direct_ttft", d_ttft), ("gateway_ttft", g_ttft),
-                ("direct_total", d_total), ("gateway_total", g_total),
-            ):  # fmt: skip
-                row[f"{name}_p50_ms"] = round(_percentile(values, 0.5), 2)
-                row[f"{name}_p99_ms"] = round(_percentile(values, 0.99), 2)
-            for q in ("p50", "p99"):
-                row[f"added_ttft_{q}_ms"] = round(
-                    row[f"gateway_ttft_{q}_ms"] - row[f"direct_ttft_{q}_ms"], 2
+            row: dict[str, Any] = {"concurrency": level, "direct": direct[level]}
+            with Profiler(args.profile, suite, f"miss-c{level}", args.profile_rate):
+                row["miss"], row["miss_cpu"] = await _measured(
+                    suite, lambda i: _gateway(stub, _unique(i)), args.requests, level, idle
                 )
-                row[f"added_total_{q}_ms"] = round(
-                    row[f"gateway_total_{q}_ms"] - row[f"direct_total_{q}_ms"], 2
-                )
-            row["direct_rps"] = round(d_rps, 1)
-            row["gateway_rps"] = round(g_rps, 1)
-            rows.append(row)
-    return rows
+            answered = f"the answered question, level {level} {time.time_ns()}"
+            await _gateway(stub, answered)
+            await asyncio.to_thread(wait_idle_outbox, suite.redis_url)
+            row["hit"], row["hit_cpu"] = await _measured(
+                suite, lambda i, text=answered: _gateway(stub, text), args.requests, level, idle
+            )
+            result["levels"].append(row)
+    return result
 
 
-def _print_table(rows: list[dict[str, float]], latency_ms: int, requests: int) -> None:
+async def measure_direct(args: argparse.Namespace, url: str) -> dict[int, dict[str, float]]:
+    """The baseline: the same chats straight to the upstream, per level."""
+    async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=256)) as client:
+        for i in range(10):
+            await _direct(client, url, _unique(i))
+        return {
+            level: await _run_level(
+                lambda i: _direct(client, url, _unique(i)), args.requests, level
+            )
+            for level in args.concurrency
+        }
+
+
+def _grid(header: tuple[str, ...], lines: list[tuple[str, ...]]) -> str:
+    rows = [header, *lines]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+def _pair(figures: dict[str, float], name: str) -> str:
+    return f"{figures[name + '_p50_ms']:.1f} / {figures[name + '_p99_ms']:.1f}"
+
+
+def _print_latency(result: dict[str, Any], latency_ms: int, requests: int) -> None:
     print(
-        f"\nGateway overhead: {requests} streaming chats per level, upstream first-token "
-        f"latency {latency_ms} ms. Baseline = the same request sent straight to the upstream."
+        f"\n[{result['label']}] latency: {requests} streaming chats per level and kind, "
+        f"upstream first token after {latency_ms} ms. Baseline = the same chat sent "
+        "straight to the upstream. ms p50 / p99."
     )
+    lines = []
+    for r in result["levels"]:
+        d = r["direct"]
+        for kind in ("miss", "hit"):
+            g = r[kind]
+            added = {f"x_{q}_ms": g[f"ttft_{q}_ms"] - d[f"ttft_{q}_ms"] for q in ("p50", "p99")}
+            lines.append((
+                str(r["concurrency"]), kind, _pair(d, "ttft"), _pair(g, "ttft"), _pair(added, "x"),
+                _pair(d, "total"), _pair(g, "total"),
+                f"{d['rps']:.0f} / {g['rps']:.0f}", f"{100 * g['rps'] / d['rps']:.0f}%",
+            ))  # fmt: skip
     header = (
-        "conc", "direct TTFT p50/p99", "gateway TTFT p50/p99", "added TTFT p50/p99",
-        "direct total p50/p99", "gateway total p50/p99", "added total p50/p99", "rps d/g",
+        "conc", "chat", "direct TTFT", "gateway TTFT", "added TTFT", "direct total",
+        "gateway total", "chats/s d / g", "g/d",
     )  # fmt: skip
-    lines = [header]
-    for r in rows:
-        lines.append((
-            str(int(r["concurrency"])),
-            f"{r['direct_ttft_p50_ms']:.1f} / {r['direct_ttft_p99_ms']:.1f}",
-            f"{r['gateway_ttft_p50_ms']:.1f} / {r['gateway_ttft_p99_ms']:.1f}",
-            f"{r['added_ttft_p50_ms']:.1f} / {r['added_ttft_p99_ms']:.1f}",
-            f"{r['direct_total_p50_ms']:.1f} / {r['direct_total_p99_ms']:.1f}",
-            f"{r['gateway_total_p50_ms']:.1f} / {r['gateway_total_p99_ms']:.1f}",
-            f"{r['added_total_p50_ms']:.1f} / {r['added_total_p99_ms']:.1f}",
-            f"{r['direct_rps']:.0f} / {r['gateway_rps']:.0f}",
+    print(_grid(header, lines))
+
+
+def _print_cpu(results: list[dict[str, Any]], requests: int) -> None:
+    print(
+        f"\nCPU ms per chat, by process ({requests} chats per run; /proc/<pid>/stat, "
+        "follow-up work included, idle spending subtracted):"
+    )
+    header = ("suite", "conc", "chat", *PARTS, "total")
+    lines = []
+    for result in results:
+        for r in result["levels"]:
+            for kind in ("miss", "hit"):
+                cpu = r[f"{kind}_cpu"]
+                lines.append((
+                    result["label"], str(r["concurrency"]), kind,
+                    *(f"{cpu[p]:.2f}" for p in PARTS), f"{cpu['total']:.2f}",
+                ))  # fmt: skip
+    print(_grid(header, lines))
+    for result in results:
+        idle = result["idle_cpu_ms_per_s"]
+        print(f"  idle ({result['label']}), CPU ms per second: " + ", ".join(
+            f"{p} {idle[p]:.1f}" for p in PARTS if idle[p] >= 0.05
         ))  # fmt: skip
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    for line in lines:
-        print("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)))
-    print("(all times in ms)")
+        shares = ", ".join(
+            f"c{r['concurrency']} {r['hit']['hit_share']:.0%}" for r in result["levels"]
+        )
+        print(f"  cache-hit runs ({result['label']}) that were hits: {shares}")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=200, help="chats per level and path")
+    parser.add_argument("--requests", type=int, default=200, help="chats per level and kind")
     parser.add_argument(
-        "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32]
+        "--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16, 32]
     )
     parser.add_argument("--latency-ms", type=int, default=50, help="upstream time to first token")
+    parser.add_argument(
+        "--baseline", type=Path, help="another checkout whose suite is measured in the same run"
+    )
+    parser.add_argument("--profile", type=Path, help="write py-spy flame graphs to this folder")
+    parser.add_argument("--profile-rate", type=int, default=250, help="py-spy samples per second")
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON line")
     parser.add_argument(
         "--decision-only", action="store_true", help="only time the routing decision in process"
@@ -304,7 +437,6 @@ def main() -> int:
             print(json.dumps({"decision": decision}))
         return 0
 
-    work = Path(tempfile.mkdtemp(prefix="orchestra-bench-"))
     upstream_port = free_port()
     upstream = subprocess.Popen(
         [sys.executable, "-m", "tests.fakes.openai_upstream", "--port", str(upstream_port),
@@ -312,40 +444,30 @@ def main() -> int:
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
-    config = work / "orchestra.yaml"
-    config.write_text(CONFIG.format(url=upstream_url, key=KEY))
-    edge_port = free_port()
-    base = 52000 + os.getpid() % 1000 * 5
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
-    suite = subprocess.Popen(
-        [str(Path(sys.executable).parent / "orchestra"), "up", "--no-local-model",
-         "--state-dir", str(work / "state"), "--config", str(config),
-         "--edge-port", str(edge_port), "--admin-port", str(free_port()),
-         "--service-port-base", str(base), "--redis-port", str(free_port())],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-    )  # fmt: skip
+    config = CONFIG.format(url=upstream_url, key=KEY)
+    checkouts = [(args.baseline, "baseline")] if args.baseline else []
+    checkouts.append((ROOT, "this"))
+    results = []
     try:
-        assert suite.stdout is not None
-        for line in suite.stdout:
-            if "Orchestra is up" in line:
-                break
-        else:
-            print("orchestra up failed", file=sys.stderr)
-            return 1
-        rows = asyncio.run(measure(args, upstream_url, f"127.0.0.1:{edge_port}"))
+        time.sleep(1.0)
+        direct = asyncio.run(measure_direct(args, upstream_url))
+        for checkout, label in checkouts:
+            suite = Suite(checkout, config, label)
+            try:
+                suite.start()
+                results.append(asyncio.run(measure_suite(args, suite, direct)))
+            finally:
+                suite.stop()
     finally:
-        suite.send_signal(signal.SIGTERM)
-        suite.wait(timeout=60)
         upstream.terminate()
         upstream.wait(timeout=10)
-    _print_table(rows, args.latency_ms, args.requests)
+    for result in results:
+        _print_latency(result, args.latency_ms, args.requests)
+    _print_cpu(results, args.requests)
     _print_decision(decision, args.decisions)
     if args.json:
-        print(
-            json.dumps(
-                {"upstream_latency_ms": args.latency_ms, "levels": rows, "decision": decision}
-            )
-        )
+        print(json.dumps({"upstream_latency_ms": args.latency_ms, "suites": results,
+                          "decision": decision}))  # fmt: skip
     return 0
 
 

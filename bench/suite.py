@@ -1,0 +1,195 @@
+"""A real ``orchestra up`` for benchmarks, and the CPU each of its processes spends.
+
+:class:`Suite` starts the whole suite (Envoy, ext_authz, the five services,
+embedded PostgreSQL and Redis) from a checkout, by default this one; another
+checkout (``git worktree add /tmp/base main~3``) gives a baseline measured in
+the same run. :func:`cpu_seconds` reads ``utime + stime`` of every process
+below the suite's supervisor from ``/proc/<pid>/stat`` and sums them by part:
+
+    router budget cache audit discovery envoy postgres redis
+
+A part's CPU over a run, divided by the requests of the run, is its CPU per
+request: a figure that other load on a shared machine hardly moves (unlike
+latency). Processes that exit during a run lose what they spent; the suite's
+processes live as long as it does (PostgreSQL backends are pooled).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICES = ("router", "budget", "cache", "audit", "discovery")
+PARTS = (*SERVICES, "envoy", "postgres", "redis")
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _part(cmdline: list[str], name: str) -> str | None:
+    """Which part of the suite a process is, from its command line."""
+    for service in SERVICES:
+        if f"services.{service}" in cmdline:
+            return service
+    if name == "envoy" or any(arg.endswith("/envoy") for arg in cmdline[:1]):
+        return "envoy"
+    if name.startswith("postgres") or (cmdline and cmdline[0].startswith("postgres")):
+        return "postgres"
+    if name.startswith("redis-server"):
+        return "redis"
+    return None
+
+
+def _proc_cpu(pid: int) -> float:
+    """utime + stime of one process, in seconds (fields 14 and 15 of /proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def processes(root_pid: int) -> dict[int, str]:
+    """pid -> part, for every process of the suite below ``root_pid``."""
+    out: dict[int, str] = {}
+    try:
+        children = psutil.Process(root_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return out
+    for child in children:
+        try:
+            part = _part(child.cmdline(), child.name())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if part is not None:
+            out[child.pid] = part
+    return out
+
+
+def cpu_seconds(root_pid: int) -> dict[int, tuple[str, float]]:
+    """pid -> (part, CPU seconds so far) for every process of the suite."""
+    out: dict[int, tuple[str, float]] = {}
+    for pid, part in processes(root_pid).items():
+        try:
+            out[pid] = (part, _proc_cpu(pid))
+        except OSError:
+            continue  # exited meanwhile
+    return out
+
+
+def cpu_delta(
+    before: Mapping[int, tuple[str, float]], after: Mapping[int, tuple[str, float]]
+) -> dict[str, float]:
+    """CPU seconds each part spent between two :func:`cpu_seconds` readings.
+
+    A process that started in between counts from zero.
+    """
+    spent = dict.fromkeys(PARTS, 0.0)
+    for pid, (part, seconds) in after.items():
+        spent[part] += seconds - (before[pid][1] if pid in before else 0.0)
+    return spent
+
+
+class Suite:
+    """``orchestra up --no-local-model`` from ``checkout``, on free ports, state in a temp dir."""
+
+    def __init__(self, checkout: Path, config_text: str, label: str) -> None:
+        self.checkout = checkout.resolve()
+        self.label = label
+        self._config_text = config_text
+        self.process: subprocess.Popen[str] | None = None
+        self.edge = ""
+        self.redis_url = ""
+
+    def start(self) -> None:
+        """Starts the suite and waits for its banner."""
+        from services.cli.embedded import free_port
+
+        work = Path(tempfile.mkdtemp(prefix="orchestra-bench-"))
+        config = work / "orchestra.yaml"
+        config.write_text(self._config_text)
+        edge_port, redis_port = free_port(), free_port()
+        base = 52000 + (os.getpid() + hash(self.label)) % 1000 * 5
+        env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+        # The checkout's own code and contracts come first on the path; its children
+        # (started with -m from the same working directory) import it too.
+        env["PYTHONPATH"] = f"{self.checkout}{os.pathsep}{self.checkout / 'gen'}"
+        # fmt: off
+        argv = [
+            sys.executable, "-m", "services.cli.main", "up", "--no-local-model",
+            "--state-dir", str(work / "state"), "--config", str(config),
+            "--edge-port", str(edge_port), "--admin-port", str(free_port()),
+            "--service-port-base", str(base), "--redis-port", str(redis_port),
+        ]
+        # fmt: on
+        self.process = subprocess.Popen(
+            argv,
+            cwd=self.checkout,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        assert self.process.stdout is not None
+        seen: list[str] = []
+        for line in self.process.stdout:
+            seen.append(line)
+            if "Orchestra is up" in line:
+                break
+        else:
+            raise RuntimeError(f"orchestra up ({self.label}) failed:\n{''.join(seen[-30:])}")
+        # Drain the rest of its output so the pipe never fills.
+        subprocess.Popen(["cat"], stdin=self.process.stdout, stdout=subprocess.DEVNULL)
+        self.edge = f"127.0.0.1:{edge_port}"
+        password = (work / "state" / "redis.password").read_text().strip()
+        self.redis_url = f"redis://:{password}@127.0.0.1:{redis_port}/0"
+
+    @property
+    def pid(self) -> int:
+        """The supervisor's pid."""
+        assert self.process is not None
+        return self.process.pid
+
+    def pids(self) -> dict[str, list[int]]:
+        """part -> pids."""
+        out: dict[str, list[int]] = {}
+        for pid, part in processes(self.pid).items():
+            out.setdefault(part, []).append(pid)
+        return out
+
+    def stop(self) -> None:
+        """Stops the suite (SIGTERM, as Ctrl-C would)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def wait_idle_outbox(redis_url: str, timeout: float = 30.0) -> None:
+    """Waits until the router's outbox streams are empty (every follow-up job delivered).
+
+    Any stream whose key names an outbox counts, the dead-letter stream aside,
+    so checkouts that name their streams differently are measured alike.
+    """
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            streams = client.scan_iter(match="*outbox*", _type="stream")
+            keys = [k for k in streams if b"dead" not in k]
+            if not any(client.xlen(k) for k in keys):
+                return
+            time.sleep(0.05)
+    finally:
+        client.close()
+    raise TimeoutError("the outbox did not drain")
