@@ -49,10 +49,10 @@ from orchestra.common.v1 import identity_pb2  # noqa: E402
 from orchestra.discovery.v1 import discovery_service_pb2 as pb  # noqa: E402
 from orchestra.discovery.v1 import discovery_service_pb2_grpc as pb_grpc  # noqa: E402
 from services.common import settings as settings_mod  # noqa: E402
+from services.common.catalog_view import ModelCatalogView  # noqa: E402
 from services.common.identity import HEADER, IdentitySigner  # noqa: E402
 from services.common.server import Running, start  # noqa: E402
 from services.discovery import listing  # noqa: E402
-from services.discovery.client import ModelCatalogView  # noqa: E402
 from services.discovery.discovery import _MAX_CONCURRENT_LISTINGS  # noqa: E402
 from services.discovery.probes import ProbeOptions  # noqa: E402
 from services.discovery.server import DiscoveryOptions, DiscoveryService, build  # noqa: E402

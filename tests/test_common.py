@@ -18,7 +18,7 @@ from services.common.identity import IdentitySigner, has_scope, tenant_of
 class _Broken(cache_grpc.CacheServiceServicer):
     """A servicer whose RPCs fail in the ways the interceptor must handle."""
 
-    async def Lookup(self, request: Any, context: Any) -> Any:  # noqa: N802
+    async def Lookup(self, request: Any, context: Any) -> Any:
         raise errors.ResourceExhausted(
             errors_pb2.ERROR_REASON_RATE_LIMITED,
             "slow down",
@@ -28,7 +28,7 @@ class _Broken(cache_grpc.CacheServiceServicer):
             quota_subject="tenant:acme",
         )
 
-    async def Store(self, request: Any, context: Any) -> Any:  # noqa: N802
+    async def Store(self, request: Any, context: Any) -> Any:
         raise RuntimeError("secret internals /etc/passwd")
 
 
@@ -40,6 +40,9 @@ class _Service:
 
     def register(self, server: grpc.aio.Server) -> None:
         cache_grpc.add_CacheServiceServicer_to_server(_Broken(), server)
+
+    def interceptors(self) -> Sequence[grpc.aio.ServerInterceptor]:
+        return []
 
     async def start(self) -> None:
         pass

@@ -132,7 +132,7 @@ def header(key: str, value: str) -> base_pb2.HeaderValueOption:
 class Authorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     """What budget does at the edge: API key in, identity header out."""
 
-    async def Check(  # noqa: N802 - gRPC method name
+    async def Check(
         self, request: external_auth_pb2.CheckRequest, context: object
     ) -> external_auth_pb2.CheckResponse:
         key = request.attributes.request.http.headers.get("authorization", "")

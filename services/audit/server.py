@@ -51,6 +51,10 @@ class AuditService:
         """The gRPC service this serves."""
         return [audit_service_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name]
 
+    def interceptors(self) -> Sequence[grpc.aio.ServerInterceptor]:
+        """None of its own (see :class:`services.common.server.Service`)."""
+        return []
+
     def register(self, server: grpc.aio.Server) -> None:
         """Adds the servicer to ``server``."""
         audit_service_pb2_grpc.add_AuditServiceServicer_to_server(self._servicer, server)

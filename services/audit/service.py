@@ -16,11 +16,11 @@ import grpc
 from orchestra.audit.v1 import audit_service_pb2, audit_service_pb2_grpc
 from orchestra.common.v1 import errors_pb2, identity_pb2
 from services.audit import records
-from services.audit.admin_records import admin_record
 from services.audit.body_store import BodyStore, Erased, seal_for
 from services.audit.store import AuditStore, RecordFilter, StoredRow, store_errors
 from services.audit.tree_store import StoredCheckpoint
 from services.common import paging
+from services.common.admin_records import admin_record
 from services.common.errors import InvalidArgument, NotFound
 from services.common.identity import IdentitySigner, caller, has_scope, tenant_of
 
@@ -58,7 +58,7 @@ class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
         self._signer = signer
         self._bodies = bodies
 
-    async def AppendRecord(  # noqa: N802 - gRPC method name
+    async def AppendRecord(
         self, request: pb.AppendRecordRequest, context: _Context
     ) -> pb.AppendRecordResponse:
         """Appends one record (SCOPE_INTERNAL); idempotent per event_id."""
@@ -73,7 +73,7 @@ class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
         [appended] = await self._store.append([entry])
         return pb.AppendRecordResponse(index=appended.index, leaf_hash=appended.leaf_hash)
 
-    async def AppendRecords(  # noqa: N802 - gRPC method name
+    async def AppendRecords(
         self, request: pb.AppendRecordsRequest, context: _Context
     ) -> pb.AppendRecordsResponse:
         """Appends records in order, atomically (SCOPE_INTERNAL)."""
@@ -130,7 +130,7 @@ class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
             entries.append(records.entry_of(record, field, sealed))
         return entries
 
-    async def ListRecords(  # noqa: N802 - gRPC method name
+    async def ListRecords(
         self, request: pb.ListRecordsRequest, context: _Context
     ) -> pb.ListRecordsResponse:
         """Pages through one tenant's records, oldest first (SCOPE_READ)."""
@@ -145,14 +145,14 @@ class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
             records=[_to_proto(row) for row in rows[:size]], next_page_token=token
         )
 
-    async def GetLatestCheckpoint(  # noqa: N802 - gRPC method name
+    async def GetLatestCheckpoint(
         self, request: pb.GetLatestCheckpointRequest, context: _Context
     ) -> pb.GetLatestCheckpointResponse:
         """The newest signed checkpoint (SCOPE_READ); NOT_FOUND for an empty log."""
         caller(context, self._signer, identity_pb2.SCOPE_READ)
         return pb.GetLatestCheckpointResponse(checkpoint=(await self._latest()).to_proto())
 
-    async def ListCheckpoints(  # noqa: N802 - gRPC method name
+    async def ListCheckpoints(
         self, request: pb.ListCheckpointsRequest, context: _Context
     ) -> pb.ListCheckpointsResponse:
         """Pages through signed checkpoints, oldest first (SCOPE_READ)."""
@@ -166,7 +166,7 @@ class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
             checkpoints=[c.to_proto() for c in found[:size]], next_page_token=token
         )
 
-    async def GetInclusionProof(  # noqa: N802 - gRPC method name
+    async def GetInclusionProof(
         self, request: pb.GetInclusionProofRequest, context: _Context
     ) -> pb.GetInclusionProofResponse:
         """The audit path of one record in a checkpointed tree (SCOPE_READ)."""
@@ -191,7 +191,7 @@ class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
             leaf_index=request.leaf_index, tree_size=size, hashes=hashes
         )
 
-    async def GetConsistencyProof(  # noqa: N802 - gRPC method name
+    async def GetConsistencyProof(
         self, request: pb.GetConsistencyProofRequest, context: _Context
     ) -> pb.GetConsistencyProofResponse:
         """Proof that one checkpointed tree extends another (SCOPE_READ)."""
@@ -227,7 +227,7 @@ class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
             )
         return latest
 
-    async def ExportRecords(  # noqa: N802 - gRPC method name
+    async def ExportRecords(
         self, request: pb.ExportRecordsRequest, context: _Context
     ) -> AsyncIterator[pb.ExportRecordsResponse]:
         """Streams an index range (SCOPE_READ); non-operators get their tenant's records."""
@@ -243,7 +243,7 @@ class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
                 return
             start = rows[-1].index + 1
 
-    async def GetRecordBody(  # noqa: N802 - gRPC method name
+    async def GetRecordBody(
         self, request: pb.GetRecordBodyRequest, context: _Context
     ) -> pb.GetRecordBodyResponse:
         """Decrypts a chat record's body (SCOPE_ADMIN on its tenant, or SCOPE_OPERATOR)."""
@@ -268,7 +268,7 @@ class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
         await self._store.append([records.entry_of(record, "access")])
         return pb.GetRecordBodyResponse(index=index, body=body)
 
-    async def EraseSubject(  # noqa: N802 - gRPC method name
+    async def EraseSubject(
         self, request: pb.EraseSubjectRequest, context: _Context
     ) -> pb.EraseSubjectResponse:
         """Destroys a subject's keys and audits it (SCOPE_ADMIN, or SCOPE_OPERATOR)."""

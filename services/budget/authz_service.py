@@ -116,7 +116,7 @@ class AuthorizationServicer(external_auth_pb2_grpc.AuthorizationServicer):  # ty
         self._authenticator = authenticator
         self._signer = signer
 
-    async def Check(  # noqa: N802 - gRPC method name
+    async def Check(
         self,
         request: external_auth_pb2.CheckRequest,
         context: grpc.aio.ServicerContext[Any, Any],

@@ -84,7 +84,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
 
     # --- budget definitions ---------------------------------------------------
 
-    async def CreateBudget(  # noqa: N802
+    async def CreateBudget(
         self, request: pb.CreateBudgetRequest, context: Context
     ) -> pb.CreateBudgetResponse:
         budget = pb.Budget()
@@ -105,13 +105,13 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         tenant_of(identity, budget.tenant_id)
         return budget
 
-    async def GetBudget(  # noqa: N802
+    async def GetBudget(
         self, request: pb.GetBudgetRequest, context: Context
     ) -> pb.GetBudgetResponse:
         budget = await self._own_budget(context, request.budget_id, READ)
         return pb.GetBudgetResponse(budget=budget)
 
-    async def ListBudgets(  # noqa: N802
+    async def ListBudgets(
         self, request: pb.ListBudgetsRequest, context: Context
     ) -> pb.ListBudgetsResponse:
         tenant = tenant_of(caller(context, self._signer, READ), request.tenant_id)
@@ -122,7 +122,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         items, token = page(found, size, lambda b: b.budget_id, filters)
         return pb.ListBudgetsResponse(budgets=items, next_page_token=token)
 
-    async def UpdateBudget(  # noqa: N802
+    async def UpdateBudget(
         self, request: pb.UpdateBudgetRequest, context: Context
     ) -> pb.UpdateBudgetResponse:
         await self._own_budget(context, request.budget.budget_id, ADMIN)
@@ -140,7 +140,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         self._catalog.invalidate(updated.tenant_id)
         return pb.UpdateBudgetResponse(budget=updated)
 
-    async def DeleteBudget(  # noqa: N802
+    async def DeleteBudget(
         self, request: pb.DeleteBudgetRequest, context: Context
     ) -> pb.DeleteBudgetResponse:
         budget = await self._own_budget(context, request.budget_id, ADMIN)
@@ -150,9 +150,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
 
     # --- admission ------------------------------------------------------------
 
-    async def Reserve(  # noqa: N802
-        self, request: pb.ReserveRequest, context: Context
-    ) -> pb.ReserveResponse:
+    async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:
         caller(context, self._signer, INTERNAL)
         validation.required_text(request.request_id, "request_id", validation.MAX_REQUEST_ID_CHARS)
         subject = _subject(request.subject, "subject")
@@ -204,9 +202,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
             context.set_trailing_metadata(((FAIL_OPEN_HEADER, "redis-unreachable"),))
         return response
 
-    async def Settle(  # noqa: N802
-        self, request: pb.SettleRequest, context: Context
-    ) -> pb.SettleResponse:
+    async def Settle(self, request: pb.SettleRequest, context: Context) -> pb.SettleResponse:
         caller(context, self._signer, INTERNAL)
         validation.required_text(request.request_id, "request_id", validation.MAX_REQUEST_ID_CHARS)
         if request.cost_micro_usd < 0:
@@ -226,9 +222,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
             released_micro_usd=settled.released_micro_usd,
         )
 
-    async def Release(  # noqa: N802
-        self, request: pb.ReleaseRequest, context: Context
-    ) -> pb.ReleaseResponse:
+    async def Release(self, request: pb.ReleaseRequest, context: Context) -> pb.ReleaseResponse:
         caller(context, self._signer, INTERNAL)
         validation.required_text(request.request_id, "request_id", validation.MAX_REQUEST_ID_CHARS)
         released = await self._admission.release(request.request_id)
@@ -236,7 +230,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
 
     # --- reporting ------------------------------------------------------------
 
-    async def GetBudgetStatus(  # noqa: N802
+    async def GetBudgetStatus(
         self, request: pb.GetBudgetStatusRequest, context: Context
     ) -> pb.GetBudgetStatusResponse:
         identity = caller(context, self._signer, READ)
@@ -246,7 +240,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         statuses = await self._admission.status(_subject(wanted, "subject"))
         return pb.GetBudgetStatusResponse(statuses=[_status(s) for s in statuses])
 
-    async def ListSpend(  # noqa: N802
+    async def ListSpend(
         self, request: pb.ListSpendRequest, context: Context
     ) -> pb.ListSpendResponse:
         tenant_id = tenant_of(caller(context, self._signer, READ), request.tenant_id)

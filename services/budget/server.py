@@ -22,8 +22,6 @@ from orchestra.budget.v1 import (
     budget_service_pb2,
     budget_service_pb2_grpc,
 )
-from services.audit.admin_client import AdminAuditor
-from services.audit.audited import ACCOUNT_CHANGES, BUDGET_CHANGES, audit_changes
 from services.budget.accounts import AccountStore
 from services.budget.admission import Admission
 from services.budget.alerts import Alerts, AlertStore
@@ -40,6 +38,8 @@ from services.budget.keystore import KeyStore
 from services.budget.ledger import Ledger
 from services.budget.service import AccountServicer
 from services.budget.unheld import UnheldStore
+from services.common.admin_audit import AdminAuditInterceptor
+from services.common.audit_client import AdminAuditor
 from services.common.errors import OrchestraError
 from services.common.identity import IdentitySigner
 from services.common.settings import Settings, require
@@ -54,6 +54,22 @@ CLOSE_TIMEOUT_SECONDS = 5.0
 
 _ACCOUNT_SERVICE = account_service_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name
 _BUDGET_SERVICE = budget_service_pb2.DESCRIPTOR.services_by_name["BudgetService"].full_name
+# The RPCs that change something: each success appends an ADMIN audit record.
+AUDITED_CHANGES = {
+    _ACCOUNT_SERVICE: frozenset(
+        {
+            "CreateTenant",
+            "UpdateTenant",
+            "DeleteTenant",
+            "CreateTeam",
+            "CreateProject",
+            "CreateApiKey",
+            "RotateApiKey",
+            "RevokeApiKey",
+        }
+    ),
+    _BUDGET_SERVICE: frozenset({"CreateBudget", "UpdateBudget", "DeleteBudget"}),
+}
 
 
 class BudgetApp:
@@ -116,8 +132,8 @@ class BudgetApp:
         ]
 
     def register(self, server: grpc.aio.Server) -> None:
-        """Adds the three servicers; account and budget changes are audited."""
-        accounts: object = AccountServicer(
+        """Adds the three servicers."""
+        accounts = AccountServicer(
             self.accounts,
             self.keys,
             self.authenticator,
@@ -125,27 +141,20 @@ class BudgetApp:
             self.catalog,
             self._signer,
         )
-        budgets: object = BudgetServicer(
+        budgets = BudgetServicer(
             self.budgets, self.admission, self.catalog, self.ledger, self._signer
         )
-        if self.auditor is not None:
-            accounts = audit_changes(
-                accounts, self.auditor, self._signer, _ACCOUNT_SERVICE, ACCOUNT_CHANGES
-            )
-            budgets = audit_changes(
-                budgets, self.auditor, self._signer, _BUDGET_SERVICE, BUDGET_CHANGES
-            )
-        account_service_pb2_grpc.add_AccountServiceServicer_to_server(
-            accounts,  # type: ignore[arg-type]
-            server,
-        )
-        budget_service_pb2_grpc.add_BudgetServiceServicer_to_server(
-            budgets,  # type: ignore[arg-type]
-            server,
-        )
+        account_service_pb2_grpc.add_AccountServiceServicer_to_server(accounts, server)
+        budget_service_pb2_grpc.add_BudgetServiceServicer_to_server(budgets, server)
         external_auth_pb2_grpc.add_AuthorizationServicer_to_server(
             AuthorizationServicer(self.authenticator, self._signer), server
         )
+
+    def interceptors(self) -> Sequence[grpc.aio.ServerInterceptor]:
+        """Account and budget changes are audited (when an auditor is set)."""
+        if self.auditor is None:
+            return []
+        return [AdminAuditInterceptor(self.auditor, self._signer, AUDITED_CHANGES)]
 
     async def start(self) -> None:
         """Starts the hold reaper, the key invalidation listener and the alert sender."""

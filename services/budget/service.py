@@ -83,7 +83,7 @@ class AccountServicer(account_service_pb2_grpc.AccountServiceServicer):
 
     # --- tenants --------------------------------------------------------------
 
-    async def CreateTenant(  # noqa: N802
+    async def CreateTenant(
         self, request: pb.CreateTenantRequest, context: Context
     ) -> pb.CreateTenantResponse:
         caller(context, self._signer, OPERATOR)
@@ -93,7 +93,7 @@ class AccountServicer(account_service_pb2_grpc.AccountServiceServicer):
         validation.policy(tenant.policy)
         return pb.CreateTenantResponse(tenant=await self._accounts.create_tenant(tenant))
 
-    async def GetTenant(  # noqa: N802
+    async def GetTenant(
         self, request: pb.GetTenantRequest, context: Context
     ) -> pb.GetTenantResponse:
         # INTERNAL too: the router reads the tenant's policy on every request.
@@ -102,7 +102,7 @@ class AccountServicer(account_service_pb2_grpc.AccountServiceServicer):
             raise validation.invalid("tenant_id", "tenant_id is required for a service caller")
         return pb.GetTenantResponse(tenant=await self._accounts.get_tenant(tenant))
 
-    async def ListTenants(  # noqa: N802
+    async def ListTenants(
         self, request: pb.ListTenantsRequest, context: Context
     ) -> pb.ListTenantsResponse:
         caller(context, self._signer, OPERATOR)
@@ -113,7 +113,7 @@ class AccountServicer(account_service_pb2_grpc.AccountServiceServicer):
         items, token = page(found, size, lambda t: t.tenant_id, filters)
         return pb.ListTenantsResponse(tenants=items, next_page_token=token)
 
-    async def UpdateTenant(  # noqa: N802
+    async def UpdateTenant(
         self, request: pb.UpdateTenantRequest, context: Context
     ) -> pb.UpdateTenantResponse:
         tenant_id = tenant_of(caller(context, self._signer, ADMIN), request.tenant.tenant_id)
@@ -132,7 +132,7 @@ class AccountServicer(account_service_pb2_grpc.AccountServiceServicer):
         await self._invalidations.publish([ALL])
         return pb.UpdateTenantResponse(tenant=updated)
 
-    async def DeleteTenant(  # noqa: N802
+    async def DeleteTenant(
         self, request: pb.DeleteTenantRequest, context: Context
     ) -> pb.DeleteTenantResponse:
         caller(context, self._signer, OPERATOR)
@@ -144,7 +144,7 @@ class AccountServicer(account_service_pb2_grpc.AccountServiceServicer):
 
     # --- teams and projects ---------------------------------------------------
 
-    async def CreateTeam(  # noqa: N802
+    async def CreateTeam(
         self, request: pb.CreateTeamRequest, context: Context
     ) -> pb.CreateTeamResponse:
         team = pb.Team()
@@ -154,7 +154,7 @@ class AccountServicer(account_service_pb2_grpc.AccountServiceServicer):
         validation.display_name(team.display_name, "team.display_name")
         return pb.CreateTeamResponse(team=await self._accounts.create_team(team))
 
-    async def ListTeams(  # noqa: N802
+    async def ListTeams(
         self, request: pb.ListTeamsRequest, context: Context
     ) -> pb.ListTeamsResponse:
         tenant = tenant_of(caller(context, self._signer, READ), request.tenant_id)
@@ -165,7 +165,7 @@ class AccountServicer(account_service_pb2_grpc.AccountServiceServicer):
         items, token = page(found, size, lambda t: t.team_id, filters)
         return pb.ListTeamsResponse(teams=items, next_page_token=token)
 
-    async def CreateProject(  # noqa: N802
+    async def CreateProject(
         self, request: pb.CreateProjectRequest, context: Context
     ) -> pb.CreateProjectResponse:
         project = pb.Project()
@@ -176,7 +176,7 @@ class AccountServicer(account_service_pb2_grpc.AccountServiceServicer):
         validation.display_name(project.display_name, "project.display_name")
         return pb.CreateProjectResponse(project=await self._accounts.create_project(project))
 
-    async def ListProjects(  # noqa: N802
+    async def ListProjects(
         self, request: pb.ListProjectsRequest, context: Context
     ) -> pb.ListProjectsResponse:
         tenant = tenant_of(caller(context, self._signer, READ), request.tenant_id)
@@ -189,7 +189,7 @@ class AccountServicer(account_service_pb2_grpc.AccountServiceServicer):
 
     # --- API keys -------------------------------------------------------------
 
-    async def CreateApiKey(  # noqa: N802
+    async def CreateApiKey(
         self, request: pb.CreateApiKeyRequest, context: Context
     ) -> pb.CreateApiKeyResponse:
         identity = caller(context, self._signer, ADMIN)
@@ -254,7 +254,7 @@ class AccountServicer(account_service_pb2_grpc.AccountServiceServicer):
                 raise _denied("a project-bound key may create keys of its own project only")
         return team, project
 
-    async def ListApiKeys(  # noqa: N802
+    async def ListApiKeys(
         self, request: pb.ListApiKeysRequest, context: Context
     ) -> pb.ListApiKeysResponse:
         tenant = tenant_of(caller(context, self._signer, READ), request.tenant_id)
@@ -270,7 +270,7 @@ class AccountServicer(account_service_pb2_grpc.AccountServiceServicer):
         validation.required_text(key_id, "key_id", 63)
         tenant_of(identity, (await self._keys.get_key(key_id)).tenant_id)
 
-    async def RotateApiKey(  # noqa: N802
+    async def RotateApiKey(
         self, request: pb.RotateApiKeyRequest, context: Context
     ) -> pb.RotateApiKeyResponse:
         await self._own_key(context, request.key_id)
@@ -279,7 +279,7 @@ class AccountServicer(account_service_pb2_grpc.AccountServiceServicer):
         await self._invalidations.publish([request.key_id])
         return pb.RotateApiKeyResponse(api_key=rotated, secret=secret)
 
-    async def RevokeApiKey(  # noqa: N802
+    async def RevokeApiKey(
         self, request: pb.RevokeApiKeyRequest, context: Context
     ) -> pb.RevokeApiKeyResponse:
         await self._own_key(context, request.key_id)
@@ -287,7 +287,7 @@ class AccountServicer(account_service_pb2_grpc.AccountServiceServicer):
         await self._invalidations.publish([request.key_id])
         return pb.RevokeApiKeyResponse(api_key=revoked)
 
-    async def Authenticate(  # noqa: N802
+    async def Authenticate(
         self, request: pb.AuthenticateRequest, context: Context
     ) -> pb.AuthenticateResponse:
         caller(context, self._signer, INTERNAL)

@@ -43,6 +43,10 @@ class CacheService:
         """The gRPC service this serves."""
         return [_FULL_NAME]
 
+    def interceptors(self) -> Sequence[grpc.aio.ServerInterceptor]:
+        """None of its own (see :class:`services.common.server.Service`)."""
+        return []
+
     def register(self, server: grpc.aio.Server) -> None:
         """Adds the servicer to ``server``."""
         cache_service_pb2_grpc.add_CacheServiceServicer_to_server(self._servicer, server)

@@ -24,7 +24,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         self._cache = cache
         self._signer = signer
 
-    async def Lookup(  # noqa: N802 - the gRPC method's name
+    async def Lookup(
         self, request: cache_service_pb2.LookupRequest, context: _Context
     ) -> cache_service_pb2.LookupResponse:
         """See the proto: SCOPE_INTERNAL; a miss is not an error."""
@@ -47,7 +47,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             similarity=match.similarity,
         )
 
-    async def Store(  # noqa: N802 - the gRPC method's name
+    async def Store(
         self, request: cache_service_pb2.StoreRequest, context: _Context
     ) -> cache_service_pb2.StoreResponse:
         """See the proto: SCOPE_INTERNAL; ineligible answers say why."""
@@ -65,7 +65,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             stored=outcome.stored, entry_id=outcome.entry_id, skip_reason=outcome.skip_reason
         )
 
-    async def Invalidate(  # noqa: N802 - the gRPC method's name
+    async def Invalidate(
         self, request: cache_service_pb2.InvalidateRequest, context: _Context
     ) -> cache_service_pb2.InvalidateResponse:
         """See the proto: SCOPE_ADMIN on the caller's own tenant."""
@@ -74,7 +74,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         deleted = await self._cache.invalidate(tenant, request)
         return cache_service_pb2.InvalidateResponse(deleted_count=deleted)
 
-    async def GetCacheStats(  # noqa: N802 - the gRPC method's name
+    async def GetCacheStats(
         self, request: cache_service_pb2.GetCacheStatsRequest, context: _Context
     ) -> cache_service_pb2.GetCacheStatsResponse:
         """See the proto: SCOPE_READ on the caller's own tenant."""

@@ -44,6 +44,11 @@ class Service(Protocol):
         """Adds its servicers to ``server``."""
         ...
 
+    def interceptors(self) -> Sequence[grpc.aio.ServerInterceptor]:
+        """Its own server interceptors (e.g. the admin-change audit), run inside
+        the error interceptor; usually none."""
+        ...
+
     async def start(self) -> None:
         """Starts background work (after the port is bound)."""
         ...
@@ -85,7 +90,11 @@ async def start(
             reflection to it).
     """
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor(), *telemetry.server_interceptors()],
+        interceptors=[
+            ErrorInterceptor(),
+            *telemetry.server_interceptors(),
+            *service.interceptors(),
+        ],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -68,6 +68,11 @@ def connect_redis(url: str) -> aioredis.Redis:
     return aioredis.Redis(connection_pool=pool)
 
 
+def text(value: object) -> str:
+    """A Redis reply value as text: the clients here read bytes (``decode_responses=False``)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 async def migrate(pool: asyncpg.Pool, service: str) -> list[str]:
     """Applies the service's pending migrations; returns the names applied."""
     folder = resources.files(f"services.{service}") / "migrations"

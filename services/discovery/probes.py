@@ -10,7 +10,7 @@ upstream, not loaded) turns unhealthy on its own. A model's state is the
 worst of its provider's and its own (see :func:`catalog.combined_health`).
 
 How: the request goes through the router's own provider adapter
-(:func:`services.router.providers.adapter_for`), so each wire format is
+(:func:`services.providers.adapter_for`), so each wire format is
 probed exactly as chat traffic uses it (streaming, headers, auth). The probe
 asks for at most ``PROBE_MAX_TOKENS`` tokens and measures time to the first
 token and the speed of the tokens after it.
@@ -41,8 +41,8 @@ from services.discovery.health import HealthPolicy, Outcome, ProbeStats
 from services.discovery.listing import ollama_root
 from services.discovery.records import ProviderRecord, model_name
 from services.discovery.store import DiscoveryStore
-from services.router.providers import adapter_for
-from services.router.providers.base import (
+from services.providers import adapter_for
+from services.providers.base import (
     ProviderAdapter,
     TextDelta,
     ToolCallDelta,

@@ -30,9 +30,9 @@ import httpx
 
 from orchestra.discovery.v1 import discovery_service_pb2 as pb
 from orchestra.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
-from services.audit.admin_client import AdminAuditor
-from services.audit.audited import DISCOVERY_CHANGES, audit_changes
 from services.common import stores
+from services.common.admin_audit import AdminAuditInterceptor
+from services.common.audit_client import AdminAuditor
 from services.common.crypto import CredentialCipher
 from services.common.identity import IdentitySigner
 from services.common.settings import Settings, SettingsError, require
@@ -47,6 +47,13 @@ from services.discovery.service import DiscoveryServicer
 from services.discovery.store import DiscoveryStore
 
 log = logging.getLogger(__name__)
+
+# The RPCs that change something: each success appends an ADMIN audit record.
+AUDITED_CHANGES = {
+    pb.DESCRIPTOR.services_by_name["DiscoveryService"].full_name: frozenset(
+        {"CreateProvider", "UpdateProvider", "DeleteProvider", "RunDiscovery"}
+    )
+}
 
 MAX_HEARTBEAT_SECONDS = 30.0
 FIRST_PASS_WAIT_SECONDS = 10.0
@@ -172,15 +179,12 @@ class DiscoveryService:
         return [pb.DESCRIPTOR.services_by_name["DiscoveryService"].full_name]
 
     def register(self, server: grpc.aio.Server) -> None:
-        """Adds the servicer, its provider changes audited."""
-        servicer = audit_changes(
-            self._servicer,
-            self._auditor,
-            self._signer,
-            pb.DESCRIPTOR.services_by_name["DiscoveryService"].full_name,
-            DISCOVERY_CHANGES,
-        )
-        pb_grpc.add_DiscoveryServiceServicer_to_server(servicer, server)
+        """Adds the servicer."""
+        pb_grpc.add_DiscoveryServiceServicer_to_server(self._servicer, server)
+
+    def interceptors(self) -> Sequence[grpc.aio.ServerInterceptor]:
+        """Provider changes are audited."""
+        return [AdminAuditInterceptor(self._auditor, self._signer, AUDITED_CHANGES)]
 
     async def start(self) -> None:
         """Applies the config file's providers, loads the catalog, starts passes."""

@@ -1,7 +1,6 @@
 """The DiscoveryService servicer: check the caller, decode, call the core, encode."""
 
 # RPC methods carry the contract's CamelCase names.
-# ruff: noqa: N802
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from services.router.providers.base import FailureKind, UpstreamError
+from services.providers.base import FailureKind, UpstreamError
 
 log = logging.getLogger(__name__)
 

@@ -29,11 +29,7 @@ from orchestra.common.v1 import chat_pb2, errors_pb2, identity_pb2
 from orchestra.discovery.v1 import discovery_service_pb2 as discovery_pb2
 from orchestra.router.v1 import chat_service_pb2 as chat_api
 from services.common.errors import OrchestraError, Unavailable, reason_name
-from services.router import cost, learning, policy, records, validation
-from services.router.breakers import Breakers, Permit, State, counts_as_failure
-from services.router.outbox import Outbox
-from services.router.peers import Peers
-from services.router.providers.base import (
+from services.providers.base import (
     Finish,
     ProviderAdapter,
     TextDelta,
@@ -42,6 +38,10 @@ from services.router.providers.base import (
     UpstreamRequest,
     UsageReport,
 )
+from services.router import cost, learning, policy, records, validation
+from services.router.breakers import Breakers, Permit, State, counts_as_failure
+from services.router.outbox import Outbox
+from services.router.peers import Peers
 
 log = logging.getLogger(__name__)
 

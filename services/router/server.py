@@ -14,19 +14,19 @@ from orchestra.router.v1 import (
     router_service_pb2,
     router_service_pb2_grpc,
 )
+from services.common.catalog_view import ModelCatalogView
 from services.common.clients import ServiceToken, channel
 from services.common.identity import IdentitySigner
 from services.common.settings import Settings, require
 from services.common.stores import connect_redis
-from services.discovery.client import ModelCatalogView
+from services.providers import adapter_for
+from services.providers.base import ProviderAdapter
 from services.router import learning
 from services.router.batches import BatchRunner, BatchStore
 from services.router.breakers import Breakers
 from services.router.engine import Engine, EngineConfig
 from services.router.outbox import Outbox
 from services.router.peers import Peers
-from services.router.providers import adapter_for
-from services.router.providers.base import ProviderAdapter
 from services.router.service import ChatServicer, RouterServicer
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,10 @@ class RouterService:
             chat_service_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name,
             router_service_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name,
         ]
+
+    def interceptors(self) -> Sequence[grpc.aio.ServerInterceptor]:
+        """None of its own (see :class:`services.common.server.Service`)."""
+        return []
 
     def register(self, server: grpc.aio.Server) -> None:
         """See :class:`services.common.server.Service`."""

@@ -45,7 +45,7 @@ class ChatServicer(chat_grpc.ChatServiceServicer):
         self._engine = engine
         self._signer = signer
 
-    async def ChatStream(  # noqa: N802 - gRPC method name
+    async def ChatStream(
         self, request: chat_api.ChatRequest, context: Context
     ) -> AsyncIterator[chat_api.ChatStreamResponse]:
         """See the proto."""
@@ -53,9 +53,7 @@ class ChatServicer(chat_grpc.ChatServiceServicer):
         async for event in self._engine.stream(identity, request, _deadline(context)):
             yield event
 
-    async def Chat(  # noqa: N802 - gRPC method name
-        self, request: chat_api.ChatRequest, context: Context
-    ) -> chat_api.ChatResponse:
+    async def Chat(self, request: chat_api.ChatRequest, context: Context) -> chat_api.ChatResponse:
         """See the proto: the same flow as ChatStream, folded into one message."""
         identity = caller(context, self._signer, identity_pb2.SCOPE_CHAT)
         return await self._engine.chat(identity, request, _deadline(context))
@@ -79,7 +77,7 @@ class RouterServicer(router_grpc.RouterServiceServicer):
         self._batches = batches
         self._learner = learner
 
-    async def Route(  # noqa: N802 - gRPC method name
+    async def Route(
         self, request: router_api.RouteRequest, context: Context
     ) -> router_api.RouteResponse:
         """See the proto."""
@@ -111,7 +109,7 @@ class RouterServicer(router_grpc.RouterServiceServicer):
             )
         )
 
-    async def SubmitFeedback(  # noqa: N802 - gRPC method name
+    async def SubmitFeedback(
         self, request: router_api.SubmitFeedbackRequest, context: Context
     ) -> router_api.SubmitFeedbackResponse:
         """See the proto: the score becomes the answering model's quality reward."""
@@ -160,7 +158,7 @@ class RouterServicer(router_grpc.RouterServiceServicer):
             raise NotImplementedError  # answered as UNIMPLEMENTED
         return self._batches
 
-    async def CreateBatch(  # noqa: N802 - gRPC method name
+    async def CreateBatch(
         self, request: router_api.CreateBatchRequest, context: Context
     ) -> router_api.CreateBatchResponse:
         """See the proto."""
@@ -168,7 +166,7 @@ class RouterServicer(router_grpc.RouterServiceServicer):
         batch = await self._batch_runner().create(identity, request)
         return router_api.CreateBatchResponse(batch=batch)
 
-    async def GetBatch(  # noqa: N802 - gRPC method name
+    async def GetBatch(
         self, request: router_api.GetBatchRequest, context: Context
     ) -> router_api.GetBatchResponse:
         """See the proto."""
@@ -176,14 +174,14 @@ class RouterServicer(router_grpc.RouterServiceServicer):
         batch = await self._batch_runner().store.get(identity.tenant_id, request.batch_id)
         return router_api.GetBatchResponse(batch=batch)
 
-    async def ListBatchResults(  # noqa: N802 - gRPC method name
+    async def ListBatchResults(
         self, request: router_api.ListBatchResultsRequest, context: Context
     ) -> router_api.ListBatchResultsResponse:
         """See the proto."""
         identity = caller(context, self._signer, identity_pb2.SCOPE_CHAT)
         return await self._batch_runner().store.results(identity.tenant_id, request)
 
-    async def CancelBatch(  # noqa: N802 - gRPC method name
+    async def CancelBatch(
         self, request: router_api.CancelBatchRequest, context: Context
     ) -> router_api.CancelBatchResponse:
         """See the proto."""
@@ -191,7 +189,7 @@ class RouterServicer(router_grpc.RouterServiceServicer):
         batch = await self._batch_runner().store.cancel(identity.tenant_id, request.batch_id)
         return router_api.CancelBatchResponse(batch=batch)
 
-    async def ListCircuitBreakers(  # noqa: N802 - gRPC method name
+    async def ListCircuitBreakers(
         self, request: router_api.ListCircuitBreakersRequest, context: Context
     ) -> router_api.ListCircuitBreakersResponse:
         """See the proto."""

@@ -14,13 +14,13 @@ from orchestra.audit.v1 import audit_service_pb2 as pb
 from orchestra.budget.v1 import account_service_pb2 as account_pb2
 from orchestra.budget.v1 import account_service_pb2_grpc as account_grpc
 from orchestra.common.v1 import identity_pb2
-from services.audit.admin_client import AdminAuditor
-from services.audit.admin_records import REDACTED, admin_record
-from services.audit.audited import audit_changes
 from services.audit.server import build
 from services.audit.store import RecordFilter
 from services.audit.verify import verify
 from services.cli.embedded import free_port
+from services.common.admin_audit import AdminAuditInterceptor
+from services.common.admin_records import REDACTED, admin_record
+from services.common.audit_client import AdminAuditor
 from services.common.clients import ServiceToken, channel
 from services.common.identity import IdentitySigner
 from services.common.server import start
@@ -169,7 +169,7 @@ async def test_the_auditor_gives_up_with_the_last_error(signer: IdentitySigner) 
 
 
 class _AuditedAccounts:
-    """The real budget service with only its AccountService, wrapped by audit_changes."""
+    """The real budget service with only its AccountService, audited by the interceptor."""
 
     name = "budget"
 
@@ -188,16 +188,11 @@ class _AuditedAccounts:
         servicer = AccountServicer(
             app.accounts, app.keys, app.authenticator, app.invalidations, app.catalog, self._signer
         )
-        account_grpc.add_AccountServiceServicer_to_server(
-            audit_changes(
-                servicer,
-                self._auditor,
-                self._signer,
-                SERVICE,
-                {"CreateTenant", "CreateApiKey", "RevokeApiKey"},
-            ),
-            server,
-        )
+        account_grpc.add_AccountServiceServicer_to_server(servicer, server)
+
+    def interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        changes = {SERVICE: {"CreateTenant", "CreateApiKey", "RevokeApiKey"}}
+        return [AdminAuditInterceptor(self._auditor, self._signer, changes)]
 
     async def start(self) -> None:
         return None

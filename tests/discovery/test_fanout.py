@@ -11,7 +11,7 @@ import pytest
 
 from orchestra.discovery.v1 import discovery_service_pb2 as pb
 from orchestra.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
-from services.discovery.client import ModelCatalogView
+from services.common.catalog_view import ModelCatalogView
 from tests.discovery.conftest import SECRET, Handle, eventually
 from tests.fakes.faults import Fault
 from tests.fakes.openai_upstream import FakeOpenAI

@@ -10,11 +10,11 @@ import pytest
 
 from orchestra.discovery.v1 import discovery_service_pb2 as pb
 from orchestra.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
-from services.discovery.client import ModelCatalogView
+from services.common.catalog_view import ModelCatalogView
 from services.discovery.health import HealthPolicy, Outcome, ProbeStats, record, to_health
 from services.discovery.probes import measure, provider_entry
 from services.discovery.records import ProviderRecord
-from services.router.providers import adapter_for
+from services.providers import adapter_for
 from tests.discovery.conftest import SECRET, Handle, eventually
 from tests.discovery.upstreams import FakeOllama as ListingOllama
 from tests.fakes.anthropic_upstream import FakeAnthropic

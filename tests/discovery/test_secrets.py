@@ -19,8 +19,8 @@ from google.protobuf import field_mask_pb2
 
 from orchestra.discovery.v1 import discovery_service_pb2 as pb
 from orchestra.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
+from services.common.catalog_view import ModelCatalogView
 from services.common.crypto import scrub
-from services.discovery.client import ModelCatalogView
 from tests.discovery.conftest import SECRET, Handle
 
 Start = Callable[..., Awaitable[Handle]]

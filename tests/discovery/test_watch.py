@@ -11,8 +11,8 @@ import pytest
 from orchestra.discovery.v1 import discovery_service_pb2 as pb
 from orchestra.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
 from services.common import errors
+from services.common.catalog_view import ModelCatalogView
 from services.common.server import start
-from services.discovery.client import ModelCatalogView
 from services.discovery.feed import Lagging, ModelFeed
 from services.discovery.server import DiscoveryOptions, build
 from tests.discovery.conftest import SECRET, Handle, eventually

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from google.protobuf import struct_pb2
 
 from orchestra.common.v1 import chat_pb2
-from services.router.providers.base import (
+from services.providers.base import (
     Event,
     FailureKind,
     ProviderAdapter,

@@ -7,7 +7,7 @@ from typing import get_args
 import pytest
 
 from services.common.config_file import ProviderEntry, ProviderTypeName
-from services.router.providers import (
+from services.providers import (
     AnthropicAdapter,
     CustomAdapter,
     GeminiAdapter,

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from orchestra.common.v1 import chat_pb2
-from services.router.providers.anthropic import AnthropicAdapter, request_body
-from services.router.providers.base import Finish, ToolCallDelta, UsageReport
+from services.providers.anthropic import AnthropicAdapter, request_body
+from services.providers.base import Finish, ToolCallDelta, UsageReport
 from tests.fakes.anthropic_upstream import FakeAnthropic, ScriptedToolCall
 from tests.fakes.faults import Fault
 from tests.providers.common import (

@@ -16,9 +16,9 @@ from orchestra.common.v1 import chat_pb2, identity_pb2
 from orchestra.discovery.v1 import discovery_service_pb2 as discovery_pb2
 from orchestra.router.v1 import chat_service_pb2 as chat_api
 from services.common.config_file import ConfigFileError, CustomMapping, parse_config
+from services.providers.base import FailureKind, Finish, TextDelta, UsageReport
+from services.providers.custom import CustomAdapter, render
 from services.router.engine import Engine, EngineConfig
-from services.router.providers.base import FailureKind, Finish, TextDelta, UsageReport
-from services.router.providers.custom import CustomAdapter, render
 from tests.fakes.custom_upstream import PATH, FakeCustom
 from tests.providers.common import (
     FAULT_CASES,

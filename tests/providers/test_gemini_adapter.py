@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from orchestra.common.v1 import chat_pb2
-from services.router.providers.base import FailureKind, Finish, ToolCallDelta, UsageReport
-from services.router.providers.gemini import GeminiAdapter, _http_error, request_body
+from services.providers.base import FailureKind, Finish, ToolCallDelta, UsageReport
+from services.providers.gemini import GeminiAdapter, _http_error, request_body
 from tests.fakes.faults import Fault
 from tests.fakes.gemini_upstream import FakeGemini, ScriptedToolCall, error_body
 from tests.providers.common import (

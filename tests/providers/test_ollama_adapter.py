@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from orchestra.common.v1 import chat_pb2
-from services.router.providers.base import FailureKind, Finish, ToolCallDelta, UsageReport
-from services.router.providers.ollama import OllamaAdapter, request_body
+from services.providers.base import FailureKind, Finish, ToolCallDelta, UsageReport
+from services.providers.ollama import OllamaAdapter, request_body
 from tests.fakes.faults import Fault
 from tests.fakes.ollama_upstream import FakeOllama, ScriptedToolCall
 from tests.providers.common import (

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from services.common.config_file import ProviderEntry
-from services.router.providers.anthropic import AnthropicAdapter
-from services.router.providers.base import ProviderAdapter
-from services.router.providers.custom import CustomAdapter
-from services.router.providers.gemini import GeminiAdapter
-from services.router.providers.ollama import OllamaAdapter
-from services.router.providers.openai import OpenAIAdapter
+from services.providers.anthropic import AnthropicAdapter
+from services.providers.base import ProviderAdapter
+from services.providers.custom import CustomAdapter
+from services.providers.gemini import GeminiAdapter
+from services.providers.ollama import OllamaAdapter
+from services.providers.openai import OpenAIAdapter
 
 # Provider types that speak the OpenAI chat-completions format.
 OPENAI_WIRE = frozenset({"openai", "vllm", "lm_studio", "openai_compatible"})

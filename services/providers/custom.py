@@ -35,8 +35,8 @@ from services.common.config_file import (
     CustomMapping,
     CustomStream,
 )
-from services.router.providers import http
-from services.router.providers.base import (
+from services.providers import http
+from services.providers.base import (
     Event,
     FailureKind,
     Finish,

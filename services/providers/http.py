@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from services.router.providers.base import Event, FailureKind, UpstreamError
+from services.providers.base import Event, FailureKind, UpstreamError
 
 ErrorOf = Callable[[int, bytes, httpx.Headers], UpstreamError]
 """Builds the failure for a non-200 answer from (status, body, headers)."""

@@ -1,7 +1,7 @@
 """Audit records of administrative changes (keys, budgets, providers, policies).
 
 Services build one with :func:`admin_record` right after a change commits and
-append it with :class:`services.audit.admin_client.AdminAuditor`. ``details``
+append it with :class:`services.common.audit_client.AdminAuditor`. ``details``
 says what changed; values under secret-looking names are replaced by
 ``"[redacted]"`` so a credential never reaches the log, whose rows can never be
 deleted.

@@ -20,8 +20,8 @@ import httpx
 from google.protobuf import json_format
 
 from orchestra.common.v1 import chat_pb2
-from services.router.providers import http
-from services.router.providers.base import (
+from services.providers import http
+from services.providers.base import (
     Event,
     FailureKind,
     Finish,

@@ -1,0 +1,106 @@
+"""Audits a service's administrative RPCs: one server interceptor, declared per service.
+
+Each service lists the RPCs that change something (:data:`Changes`: full
+service name -> method names) and serves with an :class:`AdminAuditInterceptor`
+(its ``interceptors()``). Each listed RPC, once it has succeeded, appends an
+ADMIN record (through :class:`~services.common.audit_client.AdminAuditor`)
+naming the caller's key, the RPC, the resource ids it touched, and its request
+and response as JSON with secrets redacted. A failed RPC changed nothing and is
+not recorded.
+
+The record is queued with :meth:`AdminAuditor.submit`: the reply never waits
+on the audit service, and queued records are appended in order once it is
+reachable (see audit_client.py for what happens on shutdown).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from typing import Any, TypeAlias
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from services.common.admin_records import admin_record, redact
+from services.common.audit_client import AdminAuditor
+from services.common.identity import IdentitySigner, caller
+
+Changes = Mapping[str, Collection[str]]
+"""Full gRPC service name -> the names of its RPCs that change something."""
+
+_Context = grpc.aio.ServicerContext[Any, Any]
+_Unary = Callable[[Any, _Context], Awaitable[Any]]
+_Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+_Continuation: TypeAlias = Callable[[grpc.HandlerCallDetails], Awaitable["_Handler | None"]]
+
+
+def _fields(message: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def _ids(found: dict[str, str], value: Any) -> None:
+    """Collects ``*_id`` fields (top level and one message deep) into ``found``."""
+    if not isinstance(value, dict):
+        return
+    for key, item in value.items():
+        if key.endswith("_id") and isinstance(item, str) and item and key not in found:
+            found[key] = item
+    for item in value.values():
+        if isinstance(item, dict):
+            for key, inner in item.items():
+                if key.endswith("_id") and isinstance(inner, str) and inner and key not in found:
+                    found[key] = inner
+
+
+class AdminAuditInterceptor(grpc.aio.ServerInterceptor):
+    """Appends an ADMIN record after each successful call of a declared change RPC."""
+
+    def __init__(self, auditor: AdminAuditor, signer: IdentitySigner, changes: Changes) -> None:
+        """Args:
+        auditor: Appends the records.
+        signer: The suite's identity signer (to read the caller).
+        changes: The RPCs to audit, e.g.
+            ``{"orchestra.budget.v1.AccountService": {"RevokeApiKey"}}``.
+        """
+        self._auditor = auditor
+        self._signer = signer
+        self._paths = {
+            f"/{service}/{method}" for service, methods in changes.items() for method in methods
+        }
+
+    async def intercept_service(
+        self, continuation: _Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> _Handler | None:
+        handler = await continuation(handler_call_details)
+        path = handler_call_details.method
+        if handler is None or handler.unary_unary is None or path not in self._paths:
+            return handler
+        return grpc.unary_unary_rpc_method_handler(
+            self._wrap(path, handler.unary_unary),  # type: ignore[arg-type]
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap(self, path: str, behavior: _Unary) -> _Unary:
+        async def audited(request: Message, context: _Context) -> Any:
+            response = await behavior(request, context)
+            self._record(path, request, response, context)
+            return response
+
+        return audited
+
+    def _record(self, path: str, request: Message, response: Message, context: _Context) -> None:
+        identity = caller(context, self._signer)  # the method already checked it
+        asked, answered = _fields(request), _fields(response)
+        ids: dict[str, str] = {}
+        _ids(ids, asked)
+        _ids(ids, answered)
+        record = admin_record(
+            tenant_id=ids.get("tenant_id") or identity.tenant_id or "_installation",
+            actor=identity.key_id,
+            action=path.removeprefix("/"),
+            resource=",".join(f"{k}={v}" for k, v in sorted(ids.items())),
+            details={"request": redact(asked), "response": redact(answered)},
+        )
+        self._auditor.submit(record)
