@@ -13,8 +13,9 @@ import asyncpg
 
 from orchestra.budget.v1 import account_service_pb2 as pb
 from orchestra.common.v1 import errors_pb2
-from services.budget import convert, storage
+from services.budget import convert
 from services.common.errors import AlreadyExists, NotFound
+from services.common.outages import postgres_outage
 
 Row = asyncpg.Record
 
@@ -76,7 +77,7 @@ class AccountStore:
 
     # --- tenants -------------------------------------------------------------
 
-    @storage.postgres
+    @postgres_outage
     async def create_tenant(self, tenant: pb.Tenant) -> pb.Tenant:
         """Inserts a tenant. Raises AlreadyExists (also for a deleted tenant's id)."""
         try:
@@ -92,7 +93,7 @@ class AccountStore:
         assert row is not None
         return _tenant(row)
 
-    @storage.postgres
+    @postgres_outage
     async def get_tenant(self, tenant_id: str) -> pb.Tenant:
         """The live tenant ``tenant_id``. Raises NotFound."""
         row = await self._pool.fetchrow(
@@ -102,7 +103,7 @@ class AccountStore:
             raise not_found("tenant", tenant_id)
         return _tenant(row)
 
-    @storage.postgres
+    @postgres_outage
     async def list_tenants(self, after: str | None, limit: int) -> list[pb.Tenant]:
         """Live tenants with ids after ``after``, by id."""
         rows = await self._pool.fetch(
@@ -113,7 +114,7 @@ class AccountStore:
         )
         return [_tenant(r) for r in rows]
 
-    @storage.postgres
+    @postgres_outage
     async def update_tenant(self, tenant_id: str, apply: Callable[[pb.Tenant], None]) -> pb.Tenant:
         """Changes a tenant under a row lock: ``apply`` edits it in place."""
         async with self._pool.acquire() as conn, conn.transaction():
@@ -135,7 +136,7 @@ class AccountStore:
             )
         return tenant
 
-    @storage.postgres
+    @postgres_outage
     async def delete_tenant(self, tenant_id: str) -> list[str]:
         """Soft-deletes a tenant and revokes its keys; returns the revoked key ids.
 
@@ -157,7 +158,7 @@ class AccountStore:
             )
         return [r["key_id"] for r in rows]
 
-    @storage.postgres
+    @postgres_outage
     async def upsert_tenant(
         self, tenant_id: str, display_name: str, policy: pb.TenantPolicy
     ) -> bool:
@@ -178,7 +179,7 @@ class AccountStore:
         )
         return status.endswith(" 1")
 
-    @storage.postgres
+    @postgres_outage
     async def tenant_deleted(self, tenant_id: str) -> bool:
         """Whether ``tenant_id`` exists and was deleted."""
         row = await self._pool.fetchval(
@@ -192,7 +193,7 @@ class AccountStore:
         if await conn.fetchval(_LIVE_TENANT, tenant_id) is None:
             raise not_found("tenant", tenant_id)
 
-    @storage.postgres
+    @postgres_outage
     async def create_team(self, team: pb.Team) -> pb.Team:
         """Inserts a team. Raises NotFound (tenant) or AlreadyExists."""
         async with self._pool.acquire() as conn:
@@ -210,7 +211,7 @@ class AccountStore:
         assert row is not None
         return _team(row)
 
-    @storage.postgres
+    @postgres_outage
     async def list_teams(self, tenant_id: str, after: str | None, limit: int) -> list[pb.Team]:
         """A tenant's teams with ids after ``after``, by id."""
         rows = await self._pool.fetch(
@@ -222,7 +223,7 @@ class AccountStore:
         )
         return [_team(r) for r in rows]
 
-    @storage.postgres
+    @postgres_outage
     async def create_project(self, project: pb.Project) -> pb.Project:
         """Inserts a project. Raises NotFound (tenant or team) or AlreadyExists."""
         async with self._pool.acquire() as conn:
@@ -243,7 +244,7 @@ class AccountStore:
         assert row is not None
         return _project(row)
 
-    @storage.postgres
+    @postgres_outage
     async def list_projects(
         self, tenant_id: str, team_id: str, after: str | None, limit: int
     ) -> list[pb.Project]:
@@ -258,7 +259,7 @@ class AccountStore:
         )
         return [_project(r) for r in rows]
 
-    @storage.postgres
+    @postgres_outage
     async def find_project(self, tenant_id: str, project_id: str) -> pb.Project | None:
         """The project, or None."""
         row = await self._pool.fetchrow(
@@ -268,7 +269,7 @@ class AccountStore:
         )
         return None if row is None else _project(row)
 
-    @storage.postgres
+    @postgres_outage
     async def team_exists(self, tenant_id: str, team_id: str) -> bool:
         """Whether the team exists."""
         found = await self._pool.fetchval(
@@ -276,7 +277,7 @@ class AccountStore:
         )
         return found is not None
 
-    @storage.postgres
+    @postgres_outage
     async def ensure_team_and_project(self, tenant_id: str, team_id: str, project_id: str) -> None:
         """Creates the team and project if missing (keys in the config imply them)."""
         async with self._pool.acquire() as conn, conn.transaction():

@@ -51,9 +51,9 @@ import asyncpg
 import httpx
 
 from orchestra.budget.v1 import budget_service_pb2 as pb
-from services.budget import storage
 from services.budget.catalog import Catalog
 from services.budget.counters import PREFIX, Counters
+from services.common.outages import postgres_outage
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class AlertStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    @storage.postgres
+    @postgres_outage
     async def record(
         self, alert_id: str, tenant_id: str, budget_id: str, url: str, body: dict[str, Any]
     ) -> bool:
@@ -125,7 +125,7 @@ class AlertStore:
         )
         return row is not None
 
-    @storage.postgres
+    @postgres_outage
     async def claim(self, limit: int) -> list[PendingAlert]:
         """Takes up to ``limit`` alerts due for a POST (pushing their next attempt back)."""
         rows = await self._pool.fetch(
@@ -145,14 +145,14 @@ class AlertStore:
             PendingAlert(r["alert_id"], r["webhook_url"], r["body"], r["attempts"]) for r in rows
         ]
 
-    @storage.postgres
+    @postgres_outage
     async def delivered(self, alert_id: str) -> None:
         """Marks an alert sent."""
         await self._pool.execute(
             "UPDATE budget.alerts SET delivered_time = now() WHERE alert_id = $1", alert_id
         )
 
-    @storage.postgres
+    @postgres_outage
     async def failed(self, alert_id: str, error: str, give_up: bool) -> None:
         """Records a failed POST (and stops retrying if ``give_up``)."""
         await self._pool.execute(

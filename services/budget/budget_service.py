@@ -13,11 +13,11 @@ from orchestra.budget.v1 import budget_service_pb2 as pb
 from orchestra.budget.v1 import budget_service_pb2_grpc
 from orchestra.common.v1 import errors_pb2, identity_pb2
 from services.budget import convert, validation, windows
-from services.budget.admission import Admission, Status, Subject
+from services.budget.admission import Admission
 from services.budget.budgets import BudgetStore
 from services.budget.catalog import Catalog
 from services.budget.ledger import GROUP_KEYS, Ledger
-from services.budget.service import page
+from services.budget.subjects import Status, Subject
 from services.common import paging
 from services.common.errors import InvalidArgument
 from services.common.identity import IdentitySigner, caller, tenant_of
@@ -115,11 +115,9 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         self, request: pb.ListBudgetsRequest, context: Context
     ) -> pb.ListBudgetsResponse:
         tenant = tenant_of(caller(context, self._signer, READ), request.tenant_id)
-        size = paging.page_size(request.page_size)
-        filters = {"rpc": "ListBudgets", "tenant": tenant}
-        after = paging.decode(request.page_token, filters)
-        found = await self._budgets.page(tenant, after, size + 1)
-        items, token = page(found, size, lambda b: b.budget_id, filters)
+        page = paging.Page.of(request, {"rpc": "ListBudgets", "tenant": tenant})
+        found = await self._budgets.page(tenant, page.after, page.fetch)
+        items, token = page.cut(found, lambda b: b.budget_id)
         return pb.ListBudgetsResponse(budgets=items, next_page_token=token)
 
     async def UpdateBudget(
@@ -246,16 +244,20 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         tenant_id = tenant_of(caller(context, self._signer, READ), request.tenant_id)
         if request.group_by not in GROUP_KEYS:
             raise validation.invalid("group_by", "group_by is required")
-        size = paging.page_size(request.page_size)
-        filters = {
-            "rpc": "ListSpend",
-            "tenant": tenant_id,
-            "group_by": request.group_by,
-            "start": request.start_time.ToJsonString() if request.HasField("start_time") else "",
-            "end": request.end_time.ToJsonString() if request.HasField("end_time") else "",
-        }
+        page = paging.Page.of(
+            request,
+            {
+                "rpc": "ListSpend",
+                "tenant": tenant_id,
+                "group_by": request.group_by,
+                "start": request.start_time.ToJsonString()
+                if request.HasField("start_time")
+                else "",
+                "end": request.end_time.ToJsonString() if request.HasField("end_time") else "",
+            },
+        )
         # The token pins the resolved range, so "until now" does not move between pages.
-        last = paging.decode(request.page_token, filters)
+        last = page.after
         tenant = await self._catalog.tenant(tenant_id)
         if last is None:
             now = dt.datetime.fromtimestamp(time.time(), dt.UTC)
@@ -279,13 +281,10 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
         if start >= end:
             raise validation.invalid("start_time", "start_time must be before end_time")
         groups = await self._ledger.spend(
-            tenant_id, request.group_by, start, end, tenant.policy.time_zone, after, size + 1
+            tenant_id, request.group_by, start, end, tenant.policy.time_zone, after, page.fetch
         )
-        rows, token = page(
-            groups,
-            size,
-            lambda g: [g.cost_micro_usd, g.key, start.isoformat(), end.isoformat()],
-            filters,
+        rows, token = page.cut(
+            groups, lambda g: [g.cost_micro_usd, g.key, start.isoformat(), end.isoformat()]
         )
         return pb.ListSpendResponse(
             rows=[

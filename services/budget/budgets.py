@@ -8,8 +8,9 @@ from collections.abc import Callable
 import asyncpg
 
 from orchestra.budget.v1 import budget_service_pb2 as pb
-from services.budget import convert, storage
+from services.budget import convert
 from services.budget.accounts import exists, not_found
+from services.common.outages import postgres_outage
 
 
 def per_end_user(budget: pb.Budget) -> bool:
@@ -49,7 +50,7 @@ class BudgetStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    @storage.postgres
+    @postgres_outage
     async def create(self, budget: pb.Budget, *, from_config: bool = False) -> pb.Budget:
         """Inserts a budget with a fresh id.
 
@@ -81,7 +82,7 @@ class BudgetStore:
             raise not_found("tenant", budget.tenant_id)
         return _budget(row)
 
-    @storage.postgres
+    @postgres_outage
     async def get(self, budget_id: str) -> pb.Budget:
         """The budget. Raises NotFound."""
         row = await self._pool.fetchrow(
@@ -91,7 +92,7 @@ class BudgetStore:
             raise not_found("budget", budget_id)
         return _budget(row)
 
-    @storage.postgres
+    @postgres_outage
     async def page(self, tenant_id: str, after: str | None, limit: int) -> list[pb.Budget]:
         """A tenant's budgets with ids after ``after``, by id."""
         rows = await self._pool.fetch(
@@ -103,7 +104,7 @@ class BudgetStore:
         )
         return [_budget(r) for r in rows]
 
-    @storage.postgres
+    @postgres_outage
     async def for_tenant(self, tenant_id: str) -> list[pb.Budget]:
         """All of a tenant's budgets."""
         rows = await self._pool.fetch(
@@ -111,7 +112,7 @@ class BudgetStore:
         )
         return [_budget(r) for r in rows]
 
-    @storage.postgres
+    @postgres_outage
     async def all_live(self) -> list[tuple[pb.Budget, str]]:
         """Every budget of a live tenant, with the tenant's time zone."""
         rows = await self._pool.fetch(
@@ -121,7 +122,7 @@ class BudgetStore:
         )
         return [(_budget(r), r["time_zone"]) for r in rows]
 
-    @storage.postgres
+    @postgres_outage
     async def update(self, budget_id: str, apply: Callable[[pb.Budget], None]) -> pb.Budget:
         """Changes a budget under a row lock: ``apply`` edits it in place."""
         async with self._pool.acquire() as conn, conn.transaction():
@@ -143,7 +144,7 @@ class BudgetStore:
             )
         return budget
 
-    @storage.postgres
+    @postgres_outage
     async def delete(self, budget_id: str) -> None:
         """Deletes a budget (its spend stays in the ledger). Raises NotFound."""
         status = await self._pool.execute(
@@ -152,7 +153,7 @@ class BudgetStore:
         if status != "DELETE 1":
             raise not_found("budget", budget_id)
 
-    @storage.postgres
+    @postgres_outage
     async def upsert_config(self, budget: pb.Budget) -> tuple[pb.Budget, bool]:
         """Creates or updates a budget declared in the config file.
 

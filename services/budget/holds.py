@@ -25,9 +25,9 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from services.budget import storage
 from services.budget.batching import Batcher
 from services.budget.ledger import Db
+from services.common.outages import postgres_outage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +94,7 @@ class HoldStore:
         """
         await self._batcher.submit(hold)
 
-    @storage.postgres
+    @postgres_outage
     async def _add_many(self, holds: Sequence[StoredHold]) -> list[None]:
         unique = {h.request_id: h for h in holds}  # one row per id and statement
         values = [dataclasses.astuple(h) for h in unique.values()]
@@ -115,13 +115,13 @@ class HoldStore:
         )
         return [None] * len(holds)
 
-    @storage.postgres
+    @postgres_outage
     async def find(self, request_id: str) -> StoredHold | None:
         """The hold recorded for ``request_id``, if any."""
         row = await self._pool.fetchrow(f"{_SELECT} WHERE h.request_id = $1", request_id)
         return None if row is None else _hold(row)
 
-    @storage.postgres
+    @postgres_outage
     async def give_up(self, request_id: str) -> None:
         """Marks a hold released: no rebuild restores it, no reaper charges it."""
         await self._pool.execute(
@@ -130,7 +130,7 @@ class HoldStore:
             request_id,
         )
 
-    @storage.postgres
+    @postgres_outage
     async def given_up(self, request_ids: Sequence[str]) -> set[str]:
         """Which of ``request_ids`` were released (or given up)."""
         rows = await self._pool.fetch(
@@ -139,7 +139,7 @@ class HoldStore:
         )
         return {r["request_id"] for r in rows}
 
-    @storage.postgres
+    @postgres_outage
     async def open_holds(self, conn: Db, now: dt.datetime) -> list[StoredHold]:
         """Holds neither released nor settled, still within their record's life.
 
@@ -154,7 +154,7 @@ class HoldStore:
         )
         return [_hold(r) for r in rows]
 
-    @storage.postgres
+    @postgres_outage
     async def prune(self, now: dt.datetime, limit: int) -> int:
         """Deletes up to ``limit`` rows no retry can need any more; returns how many."""
         status = await self._pool.execute(

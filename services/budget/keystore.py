@@ -15,9 +15,10 @@ import asyncpg
 
 from orchestra.budget.v1 import account_service_pb2 as pb
 from orchestra.common.v1 import errors_pb2, identity_pb2
-from services.budget import convert, storage
+from services.budget import convert
 from services.budget.accounts import exists, not_found
 from services.common.errors import FailedPrecondition
+from services.common.outages import postgres_outage
 
 Row = asyncpg.Record
 _LIVE_TENANT = "SELECT 1 FROM budget.tenants WHERE tenant_id = $2 AND delete_time IS NULL"
@@ -74,7 +75,7 @@ class KeyStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    @storage.postgres
+    @postgres_outage
     async def create_key(self, key: pb.ApiKey, secret_sha256: bytes) -> pb.ApiKey:
         """Inserts a key. Raises NotFound (tenant) or AlreadyExists (key id)."""
         try:
@@ -101,7 +102,7 @@ class KeyStore:
             raise not_found("tenant", key.tenant_id)
         return _key(row)
 
-    @storage.postgres
+    @postgres_outage
     async def upsert_config_key(self, key: pb.ApiKey, secret_sha256: bytes) -> bool:
         """Creates or updates a key declared in the config file; True if changed.
 
@@ -144,7 +145,7 @@ class KeyStore:
         )
         return status
 
-    @storage.postgres
+    @postgres_outage
     async def get_key(self, key_id: str) -> pb.ApiKey:
         """The key ``key_id``. Raises NotFound."""
         row = await self._pool.fetchrow("SELECT * FROM budget.api_keys WHERE key_id = $1", key_id)
@@ -152,7 +153,7 @@ class KeyStore:
             raise not_found("api_key", key_id)
         return _key(row)
 
-    @storage.postgres
+    @postgres_outage
     async def list_keys(
         self, tenant_id: str, show_revoked: bool, after: str | None, limit: int
     ) -> list[pb.ApiKey]:
@@ -167,7 +168,7 @@ class KeyStore:
         )
         return [_key(r) for r in rows]
 
-    @storage.postgres
+    @postgres_outage
     async def rotate_key(self, key_id: str, secret_sha256: bytes) -> pb.ApiKey:
         """Replaces a key's secret digest. Raises NotFound or FailedPrecondition (revoked)."""
         async with self._pool.acquire() as conn, conn.transaction():
@@ -190,7 +191,7 @@ class KeyStore:
         assert updated is not None
         return _key(updated)
 
-    @storage.postgres
+    @postgres_outage
     async def revoke_key(self, key_id: str) -> pb.ApiKey:
         """Revokes a key (a revoked key keeps its first revoke time). Raises NotFound."""
         row = await self._pool.fetchrow(
@@ -202,13 +203,13 @@ class KeyStore:
             raise not_found("api_key", key_id)
         return _key(row)
 
-    @storage.postgres
+    @postgres_outage
     async def find_key_by_id(self, key_id: str) -> KeyRecord | None:
         """The key and its tenant's policy, for authentication."""
         row = await self._pool.fetchrow(f"{_KEY_WITH_TENANT} WHERE k.key_id = $1", key_id)
         return None if row is None else _record(row)
 
-    @storage.postgres
+    @postgres_outage
     async def find_key_by_digest(self, secret_sha256: bytes) -> KeyRecord | None:
         """The key whose secret has this digest (secrets not of the ``ok_`` form)."""
         row = await self._pool.fetchrow(

@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator, Sequence
 import asyncpg
 
 from orchestra.budget.v1 import budget_service_pb2 as pb
-from services.budget import storage
 from services.budget.batching import Batcher
 from services.budget.windows import Window
+from services.common.outages import POSTGRES_DOWN, postgres_outage, store_unavailable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,7 +110,7 @@ class Ledger:
         """
         return await self._batcher.submit(charge)
 
-    @storage.postgres
+    @postgres_outage
     async def _record_many(self, charges: Sequence[Charge]) -> list[tuple[Charge, bool]]:
         first: dict[str, Charge] = {}
         for charge in charges:
@@ -135,7 +135,7 @@ class Ledger:
                 results.append((earlier[charge.request_id], False))
         return results
 
-    @storage.postgres
+    @postgres_outage
     async def correct(
         self,
         request_id: str,
@@ -171,13 +171,13 @@ class Ledger:
         reaped_cost = int(values.pop("reaped_cost"))
         return Charge(**values), reaped_cost
 
-    @storage.postgres
+    @postgres_outage
     async def find(self, request_id: str) -> Charge | None:
         """The charge recorded for ``request_id``, if any."""
         row = await self._pool.fetchrow(f"{_SELECT} WHERE request_id = $1", request_id)
         return None if row is None else Charge(**dict(row))
 
-    @storage.postgres
+    @postgres_outage
     async def find_many(self, request_ids: Sequence[str]) -> dict[str, Charge]:
         """The charges recorded for any of ``request_ids``."""
         rows = await self._pool.fetch(
@@ -194,10 +194,10 @@ class Ledger:
                 conn.transaction(isolation="repeatable_read", readonly=True),
             ):
                 yield conn
-        except storage.PG_DOWN as exc:
-            raise storage.store_unavailable("postgresql", exc) from exc
+        except POSTGRES_DOWN as exc:
+            raise store_unavailable("postgresql", exc) from exc
 
-    @storage.postgres
+    @postgres_outage
     async def spent_in(
         self, budget: pb.Budget, window: Window, conn: Db | None = None
     ) -> dict[str, int]:
@@ -231,7 +231,7 @@ class Ledger:
         )
         return {r["who"]: r["spent"] for r in rows}
 
-    @storage.postgres
+    @postgres_outage
     async def spend(
         self,
         tenant_id: str,

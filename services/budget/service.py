@@ -7,8 +7,8 @@ calls the store and encodes the answer.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import grpc
 from google.protobuf import field_mask_pb2
@@ -27,7 +27,6 @@ from services.common.errors import PermissionDenied
 from services.common.identity import IdentitySigner, caller, has_scope, tenant_of
 
 Context = grpc.aio.ServicerContext[Any, Any]
-T = TypeVar("T")
 
 OPERATOR = identity_pb2.SCOPE_OPERATOR
 ADMIN = identity_pb2.SCOPE_ADMIN
@@ -35,15 +34,6 @@ READ = identity_pb2.SCOPE_READ
 INTERNAL = identity_pb2.SCOPE_INTERNAL
 _GRANTABLE = {identity_pb2.SCOPE_CHAT, READ, ADMIN, OPERATOR}
 _TENANT_MASK_ROOTS = ("display_name", "policy")
-
-
-def page(
-    items: Sequence[T], size: int, key: Callable[[T], Any], filters: Any
-) -> tuple[list[T], str]:
-    """The first ``size`` of ``items`` (fetched as size + 1) and the next page token."""
-    if len(items) > size:
-        return list(items[:size]), paging.encode(key(items[size - 1]), filters)
-    return list(items), ""
 
 
 def _tenant_mask(mask: field_mask_pb2.FieldMask) -> field_mask_pb2.FieldMask:
@@ -106,11 +96,9 @@ class AccountServicer(account_service_pb2_grpc.AccountServiceServicer):
         self, request: pb.ListTenantsRequest, context: Context
     ) -> pb.ListTenantsResponse:
         caller(context, self._signer, OPERATOR)
-        size = paging.page_size(request.page_size)
-        filters = {"rpc": "ListTenants"}
-        after = paging.decode(request.page_token, filters)
-        found = await self._accounts.list_tenants(after, size + 1)
-        items, token = page(found, size, lambda t: t.tenant_id, filters)
+        page = paging.Page.of(request, {"rpc": "ListTenants"})
+        found = await self._accounts.list_tenants(page.after, page.fetch)
+        items, token = page.cut(found, lambda t: t.tenant_id)
         return pb.ListTenantsResponse(tenants=items, next_page_token=token)
 
     async def UpdateTenant(
@@ -158,11 +146,9 @@ class AccountServicer(account_service_pb2_grpc.AccountServiceServicer):
         self, request: pb.ListTeamsRequest, context: Context
     ) -> pb.ListTeamsResponse:
         tenant = tenant_of(caller(context, self._signer, READ), request.tenant_id)
-        size = paging.page_size(request.page_size)
-        filters = {"rpc": "ListTeams", "tenant": tenant}
-        after = paging.decode(request.page_token, filters)
-        found = await self._accounts.list_teams(tenant, after, size + 1)
-        items, token = page(found, size, lambda t: t.team_id, filters)
+        page = paging.Page.of(request, {"rpc": "ListTeams", "tenant": tenant})
+        found = await self._accounts.list_teams(tenant, page.after, page.fetch)
+        items, token = page.cut(found, lambda t: t.team_id)
         return pb.ListTeamsResponse(teams=items, next_page_token=token)
 
     async def CreateProject(
@@ -180,11 +166,11 @@ class AccountServicer(account_service_pb2_grpc.AccountServiceServicer):
         self, request: pb.ListProjectsRequest, context: Context
     ) -> pb.ListProjectsResponse:
         tenant = tenant_of(caller(context, self._signer, READ), request.tenant_id)
-        size = paging.page_size(request.page_size)
-        filters = {"rpc": "ListProjects", "tenant": tenant, "team": request.team_id}
-        after = paging.decode(request.page_token, filters)
-        found = await self._accounts.list_projects(tenant, request.team_id, after, size + 1)
-        items, token = page(found, size, lambda p: p.project_id, filters)
+        page = paging.Page.of(
+            request, {"rpc": "ListProjects", "tenant": tenant, "team": request.team_id}
+        )
+        found = await self._accounts.list_projects(tenant, request.team_id, page.after, page.fetch)
+        items, token = page.cut(found, lambda p: p.project_id)
         return pb.ListProjectsResponse(projects=items, next_page_token=token)
 
     # --- API keys -------------------------------------------------------------
@@ -258,11 +244,11 @@ class AccountServicer(account_service_pb2_grpc.AccountServiceServicer):
         self, request: pb.ListApiKeysRequest, context: Context
     ) -> pb.ListApiKeysResponse:
         tenant = tenant_of(caller(context, self._signer, READ), request.tenant_id)
-        size = paging.page_size(request.page_size)
-        filters = {"rpc": "ListApiKeys", "tenant": tenant, "revoked": request.show_revoked}
-        after = paging.decode(request.page_token, filters)
-        found = await self._keys.list_keys(tenant, request.show_revoked, after, size + 1)
-        items, token = page(found, size, lambda k: k.key_id, filters)
+        page = paging.Page.of(
+            request, {"rpc": "ListApiKeys", "tenant": tenant, "revoked": request.show_revoked}
+        )
+        found = await self._keys.list_keys(tenant, request.show_revoked, page.after, page.fetch)
+        items, token = page.cut(found, lambda k: k.key_id)
         return pb.ListApiKeysResponse(api_keys=items, next_page_token=token)
 
     async def _own_key(self, context: Context, key_id: str) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from services.budget import storage
+from services.common.outages import postgres_outage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +56,7 @@ class UnheldStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    @storage.postgres
+    @postgres_outage
     async def add(self, unheld: Unheld) -> Unheld:
         """Records an admission unless its request id is known; returns the stored one."""
         placeholders = ", ".join(f"${i}" for i in range(1, len(_COLUMNS) + 1))
@@ -69,13 +69,13 @@ class UnheldStore:
         assert stored is not None  # rows are never deleted
         return stored
 
-    @storage.postgres
+    @postgres_outage
     async def find(self, request_id: str) -> Unheld | None:
         """The admission recorded for ``request_id``, if any."""
         row = await self._pool.fetchrow(f"{_SELECT} WHERE request_id = $1", request_id)
         return None if row is None else Unheld(**dict(row))
 
-    @storage.postgres
+    @postgres_outage
     async def pending(self, now: dt.datetime, limit: int) -> list[tuple[Unheld, bool]]:
         """Rows not yet applied to Redis that are settled or expired.
 
@@ -92,7 +92,7 @@ class UnheldStore:
         )
         return [(Unheld(**{c: r[c] for c in _COLUMNS}), bool(r["settled"])) for r in rows]
 
-    @storage.postgres
+    @postgres_outage
     async def close_unsettled(self, request_id: str) -> None:
         """Marks a row done if it was never settled (a release: nothing to carry)."""
         await self._pool.execute(
@@ -101,14 +101,14 @@ class UnheldStore:
             request_id,
         )
 
-    @storage.postgres
+    @postgres_outage
     async def mark_pending(self, request_id: str) -> None:
         """Records that a row's (corrected) cost must reach the Redis counters again."""
         await self._pool.execute(
             "UPDATE budget.unheld SET applied = false WHERE request_id = $1", request_id
         )
 
-    @storage.postgres
+    @postgres_outage
     async def mark_applied(self, request_ids: Sequence[str]) -> None:
         """Records that these rows' costs reached the Redis counters."""
         await self._pool.execute(

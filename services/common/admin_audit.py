@@ -30,7 +30,8 @@ Changes = Mapping[str, Collection[str]]
 """Full gRPC service name -> the names of its RPCs that change something."""
 
 _Context = grpc.aio.ServicerContext[Any, Any]
-_Unary = Callable[[Any, _Context], Awaitable[Any]]
+# A unary behavior as grpc.aio runs it: the stubs type it as a plain callable.
+_Behavior = Callable[[Any, Any], Any]
 _Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 _Continuation: TypeAlias = Callable[[grpc.HandlerCallDetails], Awaitable["_Handler | None"]]
 
@@ -39,18 +40,16 @@ def _fields(message: Message) -> dict[str, Any]:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
-def _ids(found: dict[str, str], value: Any) -> None:
-    """Collects ``*_id`` fields (top level and one message deep) into ``found``."""
+def _ids(found: dict[str, str], value: Any, depth: int = 1) -> None:
+    """Collects ``*_id`` fields (top level first, then ``depth`` messages deep) into ``found``."""
     if not isinstance(value, dict):
         return
     for key, item in value.items():
-        if key.endswith("_id") and isinstance(item, str) and item and key not in found:
-            found[key] = item
-    for item in value.values():
-        if isinstance(item, dict):
-            for key, inner in item.items():
-                if key.endswith("_id") and isinstance(inner, str) and inner and key not in found:
-                    found[key] = inner
+        if key.endswith("_id") and isinstance(item, str) and item:
+            found.setdefault(key, item)
+    if depth > 0:
+        for item in value.values():
+            _ids(found, item, depth - 1)
 
 
 class AdminAuditInterceptor(grpc.aio.ServerInterceptor):
@@ -77,12 +76,12 @@ class AdminAuditInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.unary_unary is None or path not in self._paths:
             return handler
         return grpc.unary_unary_rpc_method_handler(
-            self._wrap(path, handler.unary_unary),  # type: ignore[arg-type]
+            self._wrap(path, handler.unary_unary),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
-    def _wrap(self, path: str, behavior: _Unary) -> _Unary:
+    def _wrap(self, path: str, behavior: _Behavior) -> _Behavior:
         async def audited(request: Message, context: _Context) -> Any:
             response = await behavior(request, context)
             self._record(path, request, response, context)

@@ -73,6 +73,12 @@ def text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def lua_script(package: str | None, name: str) -> str:
+    """The Lua script ``<package>/lua/<name>.lua`` (read once, at registration)."""
+    assert package, "call with __package__ from a module inside a package"
+    return (resources.files(package) / "lua" / f"{name}.lua").read_text()
+
+
 async def migrate(pool: asyncpg.Pool, service: str) -> list[str]:
     """Applies the service's pending migrations; returns the names applied."""
     folder = resources.files(f"services.{service}") / "migrations"

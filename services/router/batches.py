@@ -45,6 +45,7 @@ from services.common.errors import (
     OrchestraError,
     reason_name,
 )
+from services.common.stores import lua_script, text
 from services.router import validation
 from services.router.engine import Engine
 
@@ -65,83 +66,6 @@ _STATES = {
     "completed": router_api.BATCH_STATE_COMPLETED,
     "cancelled": router_api.BATCH_STATE_CANCELLED,
 }
-
-# KEYS: meta, queue, leases, attempts, items. ARGV: now, lease seconds.
-# Returns {"item", id, request bytes, attempts} or {"busy"|"empty"|"done"}.
-_CLAIM = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state or state == 'cancelled' or state == 'completed' then return {'done'} end
-local now = tonumber(ARGV[1])
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now)) do
-  redis.call('ZREM', KEYS[3], id)  -- its replica died: run it again
-  redis.call('LPUSH', KEYS[2], id)
-  redis.call('HINCRBY', KEYS[1], 'running', -1)
-  redis.call('HINCRBY', KEYS[4], id, 1)
-end
-local running = tonumber(redis.call('HGET', KEYS[1], 'running') or '0')
-if running >= tonumber(redis.call('HGET', KEYS[1], 'max_concurrency')) then return {'busy'} end
-local id = redis.call('LPOP', KEYS[2])
-if not id then
-  if running == 0 then return {'done'} end
-  return {'empty'}
-end
-redis.call('ZADD', KEYS[3], now + tonumber(ARGV[2]), id)
-redis.call('HINCRBY', KEYS[1], 'running', 1)
-if state == 'queued' then redis.call('HSET', KEYS[1], 'state', 'running') end
-return {'item', id, redis.call('HGET', KEYS[5], id), redis.call('HGET', KEYS[4], id) or '0'}
-"""
-
-# KEYS: meta, queue, leases, results, done. ARGV: id, result bytes, ok (1/0), cost, now, ttl.
-# Returns 1 when this was the batch's last item.
-_FINISH = """
-local leased = redis.call('ZREM', KEYS[3], ARGV[1])
-if leased == 1 then
-  redis.call('HINCRBY', KEYS[1], 'running', -1)
-else
-  redis.call('LREM', KEYS[2], 0, ARGV[1])  -- it was re-queued meanwhile: done now
-end
-if redis.call('HSETNX', KEYS[4], ARGV[1], ARGV[2]) == 1 then
-  redis.call('ZADD', KEYS[5], 0, ARGV[1])
-  redis.call('HINCRBY', KEYS[1], ARGV[3] == '1' and 'succeeded' or 'failed', 1)
-  redis.call('HINCRBY', KEYS[1], 'cost', ARGV[4])
-end
-local state = redis.call('HGET', KEYS[1], 'state')
-local running = tonumber(redis.call('HGET', KEYS[1], 'running') or '0')
-if running > 0 or redis.call('LLEN', KEYS[2]) > 0 or state == 'completed' then return 0 end
-if state ~= 'cancelled' then redis.call('HSET', KEYS[1], 'state', 'completed') end
-if not redis.call('HGET', KEYS[1], 'end_time') then
-  redis.call('HSET', KEYS[1], 'end_time', ARGV[5])
-end
-for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ARGV[6]) end
-return 1
-"""
-
-# KEYS: meta, queue, leases. ARGV: id. Gives a claimed item back (this replica stops).
-_RELEASE = """
-if redis.call('ZREM', KEYS[3], ARGV[1]) == 1 then
-  redis.call('HINCRBY', KEYS[1], 'running', -1)
-  redis.call('LPUSH', KEYS[2], ARGV[1])
-end
-return 1
-"""
-
-# KEYS: meta, queue. ARGV: now. Queued items are dropped; running ones finish.
-_CANCEL = """
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return 0 end
-if state == 'queued' or state == 'running' then
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'state', 'cancelled')
-  if tonumber(redis.call('HGET', KEYS[1], 'running') or '0') == 0 then
-    redis.call('HSET', KEYS[1], 'end_time', ARGV[1])
-  end
-end
-return 1
-"""
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _invalid(field: str, message: str) -> InvalidArgument:
@@ -198,10 +122,10 @@ class BatchStore:
     def __init__(self, redis: aioredis.Redis, *, clock: Callable[[], float] = time.time) -> None:
         self._redis = redis
         self._clock = clock
-        self._claim = redis.register_script(_CLAIM)
-        self._finish = redis.register_script(_FINISH)
-        self._release = redis.register_script(_RELEASE)
-        self._cancel = redis.register_script(_CANCEL)
+        self._claim = redis.register_script(lua_script("services.router", "batch_claim"))
+        self._finish = redis.register_script(lua_script("services.router", "batch_finish"))
+        self._release = redis.register_script(lua_script("services.router", "batch_release"))
+        self._cancel = redis.register_script(lua_script("services.router", "batch_cancel"))
 
     async def create(
         self,
@@ -259,7 +183,7 @@ class BatchStore:
                     await pipe.execute()
             except WatchError:
                 existing = await self._redis.hget(keys.meta, "digest")
-        if existing is not None and _text(existing) != digest:
+        if existing is not None and text(existing) != digest:
             raise AlreadyExists(
                 errors_pb2.ERROR_REASON_RESOURCE_EXISTS,
                 f"batch {batch_id} exists with other items",
@@ -280,10 +204,10 @@ class BatchStore:
                 f"no batch {batch_id!r}",
                 metadata={"batch_id": batch_id},
             )
-        row = {_text(k): v for k, v in raw.items()}
+        row = {text(k): v for k, v in raw.items()}
         batch = router_api.Batch(
             batch_id=batch_id,
-            state=_STATES[_text(row["state"])],
+            state=_STATES[text(row["state"])],
             total_items=int(row["total"]),
             succeeded_items=int(row["succeeded"]),
             failed_items=int(row["failed"]),
@@ -309,7 +233,7 @@ class BatchStore:
         after = paging.decode(request.page_token, request.batch_id)
         keys = _Keys.of(_ref(tenant_id, request.batch_id))
         low = f"({after}" if after else "-"
-        ids = [_text(i) for i in await self._redis.zrangebylex(keys.done, low, "+", 0, size + 1)]
+        ids = [text(i) for i in await self._redis.zrangebylex(keys.done, low, "+", 0, size + 1)]
         response = router_api.ListBatchResultsResponse()
         page = ids[:size]
         if page:
@@ -335,7 +259,7 @@ class BatchStore:
     # -- for the runner ----------------------------------------------------------
     async def ready(self, limit: int = 50) -> list[str]:
         """Batches with items to run, in the order they should be served."""
-        return [_text(r) for r in await self._redis.zrange(READY, 0, limit - 1)]
+        return [text(r) for r in await self._redis.zrange(READY, 0, limit - 1)]
 
     async def claim(self, ref: str) -> Claimed | str:
         """Claims the next item of ``ref``, or says why not ("busy", "empty", "done")."""
@@ -344,13 +268,13 @@ class BatchStore:
             keys=[keys.meta, keys.queue, keys.leases, keys.attempts, keys.items],
             args=[f"{self._clock():.6f}", LEASE_SECONDS],
         )
-        if _text(answer[0]) != "item":
-            if _text(answer[0]) == "done":
+        if text(answer[0]) != "item":
+            if text(answer[0]) == "done":
                 await self._redis.zrem(READY, ref)
-            return _text(answer[0])
+            return text(answer[0])
         return Claimed(
             ref=ref,
-            custom_id=_text(answer[1]),
+            custom_id=text(answer[1]),
             request=chat_api.ChatRequest.FromString(answer[2]),
             attempts=int(answer[3]),
         )

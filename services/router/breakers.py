@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from services.common.stores import lua_script, text
 from services.providers.base import FailureKind, UpstreamError
 
 log = logging.getLogger(__name__)
@@ -44,93 +45,6 @@ log = logging.getLogger(__name__)
 PREFIX = "router:breaker:"
 # Idle breaker state is forgotten after this long (a closed breaker with no calls).
 STATE_TTL_SECONDS = 86_400
-
-# KEYS[1] the breaker's hash. ARGV: now, cooldown, probes, ttl.
-# Returns {decision, state, opened_at}: decision 1 = call, 2 = call as a probe, 0 = skip.
-_ACQUIRE = """
-local now = tonumber(ARGV[1])
-local cooldown = tonumber(ARGV[2])
-local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
-if state == 'closed' then
-  return {1, state, '0'}
-end
-local opened_at = redis.call('HGET', KEYS[1], 'opened_at') or '0'
-if state == 'open' then
-  if now < tonumber(opened_at) + cooldown then
-    return {0, state, opened_at}
-  end
-  state = 'half_open'
-  redis.call('HSET', KEYS[1], 'state', state, 'probes', 0, 'probe_at', now)
-end
--- half-open: a bounded number of probes; probes that never reported (their
--- replica died) are forgotten after another cool-down.
-local probes = tonumber(redis.call('HGET', KEYS[1], 'probes') or '0')
-local probe_at = tonumber(redis.call('HGET', KEYS[1], 'probe_at') or '0')
-if probes >= tonumber(ARGV[3]) and now >= probe_at + cooldown then
-  probes = 0
-end
-if probes >= tonumber(ARGV[3]) then
-  return {0, state, opened_at}
-end
-redis.call('HSET', KEYS[1], 'probes', probes + 1, 'probe_at', now)
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-return {2, state, opened_at}
-"""
-
-# KEYS[1] the breaker's hash. ARGV: now, ok (1/0), failures, rate, min_calls, window, ttl.
-# Returns {state, consecutive failures}.
-_RECORD = """
-local now = tonumber(ARGV[1])
-local ok = ARGV[2] == '1'
-local state = redis.call('HGET', KEYS[1], 'state') or 'closed'
-local function open()
-  redis.call('HSET', KEYS[1], 'state', 'open', 'opened_at', now, 'probes', 0,
-             'consecutive', 0, 'calls', 0, 'failed', 0, 'window_start', now)
-  redis.call('HINCRBY', KEYS[1], 'trips', 1)
-  redis.call('EXPIRE', KEYS[1], ARGV[7])
-  return {'open', 0}
-end
-if state == 'half_open' then
-  if not ok then return open() end
-  redis.call('HSET', KEYS[1], 'state', 'closed', 'consecutive', 0, 'calls', 0,
-             'failed', 0, 'window_start', now, 'probes', 0)
-  redis.call('EXPIRE', KEYS[1], ARGV[7])
-  return {'closed', 0}
-end
-if state == 'open' then
-  return {'open', 0}  -- a call that started before the breaker opened
-end
-local window_start = tonumber(redis.call('HGET', KEYS[1], 'window_start') or '0')
-if now >= window_start + tonumber(ARGV[6]) then
-  redis.call('HSET', KEYS[1], 'calls', 0, 'failed', 0, 'window_start', now)
-end
-local calls = redis.call('HINCRBY', KEYS[1], 'calls', 1)
-local failed = tonumber(redis.call('HGET', KEYS[1], 'failed') or '0')
-local consecutive = 0
-if ok then
-  redis.call('HSET', KEYS[1], 'consecutive', 0)
-else
-  failed = redis.call('HINCRBY', KEYS[1], 'failed', 1)
-  consecutive = redis.call('HINCRBY', KEYS[1], 'consecutive', 1)
-end
-redis.call('HSET', KEYS[1], 'state', 'closed')
-redis.call('EXPIRE', KEYS[1], ARGV[7])
-if not ok and (consecutive >= tonumber(ARGV[3]) or
-    (calls >= tonumber(ARGV[5]) and failed >= tonumber(ARGV[4]) * calls)) then
-  return open()
-end
-return {'closed', consecutive}
-"""
-
-# KEYS[1] the breaker's hash. Gives back a probe slot that reported nothing
-# (the client cancelled, or the request was the client's fault).
-_RELEASE = """
-if redis.call('HGET', KEYS[1], 'state') == 'half_open' then
-  local probes = tonumber(redis.call('HGET', KEYS[1], 'probes') or '0')
-  if probes > 0 then redis.call('HSET', KEYS[1], 'probes', probes - 1) end
-end
-return 1
-"""
 
 
 class State(enum.Enum):
@@ -202,10 +116,6 @@ def counts_as_failure(exc: UpstreamError) -> bool:
     return exc.kind is not FailureKind.CLIENT_ERROR
 
 
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 class Breakers:
     """Every (provider, model) breaker, stored in Redis."""
 
@@ -219,9 +129,9 @@ class Breakers:
         self.config = config or BreakerConfig()
         self._redis = redis
         self._clock = clock
-        self._acquire = redis.register_script(_ACQUIRE)
-        self._record = redis.register_script(_RECORD)
-        self._release = redis.register_script(_RELEASE)
+        self._acquire = redis.register_script(lua_script("services.router", "breaker_acquire"))
+        self._record = redis.register_script(lua_script("services.router", "breaker_record"))
+        self._release = redis.register_script(lua_script("services.router", "breaker_release"))
 
     @staticmethod
     def key(provider_id: str, model_id: str) -> str:
@@ -245,8 +155,8 @@ class Breakers:
         return Permit(
             allowed=int(decision) > 0,
             probe=int(decision) == 2,
-            state=State(_text(state)),
-            opened_at=float(_text(opened_at)),
+            state=State(text(state)),
+            opened_at=float(text(opened_at)),
         )
 
     async def record(self, provider_id: str, model_id: str, *, ok: bool) -> State:
@@ -269,7 +179,7 @@ class Breakers:
         except RedisError as exc:
             log.warning("breaker store unavailable (%s); outcome not recorded", exc)
             return State.CLOSED
-        new = State(_text(state))
+        new = State(text(state))
         if new is State.OPEN and not ok:
             log.warning("circuit breaker for %s/%s is open", provider_id, model_id)
         return new
@@ -289,7 +199,7 @@ class Breakers:
         rows = await pipe.execute()
         out: list[BreakerStatus] = []
         for (provider_id, model_id), raw in zip(models, rows, strict=True):
-            row = {_text(k): _text(v) for k, v in raw.items()}
+            row = {text(k): text(v) for k, v in raw.items()}
             state = State(row.get("state", "closed"))
             if (
                 state is State.OPEN

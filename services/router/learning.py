@@ -74,6 +74,7 @@ from redis.exceptions import RedisError
 
 from orchestra.router.v1 import chat_service_pb2 as chat_api
 from services.common.embeddings import Embedder, load_embedder
+from services.common.stores import lua_script
 from services.router import tasks
 
 log = logging.getLogger(__name__)
@@ -246,41 +247,6 @@ def _keys(tenant: str) -> tuple[str, str, str, str]:
     return f"{base}:log", f"{base}:snapshot", f"{base}:counts", f"{base}:req:"
 
 
-# Swaps the stored score of a request and appends the two observations.
-# KEYS: request hash, log stream. ARGV: new score. Returns 0 if unknown.
-_FEEDBACK = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local arm = redis.call('HGET', KEYS[1], 'arm')
-local x = redis.call('HGET', KEYS[1], 'x')
-local prior = tonumber(redis.call('HGET', KEYS[1], 'prior'))
-local old = redis.call('HGET', KEYS[1], 'score')
-redis.call('HSET', KEYS[1], 'score', ARGV[1])
-if old then
-  redis.call('XADD', KEYS[2], '*', 'a', arm, 'x', x, 'y', tostring(tonumber(old) - prior),
-             'w', '-1')
-end
-redis.call('XADD', KEYS[2], '*', 'a', arm, 'x', x, 'y', tostring(tonumber(ARGV[1]) - prior),
-           'w', '1')
-return 1
-"""
-
-# Stores a snapshot only if it is newer than the stored one, then trims the log.
-# KEYS: snapshot hash, log stream. ARGV: last id folded, blob.
-_SNAPSHOT = """
-local function newer(a, b)
-  local am, as = string.match(a, '(%d+)-(%d+)')
-  local bm, bs = string.match(b, '(%d+)-(%d+)')
-  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
-  return am > bm or (am == bm and as > bs)
-end
-local current = redis.call('HGET', KEYS[1], 'id')
-if current and not newer(ARGV[1], current) then return 0 end
-redis.call('HSET', KEYS[1], 'id', ARGV[1], 'blob', ARGV[2])
-redis.call('XTRIM', KEYS[2], 'MINID', ARGV[1])
-return 1
-"""
-
-
 class Learner:
     """The learned routing state of every tenant this replica has seen.
 
@@ -304,8 +270,16 @@ class Learner:
         self._tenants: dict[str, TenantState] = {}
         self._refreshing: dict[str, asyncio.Task[None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._feedback: Any = redis.register_script(_FEEDBACK) if redis else None
-        self._snapshot: Any = redis.register_script(_SNAPSHOT) if redis else None
+        self._feedback: Any = (
+            redis.register_script(lua_script("services.router", "learning_feedback"))
+            if redis
+            else None
+        )
+        self._snapshot: Any = (
+            redis.register_script(lua_script("services.router", "learning_snapshot"))
+            if redis
+            else None
+        )
 
     def state(self, tenant: str) -> TenantState:
         """The tenant's state on this replica (created empty)."""

@@ -24,6 +24,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
+from services.common.stores import text
+
 log = logging.getLogger(__name__)
 
 STREAM = "router:outbox"
@@ -163,7 +165,7 @@ class Outbox:
         if fields is None:  # deleted while pending
             await self._redis.xack(STREAM, GROUP, entry_id)
             return
-        kind = _s(fields[b"kind"])
+        kind = text(fields[b"kind"])
         payload = base64.b64decode(fields[b"payload"])
         try:
             await self._handlers[kind](payload)
@@ -177,10 +179,6 @@ class Outbox:
             pipe.xack(STREAM, GROUP, entry_id)
             pipe.xdel(STREAM, entry_id)
             await pipe.execute()
-
-
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _preview(payload: bytes) -> str:
