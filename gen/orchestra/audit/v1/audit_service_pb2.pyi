@@ -70,12 +70,12 @@ class AuditRecord(_message.Message):
     actor: _builtins.str
     """The API key id (or service name) that caused it."""
     kind: Global___RecordKind.ValueType
-    """What kind of event."""
+    """What kind of event; the body set (chat or admin) must match it."""
     leaf_hash: _builtins.bytes
     """RFC 6962 leaf hash of the canonical record (set by the service)."""
     @_builtins.property
     def event_time(self) -> _timestamp_pb2.Timestamp:
-        """When the event happened. Required: set by the producer."""
+        """When the event happened; set by the producer."""
 
     @_builtins.property
     def chat(self) -> Global___ChatEvent:

@@ -29,7 +29,10 @@ class AuditServiceStub:
     """An append-only, tamper-evident log of every chat and administrative change.
     Records are leaves of a Merkle tree hashed as in RFC 6962; signed
     checkpoints commit to the tree, and inclusion and consistency proofs let
-    anyone check a record or the log's history against a checkpoint.
+    anyone check a record or the log's history against a checkpoint. Errors
+    every RPC can return (identity, scope, INTERNAL) are listed on
+    orchestra.common.v1.ErrorReason; UNAVAILABLE (STORE_UNAVAILABLE, with
+    RetryInfo) means PostgreSQL could not be reached.
     """
 
     def __init__(self, channel):
@@ -94,12 +97,19 @@ class AuditServiceServicer:
     """An append-only, tamper-evident log of every chat and administrative change.
     Records are leaves of a Merkle tree hashed as in RFC 6962; signed
     checkpoints commit to the tree, and inclusion and consistency proofs let
-    anyone check a record or the log's history against a checkpoint.
+    anyone check a record or the log's history against a checkpoint. Errors
+    every RPC can return (identity, scope, INTERNAL) are listed on
+    orchestra.common.v1.ErrorReason; UNAVAILABLE (STORE_UNAVAILABLE, with
+    RetryInfo) means PostgreSQL could not be reached.
     """
 
     def AppendRecord(self, request, context):
         """Appends one record. Needs SCOPE_INTERNAL (services append).
-        Errors: INVALID_ARGUMENT (INVALID_FIELD), UNAVAILABLE (STORE_UNAVAILABLE).
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: record missing, event_id,
+        tenant_id, event_time or kind missing or malformed, a body on a non-chat
+        record or naming another event_id), UNAVAILABLE (STORE_UNAVAILABLE),
+        INTERNAL (AUDIT_BODY_CORRUPT: a stored subject key does not unwrap, e.g.
+        after ORCHESTRA_INTERNAL_KEY changed).
         Idempotent per event_id: a repeat returns the original index.
         Deadline: 1 s; callers spool and retry when it fails.
         """
@@ -109,7 +119,9 @@ class AuditServiceServicer:
 
     def AppendRecords(self, request, context):
         """Appends several records in order, atomically. Needs SCOPE_INTERNAL.
-        Errors as AppendRecord. Idempotent per event_id. Deadline: 5 s.
+        Errors as AppendRecord, plus INVALID_ARGUMENT (INVALID_FIELD: no records
+        or more than 1000, a body naming no record or a second body for one).
+        Idempotent per event_id. Deadline: 5 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,7 +130,10 @@ class AuditServiceServicer:
     def ListRecords(self, request, context):
         """Pages through records, oldest first, filtered. Needs SCOPE_READ; a
         caller sees only its own tenant's records.
-        Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 5 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: no tenant_id from a key without a
+        tenant, a bad time range or kind, a NUL in a filter, negative page_size;
+        INVALID_PAGE_TOKEN), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+        UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 5 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -135,7 +150,8 @@ class AuditServiceServicer:
 
     def ListCheckpoints(self, request, context):
         """Pages through signed checkpoints, oldest first. Needs SCOPE_READ.
-        Errors: INVALID_ARGUMENT (INVALID_FIELD page_size, INVALID_PAGE_TOKEN).
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+        INVALID_PAGE_TOKEN), UNAVAILABLE (STORE_UNAVAILABLE).
         Idempotent. Deadline: 5 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -146,8 +162,8 @@ class AuditServiceServicer:
         """Proof that the record at leaf_index is in the tree of tree_size leaves.
         Needs SCOPE_READ. Errors: INVALID_ARGUMENT (INVALID_FIELD: leaf_index < 0
         or >= tree_size, tree_size < 0 or beyond the latest checkpoint; metadata
-        log_size), NOT_FOUND (RESOURCE_NOT_FOUND: empty log). Idempotent.
-        Deadline: 1 s.
+        log_size), NOT_FOUND (RESOURCE_NOT_FOUND: empty log), UNAVAILABLE
+        (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -156,9 +172,11 @@ class AuditServiceServicer:
     def GetConsistencyProof(self, request, context):
         """Proof that the tree of first_tree_size leaves is a prefix of the tree of
         second_tree_size leaves. Needs SCOPE_READ.
-        Errors: INVALID_ARGUMENT (INVALID_FIELD: first > second, second beyond the
-        latest checkpoint), NOT_FOUND (empty log). A first_tree_size of 0 gives an
-        empty proof. Idempotent. Deadline: 1 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: a negative size, first > second,
+        second beyond the latest checkpoint; metadata log_size or
+        second_tree_size), NOT_FOUND (RESOURCE_NOT_FOUND: empty log), UNAVAILABLE
+        (STORE_UNAVAILABLE). A first_tree_size of 0 gives an empty proof.
+        Idempotent. Deadline: 1 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -168,7 +186,9 @@ class AuditServiceServicer:
         """Streams records of a range, oldest first, for offline verification.
         Needs SCOPE_READ; an operator gets every tenant's records, anyone else
         only their own tenant's.
-        Errors: INVALID_ARGUMENT. Idempotent. Deadline: proportional to the range.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: a negative index, end_index beyond
+        the log, start_index after the end; metadata log_size), UNAVAILABLE
+        (STORE_UNAVAILABLE). Idempotent. Deadline: proportional to the range.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -178,10 +198,13 @@ class AuditServiceServicer:
         """Decrypts the prompt and answer kept for a chat record (tenants whose
         policy is AUDIT_BODY_MODE_ENCRYPTED). Each successful read is itself
         appended to the log (an ADMIN record naming the reader). Needs SCOPE_ADMIN
-        on the record's tenant, or SCOPE_OPERATOR. Errors: NOT_FOUND (RESOURCE_NOT_FOUND: no such
-        record; AUDIT_BODY_NOT_KEPT: no body stored, or dropped by retention),
+        on the record's tenant, or SCOPE_OPERATOR. Errors: NOT_FOUND
+        (RESOURCE_NOT_FOUND: no such record, or another tenant's;
+        AUDIT_BODY_NOT_KEPT: no body stored, or dropped by retention),
         FAILED_PRECONDITION (AUDIT_SUBJECT_ERASED: its subject key was destroyed),
-        INTERNAL (AUDIT_BODY_CORRUPT). Idempotent. Deadline: 1 s.
+        INTERNAL (AUDIT_BODY_CORRUPT), INVALID_ARGUMENT (INVALID_FIELD: event_id
+        missing or holding a NUL), UNAVAILABLE (STORE_UNAVAILABLE).
+        Idempotent. Deadline: 1 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -192,7 +215,9 @@ class AuditServiceServicer:
         its bodies, so they can never be decrypted again, while every leaf and
         checkpoint still verifies. The erasure is itself appended to the log as
         an ADMIN record. Needs SCOPE_ADMIN on the tenant, or SCOPE_OPERATOR.
-        Errors: INVALID_ARGUMENT (INVALID_FIELD), UNAVAILABLE (STORE_UNAVAILABLE).
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: no tenant_id from a key without a
+        tenant, a NUL in a field), PERMISSION_DENIED (SCOPE_DENIED: another
+        tenant), UNAVAILABLE (STORE_UNAVAILABLE).
         Idempotent (a repeat destroys nothing more and is audited again).
         Deadline: 5 s.
         """
@@ -265,7 +290,10 @@ class AuditService:
     """An append-only, tamper-evident log of every chat and administrative change.
     Records are leaves of a Merkle tree hashed as in RFC 6962; signed
     checkpoints commit to the tree, and inclusion and consistency proofs let
-    anyone check a record or the log's history against a checkpoint.
+    anyone check a record or the log's history against a checkpoint. Errors
+    every RPC can return (identity, scope, INTERNAL) are listed on
+    orchestra.common.v1.ErrorReason; UNAVAILABLE (STORE_UNAVAILABLE, with
+    RetryInfo) means PostgreSQL could not be reached.
     """
 
     @staticmethod

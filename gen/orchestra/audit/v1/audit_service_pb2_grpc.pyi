@@ -30,7 +30,10 @@ class AuditServiceStub:
     """An append-only, tamper-evident log of every chat and administrative change.
     Records are leaves of a Merkle tree hashed as in RFC 6962; signed
     checkpoints commit to the tree, and inclusion and consistency proofs let
-    anyone check a record or the log's history against a checkpoint.
+    anyone check a record or the log's history against a checkpoint. Errors
+    every RPC can return (identity, scope, INTERNAL) are listed on
+    orchestra.common.v1.ErrorReason; UNAVAILABLE (STORE_UNAVAILABLE, with
+    RetryInfo) means PostgreSQL could not be reached.
     """
 
     @_typing.overload
@@ -39,18 +42,27 @@ class AuditServiceStub:
     def __new__(cls, channel: _aio.Channel) -> AuditServiceAsyncStub: ...
     AppendRecord: _grpc.UnaryUnaryMultiCallable[_audit_service_pb2.AppendRecordRequest, _audit_service_pb2.AppendRecordResponse]
     """Appends one record. Needs SCOPE_INTERNAL (services append).
-    Errors: INVALID_ARGUMENT (INVALID_FIELD), UNAVAILABLE (STORE_UNAVAILABLE).
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: record missing, event_id,
+    tenant_id, event_time or kind missing or malformed, a body on a non-chat
+    record or naming another event_id), UNAVAILABLE (STORE_UNAVAILABLE),
+    INTERNAL (AUDIT_BODY_CORRUPT: a stored subject key does not unwrap, e.g.
+    after ORCHESTRA_INTERNAL_KEY changed).
     Idempotent per event_id: a repeat returns the original index.
     Deadline: 1 s; callers spool and retry when it fails.
     """
     AppendRecords: _grpc.UnaryUnaryMultiCallable[_audit_service_pb2.AppendRecordsRequest, _audit_service_pb2.AppendRecordsResponse]
     """Appends several records in order, atomically. Needs SCOPE_INTERNAL.
-    Errors as AppendRecord. Idempotent per event_id. Deadline: 5 s.
+    Errors as AppendRecord, plus INVALID_ARGUMENT (INVALID_FIELD: no records
+    or more than 1000, a body naming no record or a second body for one).
+    Idempotent per event_id. Deadline: 5 s.
     """
     ListRecords: _grpc.UnaryUnaryMultiCallable[_audit_service_pb2.ListRecordsRequest, _audit_service_pb2.ListRecordsResponse]
     """Pages through records, oldest first, filtered. Needs SCOPE_READ; a
     caller sees only its own tenant's records.
-    Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 5 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: no tenant_id from a key without a
+    tenant, a bad time range or kind, a NUL in a filter, negative page_size;
+    INVALID_PAGE_TOKEN), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+    UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 5 s.
     """
     GetLatestCheckpoint: _grpc.UnaryUnaryMultiCallable[_audit_service_pb2.GetLatestCheckpointRequest, _audit_service_pb2.GetLatestCheckpointResponse]
     """The newest signed checkpoint (one is written with every append batch).
@@ -59,44 +71,54 @@ class AuditServiceStub:
     """
     ListCheckpoints: _grpc.UnaryUnaryMultiCallable[_audit_service_pb2.ListCheckpointsRequest, _audit_service_pb2.ListCheckpointsResponse]
     """Pages through signed checkpoints, oldest first. Needs SCOPE_READ.
-    Errors: INVALID_ARGUMENT (INVALID_FIELD page_size, INVALID_PAGE_TOKEN).
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+    INVALID_PAGE_TOKEN), UNAVAILABLE (STORE_UNAVAILABLE).
     Idempotent. Deadline: 5 s.
     """
     GetInclusionProof: _grpc.UnaryUnaryMultiCallable[_audit_service_pb2.GetInclusionProofRequest, _audit_service_pb2.GetInclusionProofResponse]
     """Proof that the record at leaf_index is in the tree of tree_size leaves.
     Needs SCOPE_READ. Errors: INVALID_ARGUMENT (INVALID_FIELD: leaf_index < 0
     or >= tree_size, tree_size < 0 or beyond the latest checkpoint; metadata
-    log_size), NOT_FOUND (RESOURCE_NOT_FOUND: empty log). Idempotent.
-    Deadline: 1 s.
+    log_size), NOT_FOUND (RESOURCE_NOT_FOUND: empty log), UNAVAILABLE
+    (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.
     """
     GetConsistencyProof: _grpc.UnaryUnaryMultiCallable[_audit_service_pb2.GetConsistencyProofRequest, _audit_service_pb2.GetConsistencyProofResponse]
     """Proof that the tree of first_tree_size leaves is a prefix of the tree of
     second_tree_size leaves. Needs SCOPE_READ.
-    Errors: INVALID_ARGUMENT (INVALID_FIELD: first > second, second beyond the
-    latest checkpoint), NOT_FOUND (empty log). A first_tree_size of 0 gives an
-    empty proof. Idempotent. Deadline: 1 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: a negative size, first > second,
+    second beyond the latest checkpoint; metadata log_size or
+    second_tree_size), NOT_FOUND (RESOURCE_NOT_FOUND: empty log), UNAVAILABLE
+    (STORE_UNAVAILABLE). A first_tree_size of 0 gives an empty proof.
+    Idempotent. Deadline: 1 s.
     """
     ExportRecords: _grpc.UnaryStreamMultiCallable[_audit_service_pb2.ExportRecordsRequest, _audit_service_pb2.ExportRecordsResponse]
     """Streams records of a range, oldest first, for offline verification.
     Needs SCOPE_READ; an operator gets every tenant's records, anyone else
     only their own tenant's.
-    Errors: INVALID_ARGUMENT. Idempotent. Deadline: proportional to the range.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: a negative index, end_index beyond
+    the log, start_index after the end; metadata log_size), UNAVAILABLE
+    (STORE_UNAVAILABLE). Idempotent. Deadline: proportional to the range.
     """
     GetRecordBody: _grpc.UnaryUnaryMultiCallable[_audit_service_pb2.GetRecordBodyRequest, _audit_service_pb2.GetRecordBodyResponse]
     """Decrypts the prompt and answer kept for a chat record (tenants whose
     policy is AUDIT_BODY_MODE_ENCRYPTED). Each successful read is itself
     appended to the log (an ADMIN record naming the reader). Needs SCOPE_ADMIN
-    on the record's tenant, or SCOPE_OPERATOR. Errors: NOT_FOUND (RESOURCE_NOT_FOUND: no such
-    record; AUDIT_BODY_NOT_KEPT: no body stored, or dropped by retention),
+    on the record's tenant, or SCOPE_OPERATOR. Errors: NOT_FOUND
+    (RESOURCE_NOT_FOUND: no such record, or another tenant's;
+    AUDIT_BODY_NOT_KEPT: no body stored, or dropped by retention),
     FAILED_PRECONDITION (AUDIT_SUBJECT_ERASED: its subject key was destroyed),
-    INTERNAL (AUDIT_BODY_CORRUPT). Idempotent. Deadline: 1 s.
+    INTERNAL (AUDIT_BODY_CORRUPT), INVALID_ARGUMENT (INVALID_FIELD: event_id
+    missing or holding a NUL), UNAVAILABLE (STORE_UNAVAILABLE).
+    Idempotent. Deadline: 1 s.
     """
     EraseSubject: _grpc.UnaryUnaryMultiCallable[_audit_service_pb2.EraseSubjectRequest, _audit_service_pb2.EraseSubjectResponse]
     """Erases one subject (tenant + end user): destroys every key that sealed
     its bodies, so they can never be decrypted again, while every leaf and
     checkpoint still verifies. The erasure is itself appended to the log as
     an ADMIN record. Needs SCOPE_ADMIN on the tenant, or SCOPE_OPERATOR.
-    Errors: INVALID_ARGUMENT (INVALID_FIELD), UNAVAILABLE (STORE_UNAVAILABLE).
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: no tenant_id from a key without a
+    tenant, a NUL in a field), PERMISSION_DENIED (SCOPE_DENIED: another
+    tenant), UNAVAILABLE (STORE_UNAVAILABLE).
     Idempotent (a repeat destroys nothing more and is audited again).
     Deadline: 5 s.
     """
@@ -106,24 +128,36 @@ class AuditServiceAsyncStub(AuditServiceStub):
     """An append-only, tamper-evident log of every chat and administrative change.
     Records are leaves of a Merkle tree hashed as in RFC 6962; signed
     checkpoints commit to the tree, and inclusion and consistency proofs let
-    anyone check a record or the log's history against a checkpoint.
+    anyone check a record or the log's history against a checkpoint. Errors
+    every RPC can return (identity, scope, INTERNAL) are listed on
+    orchestra.common.v1.ErrorReason; UNAVAILABLE (STORE_UNAVAILABLE, with
+    RetryInfo) means PostgreSQL could not be reached.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     AppendRecord: _aio.UnaryUnaryMultiCallable[_audit_service_pb2.AppendRecordRequest, _audit_service_pb2.AppendRecordResponse]  # type: ignore[assignment]
     """Appends one record. Needs SCOPE_INTERNAL (services append).
-    Errors: INVALID_ARGUMENT (INVALID_FIELD), UNAVAILABLE (STORE_UNAVAILABLE).
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: record missing, event_id,
+    tenant_id, event_time or kind missing or malformed, a body on a non-chat
+    record or naming another event_id), UNAVAILABLE (STORE_UNAVAILABLE),
+    INTERNAL (AUDIT_BODY_CORRUPT: a stored subject key does not unwrap, e.g.
+    after ORCHESTRA_INTERNAL_KEY changed).
     Idempotent per event_id: a repeat returns the original index.
     Deadline: 1 s; callers spool and retry when it fails.
     """
     AppendRecords: _aio.UnaryUnaryMultiCallable[_audit_service_pb2.AppendRecordsRequest, _audit_service_pb2.AppendRecordsResponse]  # type: ignore[assignment]
     """Appends several records in order, atomically. Needs SCOPE_INTERNAL.
-    Errors as AppendRecord. Idempotent per event_id. Deadline: 5 s.
+    Errors as AppendRecord, plus INVALID_ARGUMENT (INVALID_FIELD: no records
+    or more than 1000, a body naming no record or a second body for one).
+    Idempotent per event_id. Deadline: 5 s.
     """
     ListRecords: _aio.UnaryUnaryMultiCallable[_audit_service_pb2.ListRecordsRequest, _audit_service_pb2.ListRecordsResponse]  # type: ignore[assignment]
     """Pages through records, oldest first, filtered. Needs SCOPE_READ; a
     caller sees only its own tenant's records.
-    Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 5 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: no tenant_id from a key without a
+    tenant, a bad time range or kind, a NUL in a filter, negative page_size;
+    INVALID_PAGE_TOKEN), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+    UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 5 s.
     """
     GetLatestCheckpoint: _aio.UnaryUnaryMultiCallable[_audit_service_pb2.GetLatestCheckpointRequest, _audit_service_pb2.GetLatestCheckpointResponse]  # type: ignore[assignment]
     """The newest signed checkpoint (one is written with every append batch).
@@ -132,44 +166,54 @@ class AuditServiceAsyncStub(AuditServiceStub):
     """
     ListCheckpoints: _aio.UnaryUnaryMultiCallable[_audit_service_pb2.ListCheckpointsRequest, _audit_service_pb2.ListCheckpointsResponse]  # type: ignore[assignment]
     """Pages through signed checkpoints, oldest first. Needs SCOPE_READ.
-    Errors: INVALID_ARGUMENT (INVALID_FIELD page_size, INVALID_PAGE_TOKEN).
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+    INVALID_PAGE_TOKEN), UNAVAILABLE (STORE_UNAVAILABLE).
     Idempotent. Deadline: 5 s.
     """
     GetInclusionProof: _aio.UnaryUnaryMultiCallable[_audit_service_pb2.GetInclusionProofRequest, _audit_service_pb2.GetInclusionProofResponse]  # type: ignore[assignment]
     """Proof that the record at leaf_index is in the tree of tree_size leaves.
     Needs SCOPE_READ. Errors: INVALID_ARGUMENT (INVALID_FIELD: leaf_index < 0
     or >= tree_size, tree_size < 0 or beyond the latest checkpoint; metadata
-    log_size), NOT_FOUND (RESOURCE_NOT_FOUND: empty log). Idempotent.
-    Deadline: 1 s.
+    log_size), NOT_FOUND (RESOURCE_NOT_FOUND: empty log), UNAVAILABLE
+    (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.
     """
     GetConsistencyProof: _aio.UnaryUnaryMultiCallable[_audit_service_pb2.GetConsistencyProofRequest, _audit_service_pb2.GetConsistencyProofResponse]  # type: ignore[assignment]
     """Proof that the tree of first_tree_size leaves is a prefix of the tree of
     second_tree_size leaves. Needs SCOPE_READ.
-    Errors: INVALID_ARGUMENT (INVALID_FIELD: first > second, second beyond the
-    latest checkpoint), NOT_FOUND (empty log). A first_tree_size of 0 gives an
-    empty proof. Idempotent. Deadline: 1 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: a negative size, first > second,
+    second beyond the latest checkpoint; metadata log_size or
+    second_tree_size), NOT_FOUND (RESOURCE_NOT_FOUND: empty log), UNAVAILABLE
+    (STORE_UNAVAILABLE). A first_tree_size of 0 gives an empty proof.
+    Idempotent. Deadline: 1 s.
     """
     ExportRecords: _aio.UnaryStreamMultiCallable[_audit_service_pb2.ExportRecordsRequest, _audit_service_pb2.ExportRecordsResponse]  # type: ignore[assignment]
     """Streams records of a range, oldest first, for offline verification.
     Needs SCOPE_READ; an operator gets every tenant's records, anyone else
     only their own tenant's.
-    Errors: INVALID_ARGUMENT. Idempotent. Deadline: proportional to the range.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: a negative index, end_index beyond
+    the log, start_index after the end; metadata log_size), UNAVAILABLE
+    (STORE_UNAVAILABLE). Idempotent. Deadline: proportional to the range.
     """
     GetRecordBody: _aio.UnaryUnaryMultiCallable[_audit_service_pb2.GetRecordBodyRequest, _audit_service_pb2.GetRecordBodyResponse]  # type: ignore[assignment]
     """Decrypts the prompt and answer kept for a chat record (tenants whose
     policy is AUDIT_BODY_MODE_ENCRYPTED). Each successful read is itself
     appended to the log (an ADMIN record naming the reader). Needs SCOPE_ADMIN
-    on the record's tenant, or SCOPE_OPERATOR. Errors: NOT_FOUND (RESOURCE_NOT_FOUND: no such
-    record; AUDIT_BODY_NOT_KEPT: no body stored, or dropped by retention),
+    on the record's tenant, or SCOPE_OPERATOR. Errors: NOT_FOUND
+    (RESOURCE_NOT_FOUND: no such record, or another tenant's;
+    AUDIT_BODY_NOT_KEPT: no body stored, or dropped by retention),
     FAILED_PRECONDITION (AUDIT_SUBJECT_ERASED: its subject key was destroyed),
-    INTERNAL (AUDIT_BODY_CORRUPT). Idempotent. Deadline: 1 s.
+    INTERNAL (AUDIT_BODY_CORRUPT), INVALID_ARGUMENT (INVALID_FIELD: event_id
+    missing or holding a NUL), UNAVAILABLE (STORE_UNAVAILABLE).
+    Idempotent. Deadline: 1 s.
     """
     EraseSubject: _aio.UnaryUnaryMultiCallable[_audit_service_pb2.EraseSubjectRequest, _audit_service_pb2.EraseSubjectResponse]  # type: ignore[assignment]
     """Erases one subject (tenant + end user): destroys every key that sealed
     its bodies, so they can never be decrypted again, while every leaf and
     checkpoint still verifies. The erasure is itself appended to the log as
     an ADMIN record. Needs SCOPE_ADMIN on the tenant, or SCOPE_OPERATOR.
-    Errors: INVALID_ARGUMENT (INVALID_FIELD), UNAVAILABLE (STORE_UNAVAILABLE).
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: no tenant_id from a key without a
+    tenant, a NUL in a field), PERMISSION_DENIED (SCOPE_DENIED: another
+    tenant), UNAVAILABLE (STORE_UNAVAILABLE).
     Idempotent (a repeat destroys nothing more and is audited again).
     Deadline: 5 s.
     """
@@ -178,7 +222,10 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
     """An append-only, tamper-evident log of every chat and administrative change.
     Records are leaves of a Merkle tree hashed as in RFC 6962; signed
     checkpoints commit to the tree, and inclusion and consistency proofs let
-    anyone check a record or the log's history against a checkpoint.
+    anyone check a record or the log's history against a checkpoint. Errors
+    every RPC can return (identity, scope, INTERNAL) are listed on
+    orchestra.common.v1.ErrorReason; UNAVAILABLE (STORE_UNAVAILABLE, with
+    RetryInfo) means PostgreSQL could not be reached.
     """
 
     @_abc_1.abstractmethod
@@ -188,7 +235,11 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_audit_service_pb2.AppendRecordResponse, _abc.Awaitable[_audit_service_pb2.AppendRecordResponse]]:
         """Appends one record. Needs SCOPE_INTERNAL (services append).
-        Errors: INVALID_ARGUMENT (INVALID_FIELD), UNAVAILABLE (STORE_UNAVAILABLE).
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: record missing, event_id,
+        tenant_id, event_time or kind missing or malformed, a body on a non-chat
+        record or naming another event_id), UNAVAILABLE (STORE_UNAVAILABLE),
+        INTERNAL (AUDIT_BODY_CORRUPT: a stored subject key does not unwrap, e.g.
+        after ORCHESTRA_INTERNAL_KEY changed).
         Idempotent per event_id: a repeat returns the original index.
         Deadline: 1 s; callers spool and retry when it fails.
         """
@@ -200,7 +251,9 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_audit_service_pb2.AppendRecordsResponse, _abc.Awaitable[_audit_service_pb2.AppendRecordsResponse]]:
         """Appends several records in order, atomically. Needs SCOPE_INTERNAL.
-        Errors as AppendRecord. Idempotent per event_id. Deadline: 5 s.
+        Errors as AppendRecord, plus INVALID_ARGUMENT (INVALID_FIELD: no records
+        or more than 1000, a body naming no record or a second body for one).
+        Idempotent per event_id. Deadline: 5 s.
         """
 
     @_abc_1.abstractmethod
@@ -211,7 +264,10 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_audit_service_pb2.ListRecordsResponse, _abc.Awaitable[_audit_service_pb2.ListRecordsResponse]]:
         """Pages through records, oldest first, filtered. Needs SCOPE_READ; a
         caller sees only its own tenant's records.
-        Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 5 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: no tenant_id from a key without a
+        tenant, a bad time range or kind, a NUL in a filter, negative page_size;
+        INVALID_PAGE_TOKEN), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+        UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 5 s.
         """
 
     @_abc_1.abstractmethod
@@ -232,7 +288,8 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_audit_service_pb2.ListCheckpointsResponse, _abc.Awaitable[_audit_service_pb2.ListCheckpointsResponse]]:
         """Pages through signed checkpoints, oldest first. Needs SCOPE_READ.
-        Errors: INVALID_ARGUMENT (INVALID_FIELD page_size, INVALID_PAGE_TOKEN).
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+        INVALID_PAGE_TOKEN), UNAVAILABLE (STORE_UNAVAILABLE).
         Idempotent. Deadline: 5 s.
         """
 
@@ -245,8 +302,8 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         """Proof that the record at leaf_index is in the tree of tree_size leaves.
         Needs SCOPE_READ. Errors: INVALID_ARGUMENT (INVALID_FIELD: leaf_index < 0
         or >= tree_size, tree_size < 0 or beyond the latest checkpoint; metadata
-        log_size), NOT_FOUND (RESOURCE_NOT_FOUND: empty log). Idempotent.
-        Deadline: 1 s.
+        log_size), NOT_FOUND (RESOURCE_NOT_FOUND: empty log), UNAVAILABLE
+        (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.
         """
 
     @_abc_1.abstractmethod
@@ -257,9 +314,11 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_audit_service_pb2.GetConsistencyProofResponse, _abc.Awaitable[_audit_service_pb2.GetConsistencyProofResponse]]:
         """Proof that the tree of first_tree_size leaves is a prefix of the tree of
         second_tree_size leaves. Needs SCOPE_READ.
-        Errors: INVALID_ARGUMENT (INVALID_FIELD: first > second, second beyond the
-        latest checkpoint), NOT_FOUND (empty log). A first_tree_size of 0 gives an
-        empty proof. Idempotent. Deadline: 1 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: a negative size, first > second,
+        second beyond the latest checkpoint; metadata log_size or
+        second_tree_size), NOT_FOUND (RESOURCE_NOT_FOUND: empty log), UNAVAILABLE
+        (STORE_UNAVAILABLE). A first_tree_size of 0 gives an empty proof.
+        Idempotent. Deadline: 1 s.
         """
 
     @_abc_1.abstractmethod
@@ -271,7 +330,9 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         """Streams records of a range, oldest first, for offline verification.
         Needs SCOPE_READ; an operator gets every tenant's records, anyone else
         only their own tenant's.
-        Errors: INVALID_ARGUMENT. Idempotent. Deadline: proportional to the range.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: a negative index, end_index beyond
+        the log, start_index after the end; metadata log_size), UNAVAILABLE
+        (STORE_UNAVAILABLE). Idempotent. Deadline: proportional to the range.
         """
 
     @_abc_1.abstractmethod
@@ -283,10 +344,13 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         """Decrypts the prompt and answer kept for a chat record (tenants whose
         policy is AUDIT_BODY_MODE_ENCRYPTED). Each successful read is itself
         appended to the log (an ADMIN record naming the reader). Needs SCOPE_ADMIN
-        on the record's tenant, or SCOPE_OPERATOR. Errors: NOT_FOUND (RESOURCE_NOT_FOUND: no such
-        record; AUDIT_BODY_NOT_KEPT: no body stored, or dropped by retention),
+        on the record's tenant, or SCOPE_OPERATOR. Errors: NOT_FOUND
+        (RESOURCE_NOT_FOUND: no such record, or another tenant's;
+        AUDIT_BODY_NOT_KEPT: no body stored, or dropped by retention),
         FAILED_PRECONDITION (AUDIT_SUBJECT_ERASED: its subject key was destroyed),
-        INTERNAL (AUDIT_BODY_CORRUPT). Idempotent. Deadline: 1 s.
+        INTERNAL (AUDIT_BODY_CORRUPT), INVALID_ARGUMENT (INVALID_FIELD: event_id
+        missing or holding a NUL), UNAVAILABLE (STORE_UNAVAILABLE).
+        Idempotent. Deadline: 1 s.
         """
 
     @_abc_1.abstractmethod
@@ -299,7 +363,9 @@ class AuditServiceServicer(metaclass=_abc_1.ABCMeta):
         its bodies, so they can never be decrypted again, while every leaf and
         checkpoint still verifies. The erasure is itself appended to the log as
         an ADMIN record. Needs SCOPE_ADMIN on the tenant, or SCOPE_OPERATOR.
-        Errors: INVALID_ARGUMENT (INVALID_FIELD), UNAVAILABLE (STORE_UNAVAILABLE).
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: no tenant_id from a key without a
+        tenant, a NUL in a field), PERMISSION_DENIED (SCOPE_DENIED: another
+        tenant), UNAVAILABLE (STORE_UNAVAILABLE).
         Idempotent (a repeat destroys nothing more and is audited again).
         Deadline: 5 s.
         """

@@ -29,7 +29,10 @@ class AccountServiceStub:
     """Tenants, teams, projects and API keys, and the tenant policy. Every change is
     audited. Tenants are managed by operators (SCOPE_OPERATOR); everything inside
     a tenant by its admins (SCOPE_ADMIN) and read with SCOPE_READ. A caller acts
-    on its own tenant; only an operator may name another one.
+    on its own tenant; only an operator may name another one. Errors every RPC
+    can return (identity, scope, INTERNAL) are listed on
+    orchestra.common.v1.ErrorReason; UNAVAILABLE (STORE_UNAVAILABLE, with
+    RetryInfo) means PostgreSQL could not be reached.
     """
 
     def __init__(self, channel):
@@ -114,12 +117,16 @@ class AccountServiceServicer:
     """Tenants, teams, projects and API keys, and the tenant policy. Every change is
     audited. Tenants are managed by operators (SCOPE_OPERATOR); everything inside
     a tenant by its admins (SCOPE_ADMIN) and read with SCOPE_READ. A caller acts
-    on its own tenant; only an operator may name another one.
+    on its own tenant; only an operator may name another one. Errors every RPC
+    can return (identity, scope, INTERNAL) are listed on
+    orchestra.common.v1.ErrorReason; UNAVAILABLE (STORE_UNAVAILABLE, with
+    RetryInfo) means PostgreSQL could not be reached.
     """
 
     def CreateTenant(self, request, context):
         """Creates a tenant. Needs SCOPE_OPERATOR.
-        Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (RESOURCE_EXISTS).
+        Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (RESOURCE_EXISTS),
+        UNAVAILABLE (STORE_UNAVAILABLE).
         Idempotent per tenant_id (a retry returns ALREADY_EXISTS). Deadline: 2 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -128,8 +135,10 @@ class AccountServiceServicer:
 
     def GetTenant(self, request, context):
         """Reads a tenant. Needs SCOPE_READ (or SCOPE_INTERNAL: the router reads
-        policies). Errors: NOT_FOUND, PERMISSION_DENIED.
-        Idempotent. Deadline: 1 s.
+        policies). Errors: NOT_FOUND (RESOURCE_NOT_FOUND: no such tenant, or it
+        was deleted), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+        INVALID_ARGUMENT (INVALID_FIELD: a service caller gave no tenant_id),
+        UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -137,7 +146,9 @@ class AccountServiceServicer:
 
     def ListTenants(self, request, context):
         """Lists tenants, by id. Needs SCOPE_OPERATOR.
-        Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 2 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+        INVALID_PAGE_TOKEN), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent.
+        Deadline: 2 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -145,7 +156,9 @@ class AccountServiceServicer:
 
     def UpdateTenant(self, request, context):
         """Changes a tenant's display name or policy (the fields in update_mask).
-        Needs SCOPE_ADMIN. Errors: NOT_FOUND, INVALID_ARGUMENT. Idempotent.
+        Needs SCOPE_ADMIN. Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT
+        (INVALID_FIELD: update_mask or a value), PERMISSION_DENIED (SCOPE_DENIED:
+        another tenant), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent.
         Deadline: 2 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -154,7 +167,10 @@ class AccountServiceServicer:
 
     def DeleteTenant(self, request, context):
         """Deletes a tenant and revokes all its keys; its ledger and audit records
-        stay. Needs SCOPE_OPERATOR. Errors: NOT_FOUND. Idempotent. Deadline: 5 s.
+        stay. Needs SCOPE_OPERATOR. Errors: NOT_FOUND (RESOURCE_NOT_FOUND: it never
+        existed; deleting a deleted tenant succeeds), INVALID_ARGUMENT
+        (INVALID_FIELD: tenant_id missing or too long), UNAVAILABLE
+        (STORE_UNAVAILABLE). Idempotent. Deadline: 5 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -162,14 +178,20 @@ class AccountServiceServicer:
 
     def CreateTeam(self, request, context):
         """Creates a team in a tenant. Needs SCOPE_ADMIN.
-        Errors: INVALID_ARGUMENT, ALREADY_EXISTS, NOT_FOUND (tenant). Deadline: 2 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (RESOURCE_EXISTS),
+        NOT_FOUND (RESOURCE_NOT_FOUND: the tenant), PERMISSION_DENIED
+        (SCOPE_DENIED: another tenant), UNAVAILABLE (STORE_UNAVAILABLE).
+        Deadline: 2 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListTeams(self, request, context):
-        """Lists a tenant's teams. Needs SCOPE_READ. Idempotent. Deadline: 2 s.
+        """Lists a tenant's teams. Needs SCOPE_READ.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+        INVALID_PAGE_TOKEN), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+        UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 2 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -177,14 +199,20 @@ class AccountServiceServicer:
 
     def CreateProject(self, request, context):
         """Creates a project in a team. Needs SCOPE_ADMIN.
-        Errors: INVALID_ARGUMENT, ALREADY_EXISTS, NOT_FOUND (team). Deadline: 2 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (RESOURCE_EXISTS),
+        NOT_FOUND (RESOURCE_NOT_FOUND: the tenant or team), PERMISSION_DENIED
+        (SCOPE_DENIED: another tenant), UNAVAILABLE (STORE_UNAVAILABLE).
+        Deadline: 2 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListProjects(self, request, context):
-        """Lists a tenant's projects. Needs SCOPE_READ. Idempotent. Deadline: 2 s.
+        """Lists a tenant's projects. Needs SCOPE_READ.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+        INVALID_PAGE_TOKEN), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+        UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 2 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -193,8 +221,12 @@ class AccountServiceServicer:
     def CreateApiKey(self, request, context):
         """Creates an API key. The secret is in the response and never again.
         Needs SCOPE_ADMIN (SCOPE_OPERATOR to grant SCOPE_OPERATOR).
-        Errors: INVALID_ARGUMENT, NOT_FOUND (tenant, team or project),
-        PERMISSION_DENIED (SCOPE_DENIED). Deadline: 2 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: display_name, scopes, team or
+        project malformed or not matching, expire_time not in the future, a
+        negative rate limit), NOT_FOUND (RESOURCE_NOT_FOUND: the tenant, team or
+        project), PERMISSION_DENIED (SCOPE_DENIED: granting SCOPE_OPERATOR
+        without it, a team- or project-bound admin creating a key beyond its team
+        or project, another tenant), UNAVAILABLE (STORE_UNAVAILABLE). Deadline: 2 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -202,7 +234,9 @@ class AccountServiceServicer:
 
     def ListApiKeys(self, request, context):
         """Lists a tenant's keys (never their secrets). Needs SCOPE_READ.
-        Idempotent. Deadline: 2 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+        INVALID_PAGE_TOKEN), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+        UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 2 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -210,8 +244,11 @@ class AccountServiceServicer:
 
     def RotateApiKey(self, request, context):
         """Replaces a key's secret; the old secret stops working at once on every
-        replica. Needs SCOPE_ADMIN. Errors: NOT_FOUND, FAILED_PRECONDITION (revoked).
-        Deadline: 2 s.
+        replica. Needs SCOPE_ADMIN. Errors: NOT_FOUND (RESOURCE_NOT_FOUND),
+        FAILED_PRECONDITION (API_KEY_REVOKED: the key is revoked),
+        INVALID_ARGUMENT (INVALID_FIELD: key_id missing or too long),
+        PERMISSION_DENIED (SCOPE_DENIED: another tenant's key), UNAVAILABLE
+        (STORE_UNAVAILABLE). Deadline: 2 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -219,7 +256,9 @@ class AccountServiceServicer:
 
     def RevokeApiKey(self, request, context):
         """Revokes a key at once on every replica. Needs SCOPE_ADMIN.
-        Errors: NOT_FOUND. Idempotent. Deadline: 2 s.
+        Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+        key_id missing or too long), PERMISSION_DENIED (SCOPE_DENIED: another
+        tenant's key), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 2 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -228,7 +267,11 @@ class AccountServiceServicer:
     def Authenticate(self, request, context):
         """Resolves an API key secret to the caller's identity. Used by the edge's
         ext_authz check and by services; needs SCOPE_INTERNAL.
-        Errors: UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID, API_KEY_REVOKED).
+        Errors: UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID: unknown,
+        malformed or expired; API_KEY_REVOKED: revoked, or its tenant deleted),
+        UNAVAILABLE (STORE_UNAVAILABLE). The edge's ext_authz Check
+        (envoy.service.auth.v3.Authorization, served beside this service) refuses
+        a client with the same codes and reasons, as the client's own status.
         Idempotent. Deadline: 200 ms.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -320,7 +363,10 @@ class AccountService:
     """Tenants, teams, projects and API keys, and the tenant policy. Every change is
     audited. Tenants are managed by operators (SCOPE_OPERATOR); everything inside
     a tenant by its admins (SCOPE_ADMIN) and read with SCOPE_READ. A caller acts
-    on its own tenant; only an operator may name another one.
+    on its own tenant; only an operator may name another one. Errors every RPC
+    can return (identity, scope, INTERNAL) are listed on
+    orchestra.common.v1.ErrorReason; UNAVAILABLE (STORE_UNAVAILABLE, with
+    RetryInfo) means PostgreSQL could not be reached.
     """
 
     @staticmethod

@@ -30,7 +30,10 @@ class AccountServiceStub:
     """Tenants, teams, projects and API keys, and the tenant policy. Every change is
     audited. Tenants are managed by operators (SCOPE_OPERATOR); everything inside
     a tenant by its admins (SCOPE_ADMIN) and read with SCOPE_READ. A caller acts
-    on its own tenant; only an operator may name another one.
+    on its own tenant; only an operator may name another one. Errors every RPC
+    can return (identity, scope, INTERNAL) are listed on
+    orchestra.common.v1.ErrorReason; UNAVAILABLE (STORE_UNAVAILABLE, with
+    RetryInfo) means PostgreSQL could not be reached.
     """
 
     @_typing.overload
@@ -39,62 +42,101 @@ class AccountServiceStub:
     def __new__(cls, channel: _aio.Channel) -> AccountServiceAsyncStub: ...
     CreateTenant: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.CreateTenantRequest, _account_service_pb2.CreateTenantResponse]
     """Creates a tenant. Needs SCOPE_OPERATOR.
-    Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (RESOURCE_EXISTS).
+    Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (RESOURCE_EXISTS),
+    UNAVAILABLE (STORE_UNAVAILABLE).
     Idempotent per tenant_id (a retry returns ALREADY_EXISTS). Deadline: 2 s.
     """
     GetTenant: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.GetTenantRequest, _account_service_pb2.GetTenantResponse]
     """Reads a tenant. Needs SCOPE_READ (or SCOPE_INTERNAL: the router reads
-    policies). Errors: NOT_FOUND, PERMISSION_DENIED.
-    Idempotent. Deadline: 1 s.
+    policies). Errors: NOT_FOUND (RESOURCE_NOT_FOUND: no such tenant, or it
+    was deleted), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+    INVALID_ARGUMENT (INVALID_FIELD: a service caller gave no tenant_id),
+    UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.
     """
     ListTenants: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.ListTenantsRequest, _account_service_pb2.ListTenantsResponse]
     """Lists tenants, by id. Needs SCOPE_OPERATOR.
-    Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 2 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+    INVALID_PAGE_TOKEN), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent.
+    Deadline: 2 s.
     """
     UpdateTenant: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.UpdateTenantRequest, _account_service_pb2.UpdateTenantResponse]
     """Changes a tenant's display name or policy (the fields in update_mask).
-    Needs SCOPE_ADMIN. Errors: NOT_FOUND, INVALID_ARGUMENT. Idempotent.
+    Needs SCOPE_ADMIN. Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT
+    (INVALID_FIELD: update_mask or a value), PERMISSION_DENIED (SCOPE_DENIED:
+    another tenant), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent.
     Deadline: 2 s.
     """
     DeleteTenant: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.DeleteTenantRequest, _account_service_pb2.DeleteTenantResponse]
     """Deletes a tenant and revokes all its keys; its ledger and audit records
-    stay. Needs SCOPE_OPERATOR. Errors: NOT_FOUND. Idempotent. Deadline: 5 s.
+    stay. Needs SCOPE_OPERATOR. Errors: NOT_FOUND (RESOURCE_NOT_FOUND: it never
+    existed; deleting a deleted tenant succeeds), INVALID_ARGUMENT
+    (INVALID_FIELD: tenant_id missing or too long), UNAVAILABLE
+    (STORE_UNAVAILABLE). Idempotent. Deadline: 5 s.
     """
     CreateTeam: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.CreateTeamRequest, _account_service_pb2.CreateTeamResponse]
     """Creates a team in a tenant. Needs SCOPE_ADMIN.
-    Errors: INVALID_ARGUMENT, ALREADY_EXISTS, NOT_FOUND (tenant). Deadline: 2 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (RESOURCE_EXISTS),
+    NOT_FOUND (RESOURCE_NOT_FOUND: the tenant), PERMISSION_DENIED
+    (SCOPE_DENIED: another tenant), UNAVAILABLE (STORE_UNAVAILABLE).
+    Deadline: 2 s.
     """
     ListTeams: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.ListTeamsRequest, _account_service_pb2.ListTeamsResponse]
-    """Lists a tenant's teams. Needs SCOPE_READ. Idempotent. Deadline: 2 s."""
+    """Lists a tenant's teams. Needs SCOPE_READ.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+    INVALID_PAGE_TOKEN), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+    UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 2 s.
+    """
     CreateProject: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.CreateProjectRequest, _account_service_pb2.CreateProjectResponse]
     """Creates a project in a team. Needs SCOPE_ADMIN.
-    Errors: INVALID_ARGUMENT, ALREADY_EXISTS, NOT_FOUND (team). Deadline: 2 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (RESOURCE_EXISTS),
+    NOT_FOUND (RESOURCE_NOT_FOUND: the tenant or team), PERMISSION_DENIED
+    (SCOPE_DENIED: another tenant), UNAVAILABLE (STORE_UNAVAILABLE).
+    Deadline: 2 s.
     """
     ListProjects: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.ListProjectsRequest, _account_service_pb2.ListProjectsResponse]
-    """Lists a tenant's projects. Needs SCOPE_READ. Idempotent. Deadline: 2 s."""
+    """Lists a tenant's projects. Needs SCOPE_READ.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+    INVALID_PAGE_TOKEN), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+    UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 2 s.
+    """
     CreateApiKey: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.CreateApiKeyRequest, _account_service_pb2.CreateApiKeyResponse]
     """Creates an API key. The secret is in the response and never again.
     Needs SCOPE_ADMIN (SCOPE_OPERATOR to grant SCOPE_OPERATOR).
-    Errors: INVALID_ARGUMENT, NOT_FOUND (tenant, team or project),
-    PERMISSION_DENIED (SCOPE_DENIED). Deadline: 2 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: display_name, scopes, team or
+    project malformed or not matching, expire_time not in the future, a
+    negative rate limit), NOT_FOUND (RESOURCE_NOT_FOUND: the tenant, team or
+    project), PERMISSION_DENIED (SCOPE_DENIED: granting SCOPE_OPERATOR
+    without it, a team- or project-bound admin creating a key beyond its team
+    or project, another tenant), UNAVAILABLE (STORE_UNAVAILABLE). Deadline: 2 s.
     """
     ListApiKeys: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.ListApiKeysRequest, _account_service_pb2.ListApiKeysResponse]
     """Lists a tenant's keys (never their secrets). Needs SCOPE_READ.
-    Idempotent. Deadline: 2 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+    INVALID_PAGE_TOKEN), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+    UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 2 s.
     """
     RotateApiKey: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.RotateApiKeyRequest, _account_service_pb2.RotateApiKeyResponse]
     """Replaces a key's secret; the old secret stops working at once on every
-    replica. Needs SCOPE_ADMIN. Errors: NOT_FOUND, FAILED_PRECONDITION (revoked).
-    Deadline: 2 s.
+    replica. Needs SCOPE_ADMIN. Errors: NOT_FOUND (RESOURCE_NOT_FOUND),
+    FAILED_PRECONDITION (API_KEY_REVOKED: the key is revoked),
+    INVALID_ARGUMENT (INVALID_FIELD: key_id missing or too long),
+    PERMISSION_DENIED (SCOPE_DENIED: another tenant's key), UNAVAILABLE
+    (STORE_UNAVAILABLE). Deadline: 2 s.
     """
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.RevokeApiKeyRequest, _account_service_pb2.RevokeApiKeyResponse]
     """Revokes a key at once on every replica. Needs SCOPE_ADMIN.
-    Errors: NOT_FOUND. Idempotent. Deadline: 2 s.
+    Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+    key_id missing or too long), PERMISSION_DENIED (SCOPE_DENIED: another
+    tenant's key), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 2 s.
     """
     Authenticate: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.AuthenticateRequest, _account_service_pb2.AuthenticateResponse]
     """Resolves an API key secret to the caller's identity. Used by the edge's
     ext_authz check and by services; needs SCOPE_INTERNAL.
-    Errors: UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID, API_KEY_REVOKED).
+    Errors: UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID: unknown,
+    malformed or expired; API_KEY_REVOKED: revoked, or its tenant deleted),
+    UNAVAILABLE (STORE_UNAVAILABLE). The edge's ext_authz Check
+    (envoy.service.auth.v3.Authorization, served beside this service) refuses
+    a client with the same codes and reasons, as the client's own status.
     Idempotent. Deadline: 200 ms.
     """
 
@@ -103,68 +145,110 @@ class AccountServiceAsyncStub(AccountServiceStub):
     """Tenants, teams, projects and API keys, and the tenant policy. Every change is
     audited. Tenants are managed by operators (SCOPE_OPERATOR); everything inside
     a tenant by its admins (SCOPE_ADMIN) and read with SCOPE_READ. A caller acts
-    on its own tenant; only an operator may name another one.
+    on its own tenant; only an operator may name another one. Errors every RPC
+    can return (identity, scope, INTERNAL) are listed on
+    orchestra.common.v1.ErrorReason; UNAVAILABLE (STORE_UNAVAILABLE, with
+    RetryInfo) means PostgreSQL could not be reached.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateTenant: _aio.UnaryUnaryMultiCallable[_account_service_pb2.CreateTenantRequest, _account_service_pb2.CreateTenantResponse]  # type: ignore[assignment]
     """Creates a tenant. Needs SCOPE_OPERATOR.
-    Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (RESOURCE_EXISTS).
+    Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (RESOURCE_EXISTS),
+    UNAVAILABLE (STORE_UNAVAILABLE).
     Idempotent per tenant_id (a retry returns ALREADY_EXISTS). Deadline: 2 s.
     """
     GetTenant: _aio.UnaryUnaryMultiCallable[_account_service_pb2.GetTenantRequest, _account_service_pb2.GetTenantResponse]  # type: ignore[assignment]
     """Reads a tenant. Needs SCOPE_READ (or SCOPE_INTERNAL: the router reads
-    policies). Errors: NOT_FOUND, PERMISSION_DENIED.
-    Idempotent. Deadline: 1 s.
+    policies). Errors: NOT_FOUND (RESOURCE_NOT_FOUND: no such tenant, or it
+    was deleted), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+    INVALID_ARGUMENT (INVALID_FIELD: a service caller gave no tenant_id),
+    UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.
     """
     ListTenants: _aio.UnaryUnaryMultiCallable[_account_service_pb2.ListTenantsRequest, _account_service_pb2.ListTenantsResponse]  # type: ignore[assignment]
     """Lists tenants, by id. Needs SCOPE_OPERATOR.
-    Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 2 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+    INVALID_PAGE_TOKEN), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent.
+    Deadline: 2 s.
     """
     UpdateTenant: _aio.UnaryUnaryMultiCallable[_account_service_pb2.UpdateTenantRequest, _account_service_pb2.UpdateTenantResponse]  # type: ignore[assignment]
     """Changes a tenant's display name or policy (the fields in update_mask).
-    Needs SCOPE_ADMIN. Errors: NOT_FOUND, INVALID_ARGUMENT. Idempotent.
+    Needs SCOPE_ADMIN. Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT
+    (INVALID_FIELD: update_mask or a value), PERMISSION_DENIED (SCOPE_DENIED:
+    another tenant), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent.
     Deadline: 2 s.
     """
     DeleteTenant: _aio.UnaryUnaryMultiCallable[_account_service_pb2.DeleteTenantRequest, _account_service_pb2.DeleteTenantResponse]  # type: ignore[assignment]
     """Deletes a tenant and revokes all its keys; its ledger and audit records
-    stay. Needs SCOPE_OPERATOR. Errors: NOT_FOUND. Idempotent. Deadline: 5 s.
+    stay. Needs SCOPE_OPERATOR. Errors: NOT_FOUND (RESOURCE_NOT_FOUND: it never
+    existed; deleting a deleted tenant succeeds), INVALID_ARGUMENT
+    (INVALID_FIELD: tenant_id missing or too long), UNAVAILABLE
+    (STORE_UNAVAILABLE). Idempotent. Deadline: 5 s.
     """
     CreateTeam: _aio.UnaryUnaryMultiCallable[_account_service_pb2.CreateTeamRequest, _account_service_pb2.CreateTeamResponse]  # type: ignore[assignment]
     """Creates a team in a tenant. Needs SCOPE_ADMIN.
-    Errors: INVALID_ARGUMENT, ALREADY_EXISTS, NOT_FOUND (tenant). Deadline: 2 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (RESOURCE_EXISTS),
+    NOT_FOUND (RESOURCE_NOT_FOUND: the tenant), PERMISSION_DENIED
+    (SCOPE_DENIED: another tenant), UNAVAILABLE (STORE_UNAVAILABLE).
+    Deadline: 2 s.
     """
     ListTeams: _aio.UnaryUnaryMultiCallable[_account_service_pb2.ListTeamsRequest, _account_service_pb2.ListTeamsResponse]  # type: ignore[assignment]
-    """Lists a tenant's teams. Needs SCOPE_READ. Idempotent. Deadline: 2 s."""
+    """Lists a tenant's teams. Needs SCOPE_READ.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+    INVALID_PAGE_TOKEN), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+    UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 2 s.
+    """
     CreateProject: _aio.UnaryUnaryMultiCallable[_account_service_pb2.CreateProjectRequest, _account_service_pb2.CreateProjectResponse]  # type: ignore[assignment]
     """Creates a project in a team. Needs SCOPE_ADMIN.
-    Errors: INVALID_ARGUMENT, ALREADY_EXISTS, NOT_FOUND (team). Deadline: 2 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (RESOURCE_EXISTS),
+    NOT_FOUND (RESOURCE_NOT_FOUND: the tenant or team), PERMISSION_DENIED
+    (SCOPE_DENIED: another tenant), UNAVAILABLE (STORE_UNAVAILABLE).
+    Deadline: 2 s.
     """
     ListProjects: _aio.UnaryUnaryMultiCallable[_account_service_pb2.ListProjectsRequest, _account_service_pb2.ListProjectsResponse]  # type: ignore[assignment]
-    """Lists a tenant's projects. Needs SCOPE_READ. Idempotent. Deadline: 2 s."""
+    """Lists a tenant's projects. Needs SCOPE_READ.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+    INVALID_PAGE_TOKEN), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+    UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 2 s.
+    """
     CreateApiKey: _aio.UnaryUnaryMultiCallable[_account_service_pb2.CreateApiKeyRequest, _account_service_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
     """Creates an API key. The secret is in the response and never again.
     Needs SCOPE_ADMIN (SCOPE_OPERATOR to grant SCOPE_OPERATOR).
-    Errors: INVALID_ARGUMENT, NOT_FOUND (tenant, team or project),
-    PERMISSION_DENIED (SCOPE_DENIED). Deadline: 2 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: display_name, scopes, team or
+    project malformed or not matching, expire_time not in the future, a
+    negative rate limit), NOT_FOUND (RESOURCE_NOT_FOUND: the tenant, team or
+    project), PERMISSION_DENIED (SCOPE_DENIED: granting SCOPE_OPERATOR
+    without it, a team- or project-bound admin creating a key beyond its team
+    or project, another tenant), UNAVAILABLE (STORE_UNAVAILABLE). Deadline: 2 s.
     """
     ListApiKeys: _aio.UnaryUnaryMultiCallable[_account_service_pb2.ListApiKeysRequest, _account_service_pb2.ListApiKeysResponse]  # type: ignore[assignment]
     """Lists a tenant's keys (never their secrets). Needs SCOPE_READ.
-    Idempotent. Deadline: 2 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+    INVALID_PAGE_TOKEN), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+    UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 2 s.
     """
     RotateApiKey: _aio.UnaryUnaryMultiCallable[_account_service_pb2.RotateApiKeyRequest, _account_service_pb2.RotateApiKeyResponse]  # type: ignore[assignment]
     """Replaces a key's secret; the old secret stops working at once on every
-    replica. Needs SCOPE_ADMIN. Errors: NOT_FOUND, FAILED_PRECONDITION (revoked).
-    Deadline: 2 s.
+    replica. Needs SCOPE_ADMIN. Errors: NOT_FOUND (RESOURCE_NOT_FOUND),
+    FAILED_PRECONDITION (API_KEY_REVOKED: the key is revoked),
+    INVALID_ARGUMENT (INVALID_FIELD: key_id missing or too long),
+    PERMISSION_DENIED (SCOPE_DENIED: another tenant's key), UNAVAILABLE
+    (STORE_UNAVAILABLE). Deadline: 2 s.
     """
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_account_service_pb2.RevokeApiKeyRequest, _account_service_pb2.RevokeApiKeyResponse]  # type: ignore[assignment]
     """Revokes a key at once on every replica. Needs SCOPE_ADMIN.
-    Errors: NOT_FOUND. Idempotent. Deadline: 2 s.
+    Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+    key_id missing or too long), PERMISSION_DENIED (SCOPE_DENIED: another
+    tenant's key), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 2 s.
     """
     Authenticate: _aio.UnaryUnaryMultiCallable[_account_service_pb2.AuthenticateRequest, _account_service_pb2.AuthenticateResponse]  # type: ignore[assignment]
     """Resolves an API key secret to the caller's identity. Used by the edge's
     ext_authz check and by services; needs SCOPE_INTERNAL.
-    Errors: UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID, API_KEY_REVOKED).
+    Errors: UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID: unknown,
+    malformed or expired; API_KEY_REVOKED: revoked, or its tenant deleted),
+    UNAVAILABLE (STORE_UNAVAILABLE). The edge's ext_authz Check
+    (envoy.service.auth.v3.Authorization, served beside this service) refuses
+    a client with the same codes and reasons, as the client's own status.
     Idempotent. Deadline: 200 ms.
     """
 
@@ -172,7 +256,10 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
     """Tenants, teams, projects and API keys, and the tenant policy. Every change is
     audited. Tenants are managed by operators (SCOPE_OPERATOR); everything inside
     a tenant by its admins (SCOPE_ADMIN) and read with SCOPE_READ. A caller acts
-    on its own tenant; only an operator may name another one.
+    on its own tenant; only an operator may name another one. Errors every RPC
+    can return (identity, scope, INTERNAL) are listed on
+    orchestra.common.v1.ErrorReason; UNAVAILABLE (STORE_UNAVAILABLE, with
+    RetryInfo) means PostgreSQL could not be reached.
     """
 
     @_abc_1.abstractmethod
@@ -182,7 +269,8 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_account_service_pb2.CreateTenantResponse, _abc.Awaitable[_account_service_pb2.CreateTenantResponse]]:
         """Creates a tenant. Needs SCOPE_OPERATOR.
-        Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (RESOURCE_EXISTS).
+        Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (RESOURCE_EXISTS),
+        UNAVAILABLE (STORE_UNAVAILABLE).
         Idempotent per tenant_id (a retry returns ALREADY_EXISTS). Deadline: 2 s.
         """
 
@@ -193,8 +281,10 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_account_service_pb2.GetTenantResponse, _abc.Awaitable[_account_service_pb2.GetTenantResponse]]:
         """Reads a tenant. Needs SCOPE_READ (or SCOPE_INTERNAL: the router reads
-        policies). Errors: NOT_FOUND, PERMISSION_DENIED.
-        Idempotent. Deadline: 1 s.
+        policies). Errors: NOT_FOUND (RESOURCE_NOT_FOUND: no such tenant, or it
+        was deleted), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+        INVALID_ARGUMENT (INVALID_FIELD: a service caller gave no tenant_id),
+        UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.
         """
 
     @_abc_1.abstractmethod
@@ -204,7 +294,9 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_account_service_pb2.ListTenantsResponse, _abc.Awaitable[_account_service_pb2.ListTenantsResponse]]:
         """Lists tenants, by id. Needs SCOPE_OPERATOR.
-        Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 2 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+        INVALID_PAGE_TOKEN), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent.
+        Deadline: 2 s.
         """
 
     @_abc_1.abstractmethod
@@ -214,7 +306,9 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_account_service_pb2.UpdateTenantResponse, _abc.Awaitable[_account_service_pb2.UpdateTenantResponse]]:
         """Changes a tenant's display name or policy (the fields in update_mask).
-        Needs SCOPE_ADMIN. Errors: NOT_FOUND, INVALID_ARGUMENT. Idempotent.
+        Needs SCOPE_ADMIN. Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT
+        (INVALID_FIELD: update_mask or a value), PERMISSION_DENIED (SCOPE_DENIED:
+        another tenant), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent.
         Deadline: 2 s.
         """
 
@@ -225,7 +319,10 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_account_service_pb2.DeleteTenantResponse, _abc.Awaitable[_account_service_pb2.DeleteTenantResponse]]:
         """Deletes a tenant and revokes all its keys; its ledger and audit records
-        stay. Needs SCOPE_OPERATOR. Errors: NOT_FOUND. Idempotent. Deadline: 5 s.
+        stay. Needs SCOPE_OPERATOR. Errors: NOT_FOUND (RESOURCE_NOT_FOUND: it never
+        existed; deleting a deleted tenant succeeds), INVALID_ARGUMENT
+        (INVALID_FIELD: tenant_id missing or too long), UNAVAILABLE
+        (STORE_UNAVAILABLE). Idempotent. Deadline: 5 s.
         """
 
     @_abc_1.abstractmethod
@@ -235,7 +332,10 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_account_service_pb2.CreateTeamResponse, _abc.Awaitable[_account_service_pb2.CreateTeamResponse]]:
         """Creates a team in a tenant. Needs SCOPE_ADMIN.
-        Errors: INVALID_ARGUMENT, ALREADY_EXISTS, NOT_FOUND (tenant). Deadline: 2 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (RESOURCE_EXISTS),
+        NOT_FOUND (RESOURCE_NOT_FOUND: the tenant), PERMISSION_DENIED
+        (SCOPE_DENIED: another tenant), UNAVAILABLE (STORE_UNAVAILABLE).
+        Deadline: 2 s.
         """
 
     @_abc_1.abstractmethod
@@ -244,7 +344,11 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _account_service_pb2.ListTeamsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_account_service_pb2.ListTeamsResponse, _abc.Awaitable[_account_service_pb2.ListTeamsResponse]]:
-        """Lists a tenant's teams. Needs SCOPE_READ. Idempotent. Deadline: 2 s."""
+        """Lists a tenant's teams. Needs SCOPE_READ.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+        INVALID_PAGE_TOKEN), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+        UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 2 s.
+        """
 
     @_abc_1.abstractmethod
     def CreateProject(
@@ -253,7 +357,10 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_account_service_pb2.CreateProjectResponse, _abc.Awaitable[_account_service_pb2.CreateProjectResponse]]:
         """Creates a project in a team. Needs SCOPE_ADMIN.
-        Errors: INVALID_ARGUMENT, ALREADY_EXISTS, NOT_FOUND (team). Deadline: 2 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (RESOURCE_EXISTS),
+        NOT_FOUND (RESOURCE_NOT_FOUND: the tenant or team), PERMISSION_DENIED
+        (SCOPE_DENIED: another tenant), UNAVAILABLE (STORE_UNAVAILABLE).
+        Deadline: 2 s.
         """
 
     @_abc_1.abstractmethod
@@ -262,7 +369,11 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _account_service_pb2.ListProjectsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_account_service_pb2.ListProjectsResponse, _abc.Awaitable[_account_service_pb2.ListProjectsResponse]]:
-        """Lists a tenant's projects. Needs SCOPE_READ. Idempotent. Deadline: 2 s."""
+        """Lists a tenant's projects. Needs SCOPE_READ.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+        INVALID_PAGE_TOKEN), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+        UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 2 s.
+        """
 
     @_abc_1.abstractmethod
     def CreateApiKey(
@@ -272,8 +383,12 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_account_service_pb2.CreateApiKeyResponse, _abc.Awaitable[_account_service_pb2.CreateApiKeyResponse]]:
         """Creates an API key. The secret is in the response and never again.
         Needs SCOPE_ADMIN (SCOPE_OPERATOR to grant SCOPE_OPERATOR).
-        Errors: INVALID_ARGUMENT, NOT_FOUND (tenant, team or project),
-        PERMISSION_DENIED (SCOPE_DENIED). Deadline: 2 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: display_name, scopes, team or
+        project malformed or not matching, expire_time not in the future, a
+        negative rate limit), NOT_FOUND (RESOURCE_NOT_FOUND: the tenant, team or
+        project), PERMISSION_DENIED (SCOPE_DENIED: granting SCOPE_OPERATOR
+        without it, a team- or project-bound admin creating a key beyond its team
+        or project, another tenant), UNAVAILABLE (STORE_UNAVAILABLE). Deadline: 2 s.
         """
 
     @_abc_1.abstractmethod
@@ -283,7 +398,9 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_account_service_pb2.ListApiKeysResponse, _abc.Awaitable[_account_service_pb2.ListApiKeysResponse]]:
         """Lists a tenant's keys (never their secrets). Needs SCOPE_READ.
-        Idempotent. Deadline: 2 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+        INVALID_PAGE_TOKEN), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+        UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 2 s.
         """
 
     @_abc_1.abstractmethod
@@ -293,8 +410,11 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_account_service_pb2.RotateApiKeyResponse, _abc.Awaitable[_account_service_pb2.RotateApiKeyResponse]]:
         """Replaces a key's secret; the old secret stops working at once on every
-        replica. Needs SCOPE_ADMIN. Errors: NOT_FOUND, FAILED_PRECONDITION (revoked).
-        Deadline: 2 s.
+        replica. Needs SCOPE_ADMIN. Errors: NOT_FOUND (RESOURCE_NOT_FOUND),
+        FAILED_PRECONDITION (API_KEY_REVOKED: the key is revoked),
+        INVALID_ARGUMENT (INVALID_FIELD: key_id missing or too long),
+        PERMISSION_DENIED (SCOPE_DENIED: another tenant's key), UNAVAILABLE
+        (STORE_UNAVAILABLE). Deadline: 2 s.
         """
 
     @_abc_1.abstractmethod
@@ -304,7 +424,9 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_account_service_pb2.RevokeApiKeyResponse, _abc.Awaitable[_account_service_pb2.RevokeApiKeyResponse]]:
         """Revokes a key at once on every replica. Needs SCOPE_ADMIN.
-        Errors: NOT_FOUND. Idempotent. Deadline: 2 s.
+        Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+        key_id missing or too long), PERMISSION_DENIED (SCOPE_DENIED: another
+        tenant's key), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 2 s.
         """
 
     @_abc_1.abstractmethod
@@ -315,7 +437,11 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_account_service_pb2.AuthenticateResponse, _abc.Awaitable[_account_service_pb2.AuthenticateResponse]]:
         """Resolves an API key secret to the caller's identity. Used by the edge's
         ext_authz check and by services; needs SCOPE_INTERNAL.
-        Errors: UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID, API_KEY_REVOKED).
+        Errors: UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID: unknown,
+        malformed or expired; API_KEY_REVOKED: revoked, or its tenant deleted),
+        UNAVAILABLE (STORE_UNAVAILABLE). The edge's ext_authz Check
+        (envoy.service.auth.v3.Authorization, served beside this service) refuses
+        a client with the same codes and reasons, as the client's own status.
         Idempotent. Deadline: 200 ms.
         """
 

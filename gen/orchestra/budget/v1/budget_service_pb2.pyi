@@ -151,7 +151,7 @@ class Budget(_message.Message):
     ALERT_WEBHOOK_URL_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     budget_id: _builtins.str
-    """Assigned id."""
+    """Assigned id (set by CreateBudget; names the budget in UpdateBudget)."""
     tenant_id: _builtins.str
     """The tenant."""
     level: Global___BudgetLevel.ValueType
@@ -520,7 +520,7 @@ class ReserveRequest(_message.Message):
     """
     @_builtins.property
     def subject(self) -> Global___SpendSubject:
-        """Who pays."""
+        """Who pays; tenant_id is required."""
 
     @_builtins.property
     def provider_rate_limit(self) -> _identity_pb2.RateLimit:

@@ -34,6 +34,10 @@ class BudgetServiceStub:
     PostgreSQL, so when Redis loses its data the counters are rebuilt from the
     ledger and the open holds before anything more is admitted (Reserve answers
     UNAVAILABLE with RetryInfo meanwhile): counters never fall below the ledger.
+    Errors every RPC can return (identity, scope, INTERNAL) are listed on
+    orchestra.common.v1.ErrorReason; UNAVAILABLE (STORE_UNAVAILABLE, with
+    RetryInfo and metadata["store"]) means PostgreSQL or Redis could not be
+    reached.
     """
 
     def __init__(self, channel):
@@ -103,19 +107,28 @@ class BudgetServiceServicer:
     PostgreSQL, so when Redis loses its data the counters are rebuilt from the
     ledger and the open holds before anything more is admitted (Reserve answers
     UNAVAILABLE with RetryInfo meanwhile): counters never fall below the ledger.
+    Errors every RPC can return (identity, scope, INTERNAL) are listed on
+    orchestra.common.v1.ErrorReason; UNAVAILABLE (STORE_UNAVAILABLE, with
+    RetryInfo and metadata["store"]) means PostgreSQL or Redis could not be
+    reached.
     """
 
     def CreateBudget(self, request, context):
         """Creates a budget. Needs SCOPE_ADMIN.
-        Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS. Deadline: 2 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (RESOURCE_EXISTS:
+        the tenant has a budget for this level, subject and window), NOT_FOUND
+        (RESOURCE_NOT_FOUND: the tenant), PERMISSION_DENIED (SCOPE_DENIED: another
+        tenant), UNAVAILABLE (STORE_UNAVAILABLE). Deadline: 2 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetBudget(self, request, context):
-        """Reads a budget. Needs SCOPE_READ. Errors: NOT_FOUND. Idempotent.
-        Deadline: 1 s.
+        """Reads a budget. Needs SCOPE_READ. Errors: NOT_FOUND (RESOURCE_NOT_FOUND),
+        INVALID_ARGUMENT (INVALID_FIELD: budget_id missing or too long),
+        PERMISSION_DENIED (SCOPE_DENIED: another tenant's budget), UNAVAILABLE
+        (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,7 +136,9 @@ class BudgetServiceServicer:
 
     def ListBudgets(self, request, context):
         """Lists a tenant's budgets. Needs SCOPE_READ.
-        Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 2 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+        INVALID_PAGE_TOKEN), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+        UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 2 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -131,7 +146,10 @@ class BudgetServiceServicer:
 
     def UpdateBudget(self, request, context):
         """Changes a budget's limit, kind or alerts. Needs SCOPE_ADMIN.
-        Errors: NOT_FOUND, INVALID_ARGUMENT. Idempotent. Deadline: 2 s.
+        Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+        budget_id, update_mask or a value), PERMISSION_DENIED (SCOPE_DENIED:
+        another tenant's budget), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent.
+        Deadline: 2 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -139,7 +157,10 @@ class BudgetServiceServicer:
 
     def DeleteBudget(self, request, context):
         """Deletes a budget (spend stays in the ledger). Needs SCOPE_ADMIN.
-        Errors: NOT_FOUND. Idempotent. Deadline: 2 s.
+        Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+        budget_id missing or too long), PERMISSION_DENIED (SCOPE_DENIED: another
+        tenant's budget), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent.
+        Deadline: 2 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -155,7 +176,11 @@ class BudgetServiceServicer:
         RATE_LIMITED with QuotaFailure naming the limit, e.g.
         "tenants/acme/apiKeys/k1/tokens_per_minute", and RetryInfo until the
         minute ends), UNAVAILABLE (STORE_UNAVAILABLE with RetryInfo, when Redis is
-        down and the tenant fails closed), INVALID_ARGUMENT. When Redis is down and
+        down and the tenant fails closed, or PostgreSQL is down, or while the
+        counters are rebuilt), INVALID_ARGUMENT (INVALID_FIELD: request_id,
+        subject, model, a negative amount, tokens or limit, ttl_seconds out of
+        range, provider_rate_limit without a "provider/model" model), NOT_FOUND
+        (RESOURCE_NOT_FOUND: the subject's tenant). When Redis is down and
         the tenant's policy says fail_open, the request is admitted with
         held_micro_usd 0 and trailing metadata "orchestra-budget-fail-open:
         redis-unreachable"; its payer is recorded in PostgreSQL so Settle still
@@ -179,7 +204,10 @@ class BudgetServiceServicer:
         that amount with the reported cost, once, in the ledger and counters; a
         late Release refunds it. This works until a day after the expiry.
         Errors: NOT_FOUND (RESERVATION_NOT_FOUND), FAILED_PRECONDITION
-        (ALREADY_SETTLED with a different amount). Idempotent per request_id.
+        (ALREADY_SETTLED with a different amount), INVALID_ARGUMENT (INVALID_FIELD:
+        request_id missing or too long, a negative cost or token count),
+        UNAVAILABLE (STORE_UNAVAILABLE: a held request while Redis is down, or
+        while the counters are rebuilt). Idempotent per request_id.
         Deadline: 200 ms; callers retry from a durable outbox.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -190,8 +218,9 @@ class BudgetServiceServicer:
         """Releases a hold without charging (cache hit, request refused before the
         upstream call). A hold the reaper already charged in full is refunded
         (released_micro_usd is that amount, once). Needs SCOPE_INTERNAL.
-        Errors: NOT_FOUND. Idempotent.
-        Deadline: 200 ms.
+        Errors: NOT_FOUND (RESERVATION_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+        request_id missing or too long), UNAVAILABLE (STORE_UNAVAILABLE).
+        Idempotent. Deadline: 200 ms.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -199,8 +228,10 @@ class BudgetServiceServicer:
 
     def GetBudgetStatus(self, request, context):
         """Spend, holds and limits of every budget that applies to a subject.
-        Needs SCOPE_READ. Errors: NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE
-        (STORE_UNAVAILABLE while Redis' counters are rebuilt). Idempotent.
+        Needs SCOPE_READ. Errors: NOT_FOUND (RESOURCE_NOT_FOUND: the tenant),
+        INVALID_ARGUMENT (INVALID_FIELD: a malformed subject field),
+        PERMISSION_DENIED (SCOPE_DENIED: another tenant), UNAVAILABLE
+        (STORE_UNAVAILABLE, also while Redis' counters are rebuilt). Idempotent.
         Deadline: 1 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -209,8 +240,11 @@ class BudgetServiceServicer:
 
     def ListSpend(self, request, context):
         """Spend grouped by a dimension over a time range, from the ledger.
-        Needs SCOPE_READ. Errors: INVALID_ARGUMENT (INVALID_FIELD,
-        INVALID_PAGE_TOKEN). Idempotent. Deadline: 5 s.
+        Needs SCOPE_READ. Errors: INVALID_ARGUMENT (INVALID_FIELD: group_by unset,
+        start_time not before end_time, negative page_size; INVALID_PAGE_TOKEN),
+        NOT_FOUND (RESOURCE_NOT_FOUND: the tenant), PERMISSION_DENIED
+        (SCOPE_DENIED: another tenant), UNAVAILABLE (STORE_UNAVAILABLE).
+        Idempotent. Deadline: 5 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -286,6 +320,10 @@ class BudgetService:
     PostgreSQL, so when Redis loses its data the counters are rebuilt from the
     ledger and the open holds before anything more is admitted (Reserve answers
     UNAVAILABLE with RetryInfo meanwhile): counters never fall below the ledger.
+    Errors every RPC can return (identity, scope, INTERNAL) are listed on
+    orchestra.common.v1.ErrorReason; UNAVAILABLE (STORE_UNAVAILABLE, with
+    RetryInfo and metadata["store"]) means PostgreSQL or Redis could not be
+    reached.
     """
 
     @staticmethod

@@ -35,6 +35,10 @@ class BudgetServiceStub:
     PostgreSQL, so when Redis loses its data the counters are rebuilt from the
     ledger and the open holds before anything more is admitted (Reserve answers
     UNAVAILABLE with RetryInfo meanwhile): counters never fall below the ledger.
+    Errors every RPC can return (identity, scope, INTERNAL) are listed on
+    orchestra.common.v1.ErrorReason; UNAVAILABLE (STORE_UNAVAILABLE, with
+    RetryInfo and metadata["store"]) means PostgreSQL or Redis could not be
+    reached.
     """
 
     @_typing.overload
@@ -43,23 +47,36 @@ class BudgetServiceStub:
     def __new__(cls, channel: _aio.Channel) -> BudgetServiceAsyncStub: ...
     CreateBudget: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.CreateBudgetRequest, _budget_service_pb2.CreateBudgetResponse]
     """Creates a budget. Needs SCOPE_ADMIN.
-    Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS. Deadline: 2 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (RESOURCE_EXISTS:
+    the tenant has a budget for this level, subject and window), NOT_FOUND
+    (RESOURCE_NOT_FOUND: the tenant), PERMISSION_DENIED (SCOPE_DENIED: another
+    tenant), UNAVAILABLE (STORE_UNAVAILABLE). Deadline: 2 s.
     """
     GetBudget: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.GetBudgetRequest, _budget_service_pb2.GetBudgetResponse]
-    """Reads a budget. Needs SCOPE_READ. Errors: NOT_FOUND. Idempotent.
-    Deadline: 1 s.
+    """Reads a budget. Needs SCOPE_READ. Errors: NOT_FOUND (RESOURCE_NOT_FOUND),
+    INVALID_ARGUMENT (INVALID_FIELD: budget_id missing or too long),
+    PERMISSION_DENIED (SCOPE_DENIED: another tenant's budget), UNAVAILABLE
+    (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.
     """
     ListBudgets: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.ListBudgetsRequest, _budget_service_pb2.ListBudgetsResponse]
     """Lists a tenant's budgets. Needs SCOPE_READ.
-    Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 2 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+    INVALID_PAGE_TOKEN), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+    UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 2 s.
     """
     UpdateBudget: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.UpdateBudgetRequest, _budget_service_pb2.UpdateBudgetResponse]
     """Changes a budget's limit, kind or alerts. Needs SCOPE_ADMIN.
-    Errors: NOT_FOUND, INVALID_ARGUMENT. Idempotent. Deadline: 2 s.
+    Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+    budget_id, update_mask or a value), PERMISSION_DENIED (SCOPE_DENIED:
+    another tenant's budget), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent.
+    Deadline: 2 s.
     """
     DeleteBudget: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.DeleteBudgetRequest, _budget_service_pb2.DeleteBudgetResponse]
     """Deletes a budget (spend stays in the ledger). Needs SCOPE_ADMIN.
-    Errors: NOT_FOUND. Idempotent. Deadline: 2 s.
+    Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+    budget_id missing or too long), PERMISSION_DENIED (SCOPE_DENIED: another
+    tenant's budget), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent.
+    Deadline: 2 s.
     """
     Reserve: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.ReserveRequest, _budget_service_pb2.ReserveResponse]
     """Holds amount_micro_usd at every level the request touches, or nothing.
@@ -71,7 +88,11 @@ class BudgetServiceStub:
     RATE_LIMITED with QuotaFailure naming the limit, e.g.
     "tenants/acme/apiKeys/k1/tokens_per_minute", and RetryInfo until the
     minute ends), UNAVAILABLE (STORE_UNAVAILABLE with RetryInfo, when Redis is
-    down and the tenant fails closed), INVALID_ARGUMENT. When Redis is down and
+    down and the tenant fails closed, or PostgreSQL is down, or while the
+    counters are rebuilt), INVALID_ARGUMENT (INVALID_FIELD: request_id,
+    subject, model, a negative amount, tokens or limit, ttl_seconds out of
+    range, provider_rate_limit without a "provider/model" model), NOT_FOUND
+    (RESOURCE_NOT_FOUND: the subject's tenant). When Redis is down and
     the tenant's policy says fail_open, the request is admitted with
     held_micro_usd 0 and trailing metadata "orchestra-budget-fail-open:
     redis-unreachable"; its payer is recorded in PostgreSQL so Settle still
@@ -91,26 +112,35 @@ class BudgetServiceStub:
     that amount with the reported cost, once, in the ledger and counters; a
     late Release refunds it. This works until a day after the expiry.
     Errors: NOT_FOUND (RESERVATION_NOT_FOUND), FAILED_PRECONDITION
-    (ALREADY_SETTLED with a different amount). Idempotent per request_id.
+    (ALREADY_SETTLED with a different amount), INVALID_ARGUMENT (INVALID_FIELD:
+    request_id missing or too long, a negative cost or token count),
+    UNAVAILABLE (STORE_UNAVAILABLE: a held request while Redis is down, or
+    while the counters are rebuilt). Idempotent per request_id.
     Deadline: 200 ms; callers retry from a durable outbox.
     """
     Release: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.ReleaseRequest, _budget_service_pb2.ReleaseResponse]
     """Releases a hold without charging (cache hit, request refused before the
     upstream call). A hold the reaper already charged in full is refunded
     (released_micro_usd is that amount, once). Needs SCOPE_INTERNAL.
-    Errors: NOT_FOUND. Idempotent.
-    Deadline: 200 ms.
+    Errors: NOT_FOUND (RESERVATION_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+    request_id missing or too long), UNAVAILABLE (STORE_UNAVAILABLE).
+    Idempotent. Deadline: 200 ms.
     """
     GetBudgetStatus: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.GetBudgetStatusRequest, _budget_service_pb2.GetBudgetStatusResponse]
     """Spend, holds and limits of every budget that applies to a subject.
-    Needs SCOPE_READ. Errors: NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE
-    (STORE_UNAVAILABLE while Redis' counters are rebuilt). Idempotent.
+    Needs SCOPE_READ. Errors: NOT_FOUND (RESOURCE_NOT_FOUND: the tenant),
+    INVALID_ARGUMENT (INVALID_FIELD: a malformed subject field),
+    PERMISSION_DENIED (SCOPE_DENIED: another tenant), UNAVAILABLE
+    (STORE_UNAVAILABLE, also while Redis' counters are rebuilt). Idempotent.
     Deadline: 1 s.
     """
     ListSpend: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.ListSpendRequest, _budget_service_pb2.ListSpendResponse]
     """Spend grouped by a dimension over a time range, from the ledger.
-    Needs SCOPE_READ. Errors: INVALID_ARGUMENT (INVALID_FIELD,
-    INVALID_PAGE_TOKEN). Idempotent. Deadline: 5 s.
+    Needs SCOPE_READ. Errors: INVALID_ARGUMENT (INVALID_FIELD: group_by unset,
+    start_time not before end_time, negative page_size; INVALID_PAGE_TOKEN),
+    NOT_FOUND (RESOURCE_NOT_FOUND: the tenant), PERMISSION_DENIED
+    (SCOPE_DENIED: another tenant), UNAVAILABLE (STORE_UNAVAILABLE).
+    Idempotent. Deadline: 5 s.
     """
 
 @_typing.type_check_only
@@ -123,28 +153,45 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     PostgreSQL, so when Redis loses its data the counters are rebuilt from the
     ledger and the open holds before anything more is admitted (Reserve answers
     UNAVAILABLE with RetryInfo meanwhile): counters never fall below the ledger.
+    Errors every RPC can return (identity, scope, INTERNAL) are listed on
+    orchestra.common.v1.ErrorReason; UNAVAILABLE (STORE_UNAVAILABLE, with
+    RetryInfo and metadata["store"]) means PostgreSQL or Redis could not be
+    reached.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateBudget: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.CreateBudgetRequest, _budget_service_pb2.CreateBudgetResponse]  # type: ignore[assignment]
     """Creates a budget. Needs SCOPE_ADMIN.
-    Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS. Deadline: 2 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (RESOURCE_EXISTS:
+    the tenant has a budget for this level, subject and window), NOT_FOUND
+    (RESOURCE_NOT_FOUND: the tenant), PERMISSION_DENIED (SCOPE_DENIED: another
+    tenant), UNAVAILABLE (STORE_UNAVAILABLE). Deadline: 2 s.
     """
     GetBudget: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.GetBudgetRequest, _budget_service_pb2.GetBudgetResponse]  # type: ignore[assignment]
-    """Reads a budget. Needs SCOPE_READ. Errors: NOT_FOUND. Idempotent.
-    Deadline: 1 s.
+    """Reads a budget. Needs SCOPE_READ. Errors: NOT_FOUND (RESOURCE_NOT_FOUND),
+    INVALID_ARGUMENT (INVALID_FIELD: budget_id missing or too long),
+    PERMISSION_DENIED (SCOPE_DENIED: another tenant's budget), UNAVAILABLE
+    (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.
     """
     ListBudgets: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.ListBudgetsRequest, _budget_service_pb2.ListBudgetsResponse]  # type: ignore[assignment]
     """Lists a tenant's budgets. Needs SCOPE_READ.
-    Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 2 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+    INVALID_PAGE_TOKEN), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+    UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 2 s.
     """
     UpdateBudget: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.UpdateBudgetRequest, _budget_service_pb2.UpdateBudgetResponse]  # type: ignore[assignment]
     """Changes a budget's limit, kind or alerts. Needs SCOPE_ADMIN.
-    Errors: NOT_FOUND, INVALID_ARGUMENT. Idempotent. Deadline: 2 s.
+    Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+    budget_id, update_mask or a value), PERMISSION_DENIED (SCOPE_DENIED:
+    another tenant's budget), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent.
+    Deadline: 2 s.
     """
     DeleteBudget: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.DeleteBudgetRequest, _budget_service_pb2.DeleteBudgetResponse]  # type: ignore[assignment]
     """Deletes a budget (spend stays in the ledger). Needs SCOPE_ADMIN.
-    Errors: NOT_FOUND. Idempotent. Deadline: 2 s.
+    Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+    budget_id missing or too long), PERMISSION_DENIED (SCOPE_DENIED: another
+    tenant's budget), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent.
+    Deadline: 2 s.
     """
     Reserve: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.ReserveRequest, _budget_service_pb2.ReserveResponse]  # type: ignore[assignment]
     """Holds amount_micro_usd at every level the request touches, or nothing.
@@ -156,7 +203,11 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     RATE_LIMITED with QuotaFailure naming the limit, e.g.
     "tenants/acme/apiKeys/k1/tokens_per_minute", and RetryInfo until the
     minute ends), UNAVAILABLE (STORE_UNAVAILABLE with RetryInfo, when Redis is
-    down and the tenant fails closed), INVALID_ARGUMENT. When Redis is down and
+    down and the tenant fails closed, or PostgreSQL is down, or while the
+    counters are rebuilt), INVALID_ARGUMENT (INVALID_FIELD: request_id,
+    subject, model, a negative amount, tokens or limit, ttl_seconds out of
+    range, provider_rate_limit without a "provider/model" model), NOT_FOUND
+    (RESOURCE_NOT_FOUND: the subject's tenant). When Redis is down and
     the tenant's policy says fail_open, the request is admitted with
     held_micro_usd 0 and trailing metadata "orchestra-budget-fail-open:
     redis-unreachable"; its payer is recorded in PostgreSQL so Settle still
@@ -176,26 +227,35 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     that amount with the reported cost, once, in the ledger and counters; a
     late Release refunds it. This works until a day after the expiry.
     Errors: NOT_FOUND (RESERVATION_NOT_FOUND), FAILED_PRECONDITION
-    (ALREADY_SETTLED with a different amount). Idempotent per request_id.
+    (ALREADY_SETTLED with a different amount), INVALID_ARGUMENT (INVALID_FIELD:
+    request_id missing or too long, a negative cost or token count),
+    UNAVAILABLE (STORE_UNAVAILABLE: a held request while Redis is down, or
+    while the counters are rebuilt). Idempotent per request_id.
     Deadline: 200 ms; callers retry from a durable outbox.
     """
     Release: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.ReleaseRequest, _budget_service_pb2.ReleaseResponse]  # type: ignore[assignment]
     """Releases a hold without charging (cache hit, request refused before the
     upstream call). A hold the reaper already charged in full is refunded
     (released_micro_usd is that amount, once). Needs SCOPE_INTERNAL.
-    Errors: NOT_FOUND. Idempotent.
-    Deadline: 200 ms.
+    Errors: NOT_FOUND (RESERVATION_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+    request_id missing or too long), UNAVAILABLE (STORE_UNAVAILABLE).
+    Idempotent. Deadline: 200 ms.
     """
     GetBudgetStatus: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.GetBudgetStatusRequest, _budget_service_pb2.GetBudgetStatusResponse]  # type: ignore[assignment]
     """Spend, holds and limits of every budget that applies to a subject.
-    Needs SCOPE_READ. Errors: NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE
-    (STORE_UNAVAILABLE while Redis' counters are rebuilt). Idempotent.
+    Needs SCOPE_READ. Errors: NOT_FOUND (RESOURCE_NOT_FOUND: the tenant),
+    INVALID_ARGUMENT (INVALID_FIELD: a malformed subject field),
+    PERMISSION_DENIED (SCOPE_DENIED: another tenant), UNAVAILABLE
+    (STORE_UNAVAILABLE, also while Redis' counters are rebuilt). Idempotent.
     Deadline: 1 s.
     """
     ListSpend: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.ListSpendRequest, _budget_service_pb2.ListSpendResponse]  # type: ignore[assignment]
     """Spend grouped by a dimension over a time range, from the ledger.
-    Needs SCOPE_READ. Errors: INVALID_ARGUMENT (INVALID_FIELD,
-    INVALID_PAGE_TOKEN). Idempotent. Deadline: 5 s.
+    Needs SCOPE_READ. Errors: INVALID_ARGUMENT (INVALID_FIELD: group_by unset,
+    start_time not before end_time, negative page_size; INVALID_PAGE_TOKEN),
+    NOT_FOUND (RESOURCE_NOT_FOUND: the tenant), PERMISSION_DENIED
+    (SCOPE_DENIED: another tenant), UNAVAILABLE (STORE_UNAVAILABLE).
+    Idempotent. Deadline: 5 s.
     """
 
 class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -207,6 +267,10 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
     PostgreSQL, so when Redis loses its data the counters are rebuilt from the
     ledger and the open holds before anything more is admitted (Reserve answers
     UNAVAILABLE with RetryInfo meanwhile): counters never fall below the ledger.
+    Errors every RPC can return (identity, scope, INTERNAL) are listed on
+    orchestra.common.v1.ErrorReason; UNAVAILABLE (STORE_UNAVAILABLE, with
+    RetryInfo and metadata["store"]) means PostgreSQL or Redis could not be
+    reached.
     """
 
     @_abc_1.abstractmethod
@@ -216,7 +280,10 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_budget_service_pb2.CreateBudgetResponse, _abc.Awaitable[_budget_service_pb2.CreateBudgetResponse]]:
         """Creates a budget. Needs SCOPE_ADMIN.
-        Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS. Deadline: 2 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (RESOURCE_EXISTS:
+        the tenant has a budget for this level, subject and window), NOT_FOUND
+        (RESOURCE_NOT_FOUND: the tenant), PERMISSION_DENIED (SCOPE_DENIED: another
+        tenant), UNAVAILABLE (STORE_UNAVAILABLE). Deadline: 2 s.
         """
 
     @_abc_1.abstractmethod
@@ -225,8 +292,10 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _budget_service_pb2.GetBudgetRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_budget_service_pb2.GetBudgetResponse, _abc.Awaitable[_budget_service_pb2.GetBudgetResponse]]:
-        """Reads a budget. Needs SCOPE_READ. Errors: NOT_FOUND. Idempotent.
-        Deadline: 1 s.
+        """Reads a budget. Needs SCOPE_READ. Errors: NOT_FOUND (RESOURCE_NOT_FOUND),
+        INVALID_ARGUMENT (INVALID_FIELD: budget_id missing or too long),
+        PERMISSION_DENIED (SCOPE_DENIED: another tenant's budget), UNAVAILABLE
+        (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.
         """
 
     @_abc_1.abstractmethod
@@ -236,7 +305,9 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_budget_service_pb2.ListBudgetsResponse, _abc.Awaitable[_budget_service_pb2.ListBudgetsResponse]]:
         """Lists a tenant's budgets. Needs SCOPE_READ.
-        Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 2 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+        INVALID_PAGE_TOKEN), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+        UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 2 s.
         """
 
     @_abc_1.abstractmethod
@@ -246,7 +317,10 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_budget_service_pb2.UpdateBudgetResponse, _abc.Awaitable[_budget_service_pb2.UpdateBudgetResponse]]:
         """Changes a budget's limit, kind or alerts. Needs SCOPE_ADMIN.
-        Errors: NOT_FOUND, INVALID_ARGUMENT. Idempotent. Deadline: 2 s.
+        Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+        budget_id, update_mask or a value), PERMISSION_DENIED (SCOPE_DENIED:
+        another tenant's budget), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent.
+        Deadline: 2 s.
         """
 
     @_abc_1.abstractmethod
@@ -256,7 +330,10 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_budget_service_pb2.DeleteBudgetResponse, _abc.Awaitable[_budget_service_pb2.DeleteBudgetResponse]]:
         """Deletes a budget (spend stays in the ledger). Needs SCOPE_ADMIN.
-        Errors: NOT_FOUND. Idempotent. Deadline: 2 s.
+        Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+        budget_id missing or too long), PERMISSION_DENIED (SCOPE_DENIED: another
+        tenant's budget), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent.
+        Deadline: 2 s.
         """
 
     @_abc_1.abstractmethod
@@ -274,7 +351,11 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         RATE_LIMITED with QuotaFailure naming the limit, e.g.
         "tenants/acme/apiKeys/k1/tokens_per_minute", and RetryInfo until the
         minute ends), UNAVAILABLE (STORE_UNAVAILABLE with RetryInfo, when Redis is
-        down and the tenant fails closed), INVALID_ARGUMENT. When Redis is down and
+        down and the tenant fails closed, or PostgreSQL is down, or while the
+        counters are rebuilt), INVALID_ARGUMENT (INVALID_FIELD: request_id,
+        subject, model, a negative amount, tokens or limit, ttl_seconds out of
+        range, provider_rate_limit without a "provider/model" model), NOT_FOUND
+        (RESOURCE_NOT_FOUND: the subject's tenant). When Redis is down and
         the tenant's policy says fail_open, the request is admitted with
         held_micro_usd 0 and trailing metadata "orchestra-budget-fail-open:
         redis-unreachable"; its payer is recorded in PostgreSQL so Settle still
@@ -300,7 +381,10 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         that amount with the reported cost, once, in the ledger and counters; a
         late Release refunds it. This works until a day after the expiry.
         Errors: NOT_FOUND (RESERVATION_NOT_FOUND), FAILED_PRECONDITION
-        (ALREADY_SETTLED with a different amount). Idempotent per request_id.
+        (ALREADY_SETTLED with a different amount), INVALID_ARGUMENT (INVALID_FIELD:
+        request_id missing or too long, a negative cost or token count),
+        UNAVAILABLE (STORE_UNAVAILABLE: a held request while Redis is down, or
+        while the counters are rebuilt). Idempotent per request_id.
         Deadline: 200 ms; callers retry from a durable outbox.
         """
 
@@ -313,8 +397,9 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         """Releases a hold without charging (cache hit, request refused before the
         upstream call). A hold the reaper already charged in full is refunded
         (released_micro_usd is that amount, once). Needs SCOPE_INTERNAL.
-        Errors: NOT_FOUND. Idempotent.
-        Deadline: 200 ms.
+        Errors: NOT_FOUND (RESERVATION_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+        request_id missing or too long), UNAVAILABLE (STORE_UNAVAILABLE).
+        Idempotent. Deadline: 200 ms.
         """
 
     @_abc_1.abstractmethod
@@ -324,8 +409,10 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_budget_service_pb2.GetBudgetStatusResponse, _abc.Awaitable[_budget_service_pb2.GetBudgetStatusResponse]]:
         """Spend, holds and limits of every budget that applies to a subject.
-        Needs SCOPE_READ. Errors: NOT_FOUND, INVALID_ARGUMENT, UNAVAILABLE
-        (STORE_UNAVAILABLE while Redis' counters are rebuilt). Idempotent.
+        Needs SCOPE_READ. Errors: NOT_FOUND (RESOURCE_NOT_FOUND: the tenant),
+        INVALID_ARGUMENT (INVALID_FIELD: a malformed subject field),
+        PERMISSION_DENIED (SCOPE_DENIED: another tenant), UNAVAILABLE
+        (STORE_UNAVAILABLE, also while Redis' counters are rebuilt). Idempotent.
         Deadline: 1 s.
         """
 
@@ -336,8 +423,11 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_budget_service_pb2.ListSpendResponse, _abc.Awaitable[_budget_service_pb2.ListSpendResponse]]:
         """Spend grouped by a dimension over a time range, from the ledger.
-        Needs SCOPE_READ. Errors: INVALID_ARGUMENT (INVALID_FIELD,
-        INVALID_PAGE_TOKEN). Idempotent. Deadline: 5 s.
+        Needs SCOPE_READ. Errors: INVALID_ARGUMENT (INVALID_FIELD: group_by unset,
+        start_time not before end_time, negative page_size; INVALID_PAGE_TOKEN),
+        NOT_FOUND (RESOURCE_NOT_FOUND: the tenant), PERMISSION_DENIED
+        (SCOPE_DENIED: another tenant), UNAVAILABLE (STORE_UNAVAILABLE).
+        Idempotent. Deadline: 5 s.
         """
 
 def add_BudgetServiceServicer_to_server(servicer: BudgetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

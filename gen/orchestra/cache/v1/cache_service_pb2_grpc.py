@@ -29,7 +29,10 @@ class CacheServiceStub:
     """The response cache: an exact layer (hash of the normalised request) and a
     semantic layer (nearest neighbours over prompt embeddings). Every entry is
     scoped to a tenant, model, system prompt and generation parameters; a lookup
-    can only ever match entries of its own scope.
+    can only ever match entries of its own scope. Errors every RPC can return
+    (identity, scope, INTERNAL) are listed on orchestra.common.v1.ErrorReason;
+    UNAVAILABLE (STORE_UNAVAILABLE, with RetryInfo) means Redis could not be
+    reached.
     """
 
     def __init__(self, channel):
@@ -64,14 +67,19 @@ class CacheServiceServicer:
     """The response cache: an exact layer (hash of the normalised request) and a
     semantic layer (nearest neighbours over prompt embeddings). Every entry is
     scoped to a tenant, model, system prompt and generation parameters; a lookup
-    can only ever match entries of its own scope.
+    can only ever match entries of its own scope. Errors every RPC can return
+    (identity, scope, INTERNAL) are listed on orchestra.common.v1.ErrorReason;
+    UNAVAILABLE (STORE_UNAVAILABLE, with RetryInfo) means Redis could not be
+    reached.
     """
 
     def Lookup(self, request, context):
         """Finds a cached answer for a conversation. Needs SCOPE_INTERNAL (the
-        router calls it). Errors: INVALID_ARGUMENT (EMPTY_MESSAGES).
-        A miss is not an error. Idempotent. Deadline: 50 ms (treat a timeout as
-        a miss).
+        router calls it). Errors: INVALID_ARGUMENT (EMPTY_MESSAGES; INVALID_FIELD:
+        key.tenant_id or key.model missing, a message without a role, a
+        parameter out of range, similarity_threshold outside 0–1), UNAVAILABLE
+        (STORE_UNAVAILABLE). A miss is not an error. Idempotent.
+        Deadline: 50 ms (treat a timeout as a miss).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -80,7 +88,11 @@ class CacheServiceServicer:
     def Store(self, request, context):
         """Stores an answer. Ineligible requests (high temperature, tool calls,
         errors) are not stored and say why. Needs SCOPE_INTERNAL.
-        Errors: INVALID_ARGUMENT. Idempotent (the same request stores one entry).
+        Errors: INVALID_ARGUMENT (EMPTY_MESSAGES; INVALID_FIELD: a malformed key as
+        for Lookup, answer missing or with negative counts, an over-long
+        request_id or end_user, a malformed explored_entry_id, a negative
+        ttl_seconds), UNAVAILABLE (STORE_UNAVAILABLE).
+        Idempotent (the same request stores one entry).
         Deadline: 500 ms; callers retry from a durable outbox.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -89,8 +101,11 @@ class CacheServiceServicer:
 
     def Invalidate(self, request, context):
         """Deletes entries by tenant, model, key prefix, end user or id. Needs
-        SCOPE_ADMIN for the caller's tenant. Errors: INVALID_ARGUMENT (no
-        selector). Idempotent. Deadline: 5 s.
+        SCOPE_ADMIN for the caller's tenant. Errors: INVALID_ARGUMENT
+        (INVALID_FIELD: no selector, all false, a malformed key_prefix or
+        entry_id, an empty or over-long model or end_user, no tenant_id from a
+        key without a tenant), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+        UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 5 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -98,7 +113,9 @@ class CacheServiceServicer:
 
     def GetCacheStats(self, request, context):
         """Hit rates, savings and latency for a tenant. Needs SCOPE_READ.
-        Idempotent. Deadline: 1 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: no tenant_id from a key without
+        a tenant), PERMISSION_DENIED (SCOPE_DENIED: another tenant), UNAVAILABLE
+        (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -139,7 +156,10 @@ class CacheService:
     """The response cache: an exact layer (hash of the normalised request) and a
     semantic layer (nearest neighbours over prompt embeddings). Every entry is
     scoped to a tenant, model, system prompt and generation parameters; a lookup
-    can only ever match entries of its own scope.
+    can only ever match entries of its own scope. Errors every RPC can return
+    (identity, scope, INTERNAL) are listed on orchestra.common.v1.ErrorReason;
+    UNAVAILABLE (STORE_UNAVAILABLE, with RetryInfo) means Redis could not be
+    reached.
     """
 
     @staticmethod

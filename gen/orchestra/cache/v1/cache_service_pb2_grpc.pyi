@@ -30,7 +30,10 @@ class CacheServiceStub:
     """The response cache: an exact layer (hash of the normalised request) and a
     semantic layer (nearest neighbours over prompt embeddings). Every entry is
     scoped to a tenant, model, system prompt and generation parameters; a lookup
-    can only ever match entries of its own scope.
+    can only ever match entries of its own scope. Errors every RPC can return
+    (identity, scope, INTERNAL) are listed on orchestra.common.v1.ErrorReason;
+    UNAVAILABLE (STORE_UNAVAILABLE, with RetryInfo) means Redis could not be
+    reached.
     """
 
     @_typing.overload
@@ -39,24 +42,35 @@ class CacheServiceStub:
     def __new__(cls, channel: _aio.Channel) -> CacheServiceAsyncStub: ...
     Lookup: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.LookupRequest, _cache_service_pb2.LookupResponse]
     """Finds a cached answer for a conversation. Needs SCOPE_INTERNAL (the
-    router calls it). Errors: INVALID_ARGUMENT (EMPTY_MESSAGES).
-    A miss is not an error. Idempotent. Deadline: 50 ms (treat a timeout as
-    a miss).
+    router calls it). Errors: INVALID_ARGUMENT (EMPTY_MESSAGES; INVALID_FIELD:
+    key.tenant_id or key.model missing, a message without a role, a
+    parameter out of range, similarity_threshold outside 0–1), UNAVAILABLE
+    (STORE_UNAVAILABLE). A miss is not an error. Idempotent.
+    Deadline: 50 ms (treat a timeout as a miss).
     """
     Store: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.StoreRequest, _cache_service_pb2.StoreResponse]
     """Stores an answer. Ineligible requests (high temperature, tool calls,
     errors) are not stored and say why. Needs SCOPE_INTERNAL.
-    Errors: INVALID_ARGUMENT. Idempotent (the same request stores one entry).
+    Errors: INVALID_ARGUMENT (EMPTY_MESSAGES; INVALID_FIELD: a malformed key as
+    for Lookup, answer missing or with negative counts, an over-long
+    request_id or end_user, a malformed explored_entry_id, a negative
+    ttl_seconds), UNAVAILABLE (STORE_UNAVAILABLE).
+    Idempotent (the same request stores one entry).
     Deadline: 500 ms; callers retry from a durable outbox.
     """
     Invalidate: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.InvalidateRequest, _cache_service_pb2.InvalidateResponse]
     """Deletes entries by tenant, model, key prefix, end user or id. Needs
-    SCOPE_ADMIN for the caller's tenant. Errors: INVALID_ARGUMENT (no
-    selector). Idempotent. Deadline: 5 s.
+    SCOPE_ADMIN for the caller's tenant. Errors: INVALID_ARGUMENT
+    (INVALID_FIELD: no selector, all false, a malformed key_prefix or
+    entry_id, an empty or over-long model or end_user, no tenant_id from a
+    key without a tenant), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+    UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 5 s.
     """
     GetCacheStats: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.GetCacheStatsRequest, _cache_service_pb2.GetCacheStatsResponse]
     """Hit rates, savings and latency for a tenant. Needs SCOPE_READ.
-    Idempotent. Deadline: 1 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: no tenant_id from a key without
+    a tenant), PERMISSION_DENIED (SCOPE_DENIED: another tenant), UNAVAILABLE
+    (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.
     """
 
 @_typing.type_check_only
@@ -64,37 +78,54 @@ class CacheServiceAsyncStub(CacheServiceStub):
     """The response cache: an exact layer (hash of the normalised request) and a
     semantic layer (nearest neighbours over prompt embeddings). Every entry is
     scoped to a tenant, model, system prompt and generation parameters; a lookup
-    can only ever match entries of its own scope.
+    can only ever match entries of its own scope. Errors every RPC can return
+    (identity, scope, INTERNAL) are listed on orchestra.common.v1.ErrorReason;
+    UNAVAILABLE (STORE_UNAVAILABLE, with RetryInfo) means Redis could not be
+    reached.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Lookup: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.LookupRequest, _cache_service_pb2.LookupResponse]  # type: ignore[assignment]
     """Finds a cached answer for a conversation. Needs SCOPE_INTERNAL (the
-    router calls it). Errors: INVALID_ARGUMENT (EMPTY_MESSAGES).
-    A miss is not an error. Idempotent. Deadline: 50 ms (treat a timeout as
-    a miss).
+    router calls it). Errors: INVALID_ARGUMENT (EMPTY_MESSAGES; INVALID_FIELD:
+    key.tenant_id or key.model missing, a message without a role, a
+    parameter out of range, similarity_threshold outside 0–1), UNAVAILABLE
+    (STORE_UNAVAILABLE). A miss is not an error. Idempotent.
+    Deadline: 50 ms (treat a timeout as a miss).
     """
     Store: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.StoreRequest, _cache_service_pb2.StoreResponse]  # type: ignore[assignment]
     """Stores an answer. Ineligible requests (high temperature, tool calls,
     errors) are not stored and say why. Needs SCOPE_INTERNAL.
-    Errors: INVALID_ARGUMENT. Idempotent (the same request stores one entry).
+    Errors: INVALID_ARGUMENT (EMPTY_MESSAGES; INVALID_FIELD: a malformed key as
+    for Lookup, answer missing or with negative counts, an over-long
+    request_id or end_user, a malformed explored_entry_id, a negative
+    ttl_seconds), UNAVAILABLE (STORE_UNAVAILABLE).
+    Idempotent (the same request stores one entry).
     Deadline: 500 ms; callers retry from a durable outbox.
     """
     Invalidate: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.InvalidateRequest, _cache_service_pb2.InvalidateResponse]  # type: ignore[assignment]
     """Deletes entries by tenant, model, key prefix, end user or id. Needs
-    SCOPE_ADMIN for the caller's tenant. Errors: INVALID_ARGUMENT (no
-    selector). Idempotent. Deadline: 5 s.
+    SCOPE_ADMIN for the caller's tenant. Errors: INVALID_ARGUMENT
+    (INVALID_FIELD: no selector, all false, a malformed key_prefix or
+    entry_id, an empty or over-long model or end_user, no tenant_id from a
+    key without a tenant), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+    UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 5 s.
     """
     GetCacheStats: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.GetCacheStatsRequest, _cache_service_pb2.GetCacheStatsResponse]  # type: ignore[assignment]
     """Hit rates, savings and latency for a tenant. Needs SCOPE_READ.
-    Idempotent. Deadline: 1 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: no tenant_id from a key without
+    a tenant), PERMISSION_DENIED (SCOPE_DENIED: another tenant), UNAVAILABLE
+    (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.
     """
 
 class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
     """The response cache: an exact layer (hash of the normalised request) and a
     semantic layer (nearest neighbours over prompt embeddings). Every entry is
     scoped to a tenant, model, system prompt and generation parameters; a lookup
-    can only ever match entries of its own scope.
+    can only ever match entries of its own scope. Errors every RPC can return
+    (identity, scope, INTERNAL) are listed on orchestra.common.v1.ErrorReason;
+    UNAVAILABLE (STORE_UNAVAILABLE, with RetryInfo) means Redis could not be
+    reached.
     """
 
     @_abc_1.abstractmethod
@@ -104,9 +135,11 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_cache_service_pb2.LookupResponse, _abc.Awaitable[_cache_service_pb2.LookupResponse]]:
         """Finds a cached answer for a conversation. Needs SCOPE_INTERNAL (the
-        router calls it). Errors: INVALID_ARGUMENT (EMPTY_MESSAGES).
-        A miss is not an error. Idempotent. Deadline: 50 ms (treat a timeout as
-        a miss).
+        router calls it). Errors: INVALID_ARGUMENT (EMPTY_MESSAGES; INVALID_FIELD:
+        key.tenant_id or key.model missing, a message without a role, a
+        parameter out of range, similarity_threshold outside 0–1), UNAVAILABLE
+        (STORE_UNAVAILABLE). A miss is not an error. Idempotent.
+        Deadline: 50 ms (treat a timeout as a miss).
         """
 
     @_abc_1.abstractmethod
@@ -117,7 +150,11 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_cache_service_pb2.StoreResponse, _abc.Awaitable[_cache_service_pb2.StoreResponse]]:
         """Stores an answer. Ineligible requests (high temperature, tool calls,
         errors) are not stored and say why. Needs SCOPE_INTERNAL.
-        Errors: INVALID_ARGUMENT. Idempotent (the same request stores one entry).
+        Errors: INVALID_ARGUMENT (EMPTY_MESSAGES; INVALID_FIELD: a malformed key as
+        for Lookup, answer missing or with negative counts, an over-long
+        request_id or end_user, a malformed explored_entry_id, a negative
+        ttl_seconds), UNAVAILABLE (STORE_UNAVAILABLE).
+        Idempotent (the same request stores one entry).
         Deadline: 500 ms; callers retry from a durable outbox.
         """
 
@@ -128,8 +165,11 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_cache_service_pb2.InvalidateResponse, _abc.Awaitable[_cache_service_pb2.InvalidateResponse]]:
         """Deletes entries by tenant, model, key prefix, end user or id. Needs
-        SCOPE_ADMIN for the caller's tenant. Errors: INVALID_ARGUMENT (no
-        selector). Idempotent. Deadline: 5 s.
+        SCOPE_ADMIN for the caller's tenant. Errors: INVALID_ARGUMENT
+        (INVALID_FIELD: no selector, all false, a malformed key_prefix or
+        entry_id, an empty or over-long model or end_user, no tenant_id from a
+        key without a tenant), PERMISSION_DENIED (SCOPE_DENIED: another tenant),
+        UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 5 s.
         """
 
     @_abc_1.abstractmethod
@@ -139,7 +179,9 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_cache_service_pb2.GetCacheStatsResponse, _abc.Awaitable[_cache_service_pb2.GetCacheStatsResponse]]:
         """Hit rates, savings and latency for a tenant. Needs SCOPE_READ.
-        Idempotent. Deadline: 1 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: no tenant_id from a key without
+        a tenant), PERMISSION_DENIED (SCOPE_DENIED: another tenant), UNAVAILABLE
+        (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.
         """
 
 def add_CacheServiceServicer_to_server(servicer: CacheServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

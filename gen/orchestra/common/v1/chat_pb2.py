@@ -22,46 +22,51 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eorchestra/common/v1/chat.proto\x12\x13orchestra.common.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xbc\x01\n\x07Message\x12\'\n\x04role\x18\x01 \x01(\x0e\x32\x19.orchestra.common.v1.Role\x12\x31\n\x07\x63ontent\x18\x02 \x03(\x0b\x32 .orchestra.common.v1.ContentPart\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x31\n\ntool_calls\x18\x04 \x03(\x0b\x32\x1d.orchestra.common.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\"Y\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x32\n\timage_url\x18\x02 \x01(\x0b\x32\x1d.orchestra.common.v1.ImageUrlH\x00\x42\x06\n\x04part\"I\n\x08ImageUrl\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x30\n\x06\x64\x65tail\x18\x02 \x01(\x0e\x32 .orchestra.common.v1.ImageDetail\"A\n\x04Tool\x12\x39\n\x08\x66unction\x18\x01 \x01(\x0b\x32\'.orchestra.common.v1.FunctionDefinition\"d\n\x12\x46unctionDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"d\n\nToolChoice\x12\x33\n\x04mode\x18\x01 \x01(\x0e\x32#.orchestra.common.v1.ToolChoiceModeH\x00\x12\x17\n\rfunction_name\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"\xd4\x02\n\x10GenerationConfig\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12<\n\x0fresponse_format\x18\x05 \x01(\x0b\x32#.orchestra.common.v1.ResponseFormat\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x03\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x05\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\x8a\x01\n\x0eResponseFormat\x12\x35\n\x04type\x18\x01 \x01(\x0e\x32\'.orchestra.common.v1.ResponseFormatType\x12,\n\x0bjson_schema\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0bschema_name\x18\x03 \x01(\t\"j\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x03\x12\x11\n\testimated\x18\x04 \x01(\x08\">\n\x0b\x41ttribution\x12\x0c\n\x04team\x18\x01 \x01(\t\x12\x0f\n\x07project\x18\x02 \x01(\t\x12\x10\n\x08\x65nd_user\x18\x03 \x01(\t*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04*X\n\x0bImageDetail\x12\x1c\n\x18IMAGE_DETAIL_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_DETAIL_LOW\x10\x01\x12\x15\n\x11IMAGE_DETAIL_HIGH\x10\x02*\x87\x01\n\x0eToolChoiceMode\x12 \n\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x01\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03*\xa5\x01\n\x12ResponseFormatType\x12$\n RESPONSE_FORMAT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19RESPONSE_FORMAT_TYPE_TEXT\x10\x01\x12$\n RESPONSE_FORMAT_TYPE_JSON_OBJECT\x10\x02\x12$\n RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03*\xd5\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eorchestra/common/v1/chat.proto\x12\x13orchestra.common.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xc2\x01\n\x07Message\x12-\n\x04role\x18\x01 \x01(\x0e\x32\x19.orchestra.common.v1.RoleB\x04\xe2\x41\x01\x02\x12\x31\n\x07\x63ontent\x18\x02 \x03(\x0b\x32 .orchestra.common.v1.ContentPart\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x31\n\ntool_calls\x18\x04 \x03(\x0b\x32\x1d.orchestra.common.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x05 \x01(\t\"Y\n\x0b\x43ontentPart\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x32\n\timage_url\x18\x02 \x01(\x0b\x32\x1d.orchestra.common.v1.ImageUrlH\x00\x42\x06\n\x04part\"I\n\x08ImageUrl\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x30\n\x06\x64\x65tail\x18\x02 \x01(\x0e\x32 .orchestra.common.v1.ImageDetail\"A\n\x04Tool\x12\x39\n\x08\x66unction\x18\x01 \x01(\x0b\x32\'.orchestra.common.v1.FunctionDefinition\"j\n\x12\x46unctionDefinition\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12+\n\nparameters\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"7\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\targuments\x18\x03 \x01(\t\"d\n\nToolChoice\x12\x33\n\x04mode\x18\x01 \x01(\x0e\x32#.orchestra.common.v1.ToolChoiceModeH\x00\x12\x17\n\rfunction_name\x18\x02 \x01(\tH\x00\x42\x08\n\x06\x63hoice\"\xd4\x02\n\x10GenerationConfig\x12\x18\n\x0btemperature\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12<\n\x0fresponse_format\x18\x05 \x01(\x0b\x32#.orchestra.common.v1.ResponseFormat\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x03\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x02H\x04\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x02H\x05\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\r\n\x0b_max_tokensB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penalty\"\x8a\x01\n\x0eResponseFormat\x12\x35\n\x04type\x18\x01 \x01(\x0e\x32\'.orchestra.common.v1.ResponseFormatType\x12,\n\x0bjson_schema\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x13\n\x0bschema_name\x18\x03 \x01(\t\"j\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x03\x12\x11\n\testimated\x18\x04 \x01(\x08\">\n\x0b\x41ttribution\x12\x0c\n\x04team\x18\x01 \x01(\t\x12\x0f\n\x07project\x18\x02 \x01(\t\x12\x10\n\x08\x65nd_user\x18\x03 \x01(\t*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04*X\n\x0bImageDetail\x12\x1c\n\x18IMAGE_DETAIL_UNSPECIFIED\x10\x00\x12\x14\n\x10IMAGE_DETAIL_LOW\x10\x01\x12\x15\n\x11IMAGE_DETAIL_HIGH\x10\x02*\x87\x01\n\x0eToolChoiceMode\x12 \n\x1cTOOL_CHOICE_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOOL_CHOICE_MODE_AUTO\x10\x01\x12\x19\n\x15TOOL_CHOICE_MODE_NONE\x10\x02\x12\x1d\n\x19TOOL_CHOICE_MODE_REQUIRED\x10\x03*\xa5\x01\n\x12ResponseFormatType\x12$\n RESPONSE_FORMAT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19RESPONSE_FORMAT_TYPE_TEXT\x10\x01\x12$\n RESPONSE_FORMAT_TYPE_JSON_OBJECT\x10\x02\x12$\n RESPONSE_FORMAT_TYPE_JSON_SCHEMA\x10\x03*\xd5\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x03\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x04\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x05\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'orchestra.common.v1.chat_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1426
-  _globals['_ROLE']._serialized_end=1521
-  _globals['_IMAGEDETAIL']._serialized_start=1523
-  _globals['_IMAGEDETAIL']._serialized_end=1611
-  _globals['_TOOLCHOICEMODE']._serialized_start=1614
-  _globals['_TOOLCHOICEMODE']._serialized_end=1749
-  _globals['_RESPONSEFORMATTYPE']._serialized_start=1752
-  _globals['_RESPONSEFORMATTYPE']._serialized_end=1917
-  _globals['_FINISHREASON']._serialized_start=1920
-  _globals['_FINISHREASON']._serialized_end=2133
-  _globals['_MESSAGE']._serialized_start=86
-  _globals['_MESSAGE']._serialized_end=274
-  _globals['_CONTENTPART']._serialized_start=276
-  _globals['_CONTENTPART']._serialized_end=365
-  _globals['_IMAGEURL']._serialized_start=367
-  _globals['_IMAGEURL']._serialized_end=440
-  _globals['_TOOL']._serialized_start=442
-  _globals['_TOOL']._serialized_end=507
-  _globals['_FUNCTIONDEFINITION']._serialized_start=509
-  _globals['_FUNCTIONDEFINITION']._serialized_end=609
-  _globals['_TOOLCALL']._serialized_start=611
-  _globals['_TOOLCALL']._serialized_end=666
-  _globals['_TOOLCHOICE']._serialized_start=668
-  _globals['_TOOLCHOICE']._serialized_end=768
-  _globals['_GENERATIONCONFIG']._serialized_start=771
-  _globals['_GENERATIONCONFIG']._serialized_end=1111
-  _globals['_RESPONSEFORMAT']._serialized_start=1114
-  _globals['_RESPONSEFORMAT']._serialized_end=1252
-  _globals['_USAGE']._serialized_start=1254
-  _globals['_USAGE']._serialized_end=1360
-  _globals['_ATTRIBUTION']._serialized_start=1362
-  _globals['_ATTRIBUTION']._serialized_end=1424
+  _globals['_MESSAGE'].fields_by_name['role']._loaded_options = None
+  _globals['_MESSAGE'].fields_by_name['role']._serialized_options = b'\342A\001\002'
+  _globals['_FUNCTIONDEFINITION'].fields_by_name['name']._loaded_options = None
+  _globals['_FUNCTIONDEFINITION'].fields_by_name['name']._serialized_options = b'\342A\001\002'
+  _globals['_ROLE']._serialized_start=1471
+  _globals['_ROLE']._serialized_end=1566
+  _globals['_IMAGEDETAIL']._serialized_start=1568
+  _globals['_IMAGEDETAIL']._serialized_end=1656
+  _globals['_TOOLCHOICEMODE']._serialized_start=1659
+  _globals['_TOOLCHOICEMODE']._serialized_end=1794
+  _globals['_RESPONSEFORMATTYPE']._serialized_start=1797
+  _globals['_RESPONSEFORMATTYPE']._serialized_end=1962
+  _globals['_FINISHREASON']._serialized_start=1965
+  _globals['_FINISHREASON']._serialized_end=2178
+  _globals['_MESSAGE']._serialized_start=119
+  _globals['_MESSAGE']._serialized_end=313
+  _globals['_CONTENTPART']._serialized_start=315
+  _globals['_CONTENTPART']._serialized_end=404
+  _globals['_IMAGEURL']._serialized_start=406
+  _globals['_IMAGEURL']._serialized_end=479
+  _globals['_TOOL']._serialized_start=481
+  _globals['_TOOL']._serialized_end=546
+  _globals['_FUNCTIONDEFINITION']._serialized_start=548
+  _globals['_FUNCTIONDEFINITION']._serialized_end=654
+  _globals['_TOOLCALL']._serialized_start=656
+  _globals['_TOOLCALL']._serialized_end=711
+  _globals['_TOOLCHOICE']._serialized_start=713
+  _globals['_TOOLCHOICE']._serialized_end=813
+  _globals['_GENERATIONCONFIG']._serialized_start=816
+  _globals['_GENERATIONCONFIG']._serialized_end=1156
+  _globals['_RESPONSEFORMAT']._serialized_start=1159
+  _globals['_RESPONSEFORMAT']._serialized_end=1297
+  _globals['_USAGE']._serialized_start=1299
+  _globals['_USAGE']._serialized_end=1405
+  _globals['_ATTRIBUTION']._serialized_start=1407
+  _globals['_ATTRIBUTION']._serialized_end=1469
 # @@protoc_insertion_point(module_scope)

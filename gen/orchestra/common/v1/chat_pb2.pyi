@@ -189,7 +189,7 @@ class Message(_message.Message):
     TOOL_CALLS_FIELD_NUMBER: _builtins.int
     TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
     role: Global___Role.ValueType
-    """Who wrote it. Required."""
+    """Who wrote it."""
     name: _builtins.str
     """Optional participant name, passed to providers that support it."""
     tool_call_id: _builtins.str

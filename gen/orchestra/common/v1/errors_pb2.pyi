@@ -123,6 +123,21 @@ class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     of the names below without the "ERROR_REASON_" prefix (e.g. "BUDGET_EXHAUSTED").
     Request specifics (the bad field, the limit, the model) are in ErrorInfo.metadata.
     Where they fit, BadRequest, QuotaFailure and RetryInfo details are added too.
+
+    Each RPC's comment lists the codes and reasons it returns. Every RPC can
+    also return these, which its comment does not repeat:
+    - UNAUTHENTICATED (IDENTITY_MISSING): the call did not carry a valid,
+      unexpired identity signed by the edge (or by a suite service).
+    - At the edge, before any service runs, the API key check (Envoy ext_authz,
+      envoy.service.auth.v3.Authorization/Check on the budget service, which
+      answers as AccountService.Authenticate): UNAUTHENTICATED (API_KEY_MISSING,
+      API_KEY_INVALID, API_KEY_REVOKED), UNAVAILABLE (STORE_UNAVAILABLE), or
+      UNAVAILABLE without ErrorInfo when the budget service does not answer.
+    - PERMISSION_DENIED (SCOPE_DENIED): the key lacks the scope the RPC names
+      (metadata["scope"]), or the request names a tenant other than the
+      caller's without SCOPE_OPERATOR (metadata["tenant_id"]).
+    - INTERNAL (INTERNAL): a bug; metadata["incident_id"] names the log entry.
+    - DEADLINE_EXCEEDED and CANCELLED, without ErrorInfo, from gRPC itself.
     """
 
 ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0

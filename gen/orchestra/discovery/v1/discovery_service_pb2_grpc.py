@@ -30,7 +30,9 @@ class DiscoveryServiceStub:
     prices, context windows and capabilities, and how healthy and fast they are
     right now. Routers keep a local copy through WatchModels. Providers serve the
     whole installation: reading them needs SCOPE_READ, changing them
-    SCOPE_OPERATOR.
+    SCOPE_OPERATOR. Errors every RPC can return (identity, scope, INTERNAL) are
+    listed on orchestra.common.v1.ErrorReason; UNAVAILABLE (STORE_UNAVAILABLE,
+    with RetryInfo) means PostgreSQL could not be reached.
     """
 
     def __init__(self, channel):
@@ -96,12 +98,16 @@ class DiscoveryServiceServicer:
     prices, context windows and capabilities, and how healthy and fast they are
     right now. Routers keep a local copy through WatchModels. Providers serve the
     whole installation: reading them needs SCOPE_READ, changing them
-    SCOPE_OPERATOR.
+    SCOPE_OPERATOR. Errors every RPC can return (identity, scope, INTERNAL) are
+    listed on orchestra.common.v1.ErrorReason; UNAVAILABLE (STORE_UNAVAILABLE,
+    with RetryInfo) means PostgreSQL could not be reached.
     """
 
     def CreateProvider(self, request, context):
         """Registers a provider and runs discovery on it. Needs SCOPE_OPERATOR.
-        Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS. Deadline: 10 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (RESOURCE_EXISTS),
+        UNAVAILABLE (STORE_UNAVAILABLE). A provider whose listing fails is still
+        created (see its health). Deadline: 10 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -109,7 +115,9 @@ class DiscoveryServiceServicer:
 
     def GetProvider(self, request, context):
         """Reads a provider (credential redacted). Needs SCOPE_READ.
-        Errors: NOT_FOUND. Idempotent. Deadline: 1 s.
+        Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+        provider_id missing or malformed), UNAVAILABLE (STORE_UNAVAILABLE).
+        Idempotent. Deadline: 1 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -117,7 +125,9 @@ class DiscoveryServiceServicer:
 
     def ListProviders(self, request, context):
         """Lists providers. Needs SCOPE_READ.
-        Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 2 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+        INVALID_PAGE_TOKEN), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent.
+        Deadline: 2 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -125,7 +135,9 @@ class DiscoveryServiceServicer:
 
     def UpdateProvider(self, request, context):
         """Changes a provider (the fields in update_mask). Needs SCOPE_OPERATOR.
-        Errors: NOT_FOUND, INVALID_ARGUMENT. Idempotent. Deadline: 10 s.
+        Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+        provider_id, an output-only or unknown update_mask path, a bad value),
+        UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 10 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -133,7 +145,8 @@ class DiscoveryServiceServicer:
 
     def DeleteProvider(self, request, context):
         """Removes a provider and its models. Needs SCOPE_OPERATOR.
-        Errors: NOT_FOUND. Idempotent. Deadline: 2 s.
+        Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+        provider_id), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 2 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -142,16 +155,18 @@ class DiscoveryServiceServicer:
     def TestProvider(self, request, context):
         """Checks a provider now: lists its models and times a tiny request to the
         first of them (recorded like a scheduled probe). Needs SCOPE_OPERATOR.
-        Errors: NOT_FOUND. A failing provider is not an error: the response says
-        what failed. Deadline: 30 s.
+        Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+        provider_id), UNAVAILABLE (STORE_UNAVAILABLE). A failing provider is not
+        an error: the response says what failed. Deadline: 30 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetModel(self, request, context):
-        """Reads one model. Needs SCOPE_READ. Errors: NOT_FOUND (MODEL_NOT_FOUND).
-        Idempotent. Deadline: 1 s.
+        """Reads one model. Needs SCOPE_READ. Errors: NOT_FOUND (MODEL_NOT_FOUND),
+        INVALID_ARGUMENT (INVALID_FIELD: name missing), UNAVAILABLE
+        (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -159,7 +174,9 @@ class DiscoveryServiceServicer:
 
     def ListModels(self, request, context):
         """Lists models, by name. Needs SCOPE_READ.
-        Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 2 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: a malformed provider_id, negative
+        page_size; INVALID_PAGE_TOKEN), UNAVAILABLE (STORE_UNAVAILABLE).
+        Idempotent. Deadline: 2 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -168,8 +185,10 @@ class DiscoveryServiceServicer:
     def WatchModels(self, request, context):
         """Streams the whole catalog, then every change as it happens, including
         changes made through other discovery replicas (PostgreSQL LISTEN/NOTIFY).
-        Needs SCOPE_READ. Routers reconnect and resync on any error. Deadline: none
-        (long-lived); the server sends a heartbeat at least every 30 s.
+        Needs SCOPE_READ. Errors: UNAVAILABLE (DEPENDENCY_UNAVAILABLE with
+        metadata["resync"] "true": the watcher fell behind the feed, or the
+        server is stopping). Routers reconnect and resync on any error. Deadline:
+        none (long-lived); the server sends a heartbeat at least every 30 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -177,7 +196,11 @@ class DiscoveryServiceServicer:
 
     def RunDiscovery(self, request, context):
         """Runs discovery on every provider (or one) now instead of waiting for the
-        schedule. Needs SCOPE_OPERATOR. Errors: NOT_FOUND. Deadline: 60 s.
+        schedule. Needs SCOPE_OPERATOR. Errors: NOT_FOUND (RESOURCE_NOT_FOUND: the
+        named provider), INVALID_ARGUMENT (INVALID_FIELD: a malformed
+        provider_id), UNAVAILABLE (STORE_UNAVAILABLE). A provider whose listing
+        fails is not an error: RunDiscoveryResponse.errors names it.
+        Deadline: 60 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -249,7 +272,9 @@ class DiscoveryService:
     prices, context windows and capabilities, and how healthy and fast they are
     right now. Routers keep a local copy through WatchModels. Providers serve the
     whole installation: reading them needs SCOPE_READ, changing them
-    SCOPE_OPERATOR.
+    SCOPE_OPERATOR. Errors every RPC can return (identity, scope, INTERNAL) are
+    listed on orchestra.common.v1.ErrorReason; UNAVAILABLE (STORE_UNAVAILABLE,
+    with RetryInfo) means PostgreSQL could not be reached.
     """
 
     @staticmethod

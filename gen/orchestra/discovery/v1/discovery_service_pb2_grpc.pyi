@@ -31,7 +31,9 @@ class DiscoveryServiceStub:
     prices, context windows and capabilities, and how healthy and fast they are
     right now. Routers keep a local copy through WatchModels. Providers serve the
     whole installation: reading them needs SCOPE_READ, changing them
-    SCOPE_OPERATOR.
+    SCOPE_OPERATOR. Errors every RPC can return (identity, scope, INTERNAL) are
+    listed on orchestra.common.v1.ErrorReason; UNAVAILABLE (STORE_UNAVAILABLE,
+    with RetryInfo) means PostgreSQL could not be reached.
     """
 
     @_typing.overload
@@ -40,47 +42,66 @@ class DiscoveryServiceStub:
     def __new__(cls, channel: _aio.Channel) -> DiscoveryServiceAsyncStub: ...
     CreateProvider: _grpc.UnaryUnaryMultiCallable[_discovery_service_pb2.CreateProviderRequest, _discovery_service_pb2.CreateProviderResponse]
     """Registers a provider and runs discovery on it. Needs SCOPE_OPERATOR.
-    Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS. Deadline: 10 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (RESOURCE_EXISTS),
+    UNAVAILABLE (STORE_UNAVAILABLE). A provider whose listing fails is still
+    created (see its health). Deadline: 10 s.
     """
     GetProvider: _grpc.UnaryUnaryMultiCallable[_discovery_service_pb2.GetProviderRequest, _discovery_service_pb2.GetProviderResponse]
     """Reads a provider (credential redacted). Needs SCOPE_READ.
-    Errors: NOT_FOUND. Idempotent. Deadline: 1 s.
+    Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+    provider_id missing or malformed), UNAVAILABLE (STORE_UNAVAILABLE).
+    Idempotent. Deadline: 1 s.
     """
     ListProviders: _grpc.UnaryUnaryMultiCallable[_discovery_service_pb2.ListProvidersRequest, _discovery_service_pb2.ListProvidersResponse]
     """Lists providers. Needs SCOPE_READ.
-    Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 2 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+    INVALID_PAGE_TOKEN), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent.
+    Deadline: 2 s.
     """
     UpdateProvider: _grpc.UnaryUnaryMultiCallable[_discovery_service_pb2.UpdateProviderRequest, _discovery_service_pb2.UpdateProviderResponse]
     """Changes a provider (the fields in update_mask). Needs SCOPE_OPERATOR.
-    Errors: NOT_FOUND, INVALID_ARGUMENT. Idempotent. Deadline: 10 s.
+    Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+    provider_id, an output-only or unknown update_mask path, a bad value),
+    UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 10 s.
     """
     DeleteProvider: _grpc.UnaryUnaryMultiCallable[_discovery_service_pb2.DeleteProviderRequest, _discovery_service_pb2.DeleteProviderResponse]
     """Removes a provider and its models. Needs SCOPE_OPERATOR.
-    Errors: NOT_FOUND. Idempotent. Deadline: 2 s.
+    Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+    provider_id), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 2 s.
     """
     TestProvider: _grpc.UnaryUnaryMultiCallable[_discovery_service_pb2.TestProviderRequest, _discovery_service_pb2.TestProviderResponse]
     """Checks a provider now: lists its models and times a tiny request to the
     first of them (recorded like a scheduled probe). Needs SCOPE_OPERATOR.
-    Errors: NOT_FOUND. A failing provider is not an error: the response says
-    what failed. Deadline: 30 s.
+    Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+    provider_id), UNAVAILABLE (STORE_UNAVAILABLE). A failing provider is not
+    an error: the response says what failed. Deadline: 30 s.
     """
     GetModel: _grpc.UnaryUnaryMultiCallable[_discovery_service_pb2.GetModelRequest, _discovery_service_pb2.GetModelResponse]
-    """Reads one model. Needs SCOPE_READ. Errors: NOT_FOUND (MODEL_NOT_FOUND).
-    Idempotent. Deadline: 1 s.
+    """Reads one model. Needs SCOPE_READ. Errors: NOT_FOUND (MODEL_NOT_FOUND),
+    INVALID_ARGUMENT (INVALID_FIELD: name missing), UNAVAILABLE
+    (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.
     """
     ListModels: _grpc.UnaryUnaryMultiCallable[_discovery_service_pb2.ListModelsRequest, _discovery_service_pb2.ListModelsResponse]
     """Lists models, by name. Needs SCOPE_READ.
-    Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 2 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: a malformed provider_id, negative
+    page_size; INVALID_PAGE_TOKEN), UNAVAILABLE (STORE_UNAVAILABLE).
+    Idempotent. Deadline: 2 s.
     """
     WatchModels: _grpc.UnaryStreamMultiCallable[_discovery_service_pb2.WatchModelsRequest, _discovery_service_pb2.WatchModelsResponse]
     """Streams the whole catalog, then every change as it happens, including
     changes made through other discovery replicas (PostgreSQL LISTEN/NOTIFY).
-    Needs SCOPE_READ. Routers reconnect and resync on any error. Deadline: none
-    (long-lived); the server sends a heartbeat at least every 30 s.
+    Needs SCOPE_READ. Errors: UNAVAILABLE (DEPENDENCY_UNAVAILABLE with
+    metadata["resync"] "true": the watcher fell behind the feed, or the
+    server is stopping). Routers reconnect and resync on any error. Deadline:
+    none (long-lived); the server sends a heartbeat at least every 30 s.
     """
     RunDiscovery: _grpc.UnaryUnaryMultiCallable[_discovery_service_pb2.RunDiscoveryRequest, _discovery_service_pb2.RunDiscoveryResponse]
     """Runs discovery on every provider (or one) now instead of waiting for the
-    schedule. Needs SCOPE_OPERATOR. Errors: NOT_FOUND. Deadline: 60 s.
+    schedule. Needs SCOPE_OPERATOR. Errors: NOT_FOUND (RESOURCE_NOT_FOUND: the
+    named provider), INVALID_ARGUMENT (INVALID_FIELD: a malformed
+    provider_id), UNAVAILABLE (STORE_UNAVAILABLE). A provider whose listing
+    fails is not an error: RunDiscoveryResponse.errors names it.
+    Deadline: 60 s.
     """
 
 @_typing.type_check_only
@@ -89,53 +110,74 @@ class DiscoveryServiceAsyncStub(DiscoveryServiceStub):
     prices, context windows and capabilities, and how healthy and fast they are
     right now. Routers keep a local copy through WatchModels. Providers serve the
     whole installation: reading them needs SCOPE_READ, changing them
-    SCOPE_OPERATOR.
+    SCOPE_OPERATOR. Errors every RPC can return (identity, scope, INTERNAL) are
+    listed on orchestra.common.v1.ErrorReason; UNAVAILABLE (STORE_UNAVAILABLE,
+    with RetryInfo) means PostgreSQL could not be reached.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateProvider: _aio.UnaryUnaryMultiCallable[_discovery_service_pb2.CreateProviderRequest, _discovery_service_pb2.CreateProviderResponse]  # type: ignore[assignment]
     """Registers a provider and runs discovery on it. Needs SCOPE_OPERATOR.
-    Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS. Deadline: 10 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (RESOURCE_EXISTS),
+    UNAVAILABLE (STORE_UNAVAILABLE). A provider whose listing fails is still
+    created (see its health). Deadline: 10 s.
     """
     GetProvider: _aio.UnaryUnaryMultiCallable[_discovery_service_pb2.GetProviderRequest, _discovery_service_pb2.GetProviderResponse]  # type: ignore[assignment]
     """Reads a provider (credential redacted). Needs SCOPE_READ.
-    Errors: NOT_FOUND. Idempotent. Deadline: 1 s.
+    Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+    provider_id missing or malformed), UNAVAILABLE (STORE_UNAVAILABLE).
+    Idempotent. Deadline: 1 s.
     """
     ListProviders: _aio.UnaryUnaryMultiCallable[_discovery_service_pb2.ListProvidersRequest, _discovery_service_pb2.ListProvidersResponse]  # type: ignore[assignment]
     """Lists providers. Needs SCOPE_READ.
-    Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 2 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+    INVALID_PAGE_TOKEN), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent.
+    Deadline: 2 s.
     """
     UpdateProvider: _aio.UnaryUnaryMultiCallable[_discovery_service_pb2.UpdateProviderRequest, _discovery_service_pb2.UpdateProviderResponse]  # type: ignore[assignment]
     """Changes a provider (the fields in update_mask). Needs SCOPE_OPERATOR.
-    Errors: NOT_FOUND, INVALID_ARGUMENT. Idempotent. Deadline: 10 s.
+    Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+    provider_id, an output-only or unknown update_mask path, a bad value),
+    UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 10 s.
     """
     DeleteProvider: _aio.UnaryUnaryMultiCallable[_discovery_service_pb2.DeleteProviderRequest, _discovery_service_pb2.DeleteProviderResponse]  # type: ignore[assignment]
     """Removes a provider and its models. Needs SCOPE_OPERATOR.
-    Errors: NOT_FOUND. Idempotent. Deadline: 2 s.
+    Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+    provider_id), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 2 s.
     """
     TestProvider: _aio.UnaryUnaryMultiCallable[_discovery_service_pb2.TestProviderRequest, _discovery_service_pb2.TestProviderResponse]  # type: ignore[assignment]
     """Checks a provider now: lists its models and times a tiny request to the
     first of them (recorded like a scheduled probe). Needs SCOPE_OPERATOR.
-    Errors: NOT_FOUND. A failing provider is not an error: the response says
-    what failed. Deadline: 30 s.
+    Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+    provider_id), UNAVAILABLE (STORE_UNAVAILABLE). A failing provider is not
+    an error: the response says what failed. Deadline: 30 s.
     """
     GetModel: _aio.UnaryUnaryMultiCallable[_discovery_service_pb2.GetModelRequest, _discovery_service_pb2.GetModelResponse]  # type: ignore[assignment]
-    """Reads one model. Needs SCOPE_READ. Errors: NOT_FOUND (MODEL_NOT_FOUND).
-    Idempotent. Deadline: 1 s.
+    """Reads one model. Needs SCOPE_READ. Errors: NOT_FOUND (MODEL_NOT_FOUND),
+    INVALID_ARGUMENT (INVALID_FIELD: name missing), UNAVAILABLE
+    (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.
     """
     ListModels: _aio.UnaryUnaryMultiCallable[_discovery_service_pb2.ListModelsRequest, _discovery_service_pb2.ListModelsResponse]  # type: ignore[assignment]
     """Lists models, by name. Needs SCOPE_READ.
-    Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 2 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: a malformed provider_id, negative
+    page_size; INVALID_PAGE_TOKEN), UNAVAILABLE (STORE_UNAVAILABLE).
+    Idempotent. Deadline: 2 s.
     """
     WatchModels: _aio.UnaryStreamMultiCallable[_discovery_service_pb2.WatchModelsRequest, _discovery_service_pb2.WatchModelsResponse]  # type: ignore[assignment]
     """Streams the whole catalog, then every change as it happens, including
     changes made through other discovery replicas (PostgreSQL LISTEN/NOTIFY).
-    Needs SCOPE_READ. Routers reconnect and resync on any error. Deadline: none
-    (long-lived); the server sends a heartbeat at least every 30 s.
+    Needs SCOPE_READ. Errors: UNAVAILABLE (DEPENDENCY_UNAVAILABLE with
+    metadata["resync"] "true": the watcher fell behind the feed, or the
+    server is stopping). Routers reconnect and resync on any error. Deadline:
+    none (long-lived); the server sends a heartbeat at least every 30 s.
     """
     RunDiscovery: _aio.UnaryUnaryMultiCallable[_discovery_service_pb2.RunDiscoveryRequest, _discovery_service_pb2.RunDiscoveryResponse]  # type: ignore[assignment]
     """Runs discovery on every provider (or one) now instead of waiting for the
-    schedule. Needs SCOPE_OPERATOR. Errors: NOT_FOUND. Deadline: 60 s.
+    schedule. Needs SCOPE_OPERATOR. Errors: NOT_FOUND (RESOURCE_NOT_FOUND: the
+    named provider), INVALID_ARGUMENT (INVALID_FIELD: a malformed
+    provider_id), UNAVAILABLE (STORE_UNAVAILABLE). A provider whose listing
+    fails is not an error: RunDiscoveryResponse.errors names it.
+    Deadline: 60 s.
     """
 
 class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -143,7 +185,9 @@ class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
     prices, context windows and capabilities, and how healthy and fast they are
     right now. Routers keep a local copy through WatchModels. Providers serve the
     whole installation: reading them needs SCOPE_READ, changing them
-    SCOPE_OPERATOR.
+    SCOPE_OPERATOR. Errors every RPC can return (identity, scope, INTERNAL) are
+    listed on orchestra.common.v1.ErrorReason; UNAVAILABLE (STORE_UNAVAILABLE,
+    with RetryInfo) means PostgreSQL could not be reached.
     """
 
     @_abc_1.abstractmethod
@@ -153,7 +197,9 @@ class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_discovery_service_pb2.CreateProviderResponse, _abc.Awaitable[_discovery_service_pb2.CreateProviderResponse]]:
         """Registers a provider and runs discovery on it. Needs SCOPE_OPERATOR.
-        Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS. Deadline: 10 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD), ALREADY_EXISTS (RESOURCE_EXISTS),
+        UNAVAILABLE (STORE_UNAVAILABLE). A provider whose listing fails is still
+        created (see its health). Deadline: 10 s.
         """
 
     @_abc_1.abstractmethod
@@ -163,7 +209,9 @@ class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_discovery_service_pb2.GetProviderResponse, _abc.Awaitable[_discovery_service_pb2.GetProviderResponse]]:
         """Reads a provider (credential redacted). Needs SCOPE_READ.
-        Errors: NOT_FOUND. Idempotent. Deadline: 1 s.
+        Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+        provider_id missing or malformed), UNAVAILABLE (STORE_UNAVAILABLE).
+        Idempotent. Deadline: 1 s.
         """
 
     @_abc_1.abstractmethod
@@ -173,7 +221,9 @@ class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_discovery_service_pb2.ListProvidersResponse, _abc.Awaitable[_discovery_service_pb2.ListProvidersResponse]]:
         """Lists providers. Needs SCOPE_READ.
-        Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 2 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+        INVALID_PAGE_TOKEN), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent.
+        Deadline: 2 s.
         """
 
     @_abc_1.abstractmethod
@@ -183,7 +233,9 @@ class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_discovery_service_pb2.UpdateProviderResponse, _abc.Awaitable[_discovery_service_pb2.UpdateProviderResponse]]:
         """Changes a provider (the fields in update_mask). Needs SCOPE_OPERATOR.
-        Errors: NOT_FOUND, INVALID_ARGUMENT. Idempotent. Deadline: 10 s.
+        Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+        provider_id, an output-only or unknown update_mask path, a bad value),
+        UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 10 s.
         """
 
     @_abc_1.abstractmethod
@@ -193,7 +245,8 @@ class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_discovery_service_pb2.DeleteProviderResponse, _abc.Awaitable[_discovery_service_pb2.DeleteProviderResponse]]:
         """Removes a provider and its models. Needs SCOPE_OPERATOR.
-        Errors: NOT_FOUND. Idempotent. Deadline: 2 s.
+        Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+        provider_id), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 2 s.
         """
 
     @_abc_1.abstractmethod
@@ -204,8 +257,9 @@ class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_discovery_service_pb2.TestProviderResponse, _abc.Awaitable[_discovery_service_pb2.TestProviderResponse]]:
         """Checks a provider now: lists its models and times a tiny request to the
         first of them (recorded like a scheduled probe). Needs SCOPE_OPERATOR.
-        Errors: NOT_FOUND. A failing provider is not an error: the response says
-        what failed. Deadline: 30 s.
+        Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+        provider_id), UNAVAILABLE (STORE_UNAVAILABLE). A failing provider is not
+        an error: the response says what failed. Deadline: 30 s.
         """
 
     @_abc_1.abstractmethod
@@ -214,8 +268,9 @@ class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _discovery_service_pb2.GetModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_discovery_service_pb2.GetModelResponse, _abc.Awaitable[_discovery_service_pb2.GetModelResponse]]:
-        """Reads one model. Needs SCOPE_READ. Errors: NOT_FOUND (MODEL_NOT_FOUND).
-        Idempotent. Deadline: 1 s.
+        """Reads one model. Needs SCOPE_READ. Errors: NOT_FOUND (MODEL_NOT_FOUND),
+        INVALID_ARGUMENT (INVALID_FIELD: name missing), UNAVAILABLE
+        (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.
         """
 
     @_abc_1.abstractmethod
@@ -225,7 +280,9 @@ class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_discovery_service_pb2.ListModelsResponse, _abc.Awaitable[_discovery_service_pb2.ListModelsResponse]]:
         """Lists models, by name. Needs SCOPE_READ.
-        Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 2 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: a malformed provider_id, negative
+        page_size; INVALID_PAGE_TOKEN), UNAVAILABLE (STORE_UNAVAILABLE).
+        Idempotent. Deadline: 2 s.
         """
 
     @_abc_1.abstractmethod
@@ -236,8 +293,10 @@ class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_discovery_service_pb2.WatchModelsResponse], _abc.AsyncIterator[_discovery_service_pb2.WatchModelsResponse]]:
         """Streams the whole catalog, then every change as it happens, including
         changes made through other discovery replicas (PostgreSQL LISTEN/NOTIFY).
-        Needs SCOPE_READ. Routers reconnect and resync on any error. Deadline: none
-        (long-lived); the server sends a heartbeat at least every 30 s.
+        Needs SCOPE_READ. Errors: UNAVAILABLE (DEPENDENCY_UNAVAILABLE with
+        metadata["resync"] "true": the watcher fell behind the feed, or the
+        server is stopping). Routers reconnect and resync on any error. Deadline:
+        none (long-lived); the server sends a heartbeat at least every 30 s.
         """
 
     @_abc_1.abstractmethod
@@ -247,7 +306,11 @@ class DiscoveryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_discovery_service_pb2.RunDiscoveryResponse, _abc.Awaitable[_discovery_service_pb2.RunDiscoveryResponse]]:
         """Runs discovery on every provider (or one) now instead of waiting for the
-        schedule. Needs SCOPE_OPERATOR. Errors: NOT_FOUND. Deadline: 60 s.
+        schedule. Needs SCOPE_OPERATOR. Errors: NOT_FOUND (RESOURCE_NOT_FOUND: the
+        named provider), INVALID_ARGUMENT (INVALID_FIELD: a malformed
+        provider_id), UNAVAILABLE (STORE_UNAVAILABLE). A provider whose listing
+        fails is not an error: RunDiscoveryResponse.errors names it.
+        Deadline: 60 s.
         """
 
 def add_DiscoveryServiceServicer_to_server(servicer: DiscoveryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -22,11 +22,12 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from orchestra.common.v1 import chat_pb2 as orchestra_dot_common_dot_v1_dot_chat__pb2
 from orchestra.common.v1 import identity_pb2 as orchestra_dot_common_dot_v1_dot_identity__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&orchestra/router/v1/chat_service.proto\x12\x13orchestra.router.v1\x1a\x1eorchestra/common/v1/chat.proto\x1a\"orchestra/common/v1/identity.proto\"\x85\x04\n\x0b\x43hatRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12.\n\x08messages\x18\x03 \x03(\x0b\x32\x1c.orchestra.common.v1.Message\x12(\n\x05tools\x18\x04 \x03(\x0b\x32\x19.orchestra.common.v1.Tool\x12\x34\n\x0btool_choice\x18\x05 \x01(\x0b\x32\x1f.orchestra.common.v1.ToolChoice\x12\x39\n\ngeneration\x18\x06 \x01(\x0b\x32%.orchestra.common.v1.GenerationConfig\x12\x32\n\x07routing\x18\x07 \x01(\x0b\x32!.orchestra.router.v1.RoutingHints\x12\x30\n\x05\x63\x61\x63he\x18\x08 \x01(\x0b\x32!.orchestra.router.v1.CacheControl\x12\x35\n\x0b\x61ttribution\x18\t \x01(\x0b\x32 .orchestra.common.v1.Attribution\x12<\n\x06labels\x18\n \x03(\x0b\x32,.orchestra.router.v1.ChatRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc5\x01\n\x0cRoutingHints\x12\x36\n\x08strategy\x18\x01 \x01(\x0e\x32$.orchestra.common.v1.RoutingStrategy\x12\x1a\n\x12max_cost_micro_usd\x18\x02 \x01(\x03\x12\x30\n\ttask_type\x18\x03 \x01(\x0e\x32\x1d.orchestra.router.v1.TaskType\x12\x17\n\x0f\x66\x61llback_models\x18\x04 \x03(\t\x12\x16\n\x0emax_latency_ms\x18\x05 \x01(\x05\"e\n\x0c\x43\x61\x63heControl\x12,\n\x04mode\x18\x01 \x01(\x0e\x32\x1e.orchestra.router.v1.CacheMode\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x05\x12\x12\n\nexact_only\x18\x03 \x01(\x08\"\xe7\x02\n\x0c\x43hatResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08provider\x18\x03 \x01(\t\x12-\n\x07message\x18\x04 \x01(\x0b\x32\x1c.orchestra.common.v1.Message\x12\x38\n\rfinish_reason\x18\x05 \x01(\x0e\x32!.orchestra.common.v1.FinishReason\x12)\n\x05usage\x18\x06 \x01(\x0b\x32\x1a.orchestra.common.v1.Usage\x12\x16\n\x0e\x63ost_micro_usd\x18\x07 \x01(\x03\x12\x11\n\tcache_hit\x18\x08 \x01(\x08\x12\x16\n\x0erouting_reason\x18\t \x01(\t\x12\x37\n\tfallbacks\x18\n \x03(\x0b\x32$.orchestra.router.v1.FallbackAttempt\x12\x12\n\nlatency_ms\x18\x0b \x01(\x03\"\x9d\x02\n\x12\x43hatStreamResponse\x12/\n\x05start\x18\x01 \x01(\x0b\x32\x1e.orchestra.router.v1.ChatStartH\x00\x12\x34\n\ntext_delta\x18\x02 \x01(\x0b\x32\x1e.orchestra.router.v1.TextDeltaH\x00\x12=\n\x0ftool_call_delta\x18\x03 \x01(\x0b\x32\".orchestra.router.v1.ToolCallDeltaH\x00\x12+\n\x05usage\x18\x04 \x01(\x0b\x32\x1a.orchestra.common.v1.UsageH\x00\x12+\n\x03\x65nd\x18\x05 \x01(\x0b\x32\x1c.orchestra.router.v1.ChatEndH\x00\x42\x07\n\x05\x65vent\"k\n\tChatStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08provider\x18\x03 \x01(\t\x12\x16\n\x0erouting_reason\x18\x04 \x01(\t\x12\x11\n\tcache_hit\x18\x05 \x01(\x08\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"Q\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x17\n\x0f\x61rguments_delta\x18\x04 \x01(\t\"\x86\x02\n\x07\x43hatEnd\x12\x38\n\rfinish_reason\x18\x01 \x01(\x0e\x32!.orchestra.common.v1.FinishReason\x12)\n\x05usage\x18\x02 \x01(\x0b\x32\x1a.orchestra.common.v1.Usage\x12\x16\n\x0e\x63ost_micro_usd\x18\x03 \x01(\x03\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\x12\x37\n\tfallbacks\x18\x05 \x03(\x0b\x32$.orchestra.router.v1.FallbackAttempt\x12\x1e\n\x16time_to_first_token_ms\x18\x06 \x01(\x03\x12\x12\n\nlatency_ms\x18\x07 \x01(\x03\"A\n\x0f\x46\x61llbackAttempt\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t*\x8a\x02\n\x08TaskType\x12\x19\n\x15TASK_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0eTASK_TYPE_CHAT\x10\x01\x12\x12\n\x0eTASK_TYPE_CODE\x10\x02\x12\x12\n\x0eTASK_TYPE_MATH\x10\x03\x12\x17\n\x13TASK_TYPE_REASONING\x10\x04\x12\x1b\n\x17TASK_TYPE_SUMMARIZATION\x10\x05\x12\x19\n\x15TASK_TYPE_TRANSLATION\x10\x06\x12\x18\n\x14TASK_TYPE_EXTRACTION\x10\x07\x12\x1c\n\x18TASK_TYPE_CLASSIFICATION\x10\x08\x12\x1e\n\x1aTASK_TYPE_CREATIVE_WRITING\x10\t*\x87\x01\n\nComplexity\x12\x1a\n\x16\x43OMPLEXITY_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43OMPLEXITY_SIMPLE\x10\x01\x12\x17\n\x13\x43OMPLEXITY_MODERATE\x10\x02\x12\x16\n\x12\x43OMPLEXITY_COMPLEX\x10\x03\x12\x15\n\x11\x43OMPLEXITY_EXPERT\x10\x04*q\n\tCacheMode\x12\x1a\n\x16\x43\x41\x43HE_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41\x43HE_MODE_DISABLED\x10\x01\x12\x16\n\x12\x43\x41\x43HE_MODE_REFRESH\x10\x02\x12\x17\n\x13\x43\x41\x43HE_MODE_NO_STORE\x10\x03\x32\xb5\x01\n\x0b\x43hatService\x12K\n\x04\x43hat\x12 .orchestra.router.v1.ChatRequest\x1a!.orchestra.router.v1.ChatResponse\x12Y\n\nChatStream\x12 .orchestra.router.v1.ChatRequest\x1a\'.orchestra.router.v1.ChatStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&orchestra/router/v1/chat_service.proto\x12\x13orchestra.router.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1eorchestra/common/v1/chat.proto\x1a\"orchestra/common/v1/identity.proto\"\x8b\x04\n\x0b\x43hatRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x34\n\x08messages\x18\x03 \x03(\x0b\x32\x1c.orchestra.common.v1.MessageB\x04\xe2\x41\x01\x02\x12(\n\x05tools\x18\x04 \x03(\x0b\x32\x19.orchestra.common.v1.Tool\x12\x34\n\x0btool_choice\x18\x05 \x01(\x0b\x32\x1f.orchestra.common.v1.ToolChoice\x12\x39\n\ngeneration\x18\x06 \x01(\x0b\x32%.orchestra.common.v1.GenerationConfig\x12\x32\n\x07routing\x18\x07 \x01(\x0b\x32!.orchestra.router.v1.RoutingHints\x12\x30\n\x05\x63\x61\x63he\x18\x08 \x01(\x0b\x32!.orchestra.router.v1.CacheControl\x12\x35\n\x0b\x61ttribution\x18\t \x01(\x0b\x32 .orchestra.common.v1.Attribution\x12<\n\x06labels\x18\n \x03(\x0b\x32,.orchestra.router.v1.ChatRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc5\x01\n\x0cRoutingHints\x12\x36\n\x08strategy\x18\x01 \x01(\x0e\x32$.orchestra.common.v1.RoutingStrategy\x12\x1a\n\x12max_cost_micro_usd\x18\x02 \x01(\x03\x12\x30\n\ttask_type\x18\x03 \x01(\x0e\x32\x1d.orchestra.router.v1.TaskType\x12\x17\n\x0f\x66\x61llback_models\x18\x04 \x03(\t\x12\x16\n\x0emax_latency_ms\x18\x05 \x01(\x05\"e\n\x0c\x43\x61\x63heControl\x12,\n\x04mode\x18\x01 \x01(\x0e\x32\x1e.orchestra.router.v1.CacheMode\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x05\x12\x12\n\nexact_only\x18\x03 \x01(\x08\"\xe7\x02\n\x0c\x43hatResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08provider\x18\x03 \x01(\t\x12-\n\x07message\x18\x04 \x01(\x0b\x32\x1c.orchestra.common.v1.Message\x12\x38\n\rfinish_reason\x18\x05 \x01(\x0e\x32!.orchestra.common.v1.FinishReason\x12)\n\x05usage\x18\x06 \x01(\x0b\x32\x1a.orchestra.common.v1.Usage\x12\x16\n\x0e\x63ost_micro_usd\x18\x07 \x01(\x03\x12\x11\n\tcache_hit\x18\x08 \x01(\x08\x12\x16\n\x0erouting_reason\x18\t \x01(\t\x12\x37\n\tfallbacks\x18\n \x03(\x0b\x32$.orchestra.router.v1.FallbackAttempt\x12\x12\n\nlatency_ms\x18\x0b \x01(\x03\"\x9d\x02\n\x12\x43hatStreamResponse\x12/\n\x05start\x18\x01 \x01(\x0b\x32\x1e.orchestra.router.v1.ChatStartH\x00\x12\x34\n\ntext_delta\x18\x02 \x01(\x0b\x32\x1e.orchestra.router.v1.TextDeltaH\x00\x12=\n\x0ftool_call_delta\x18\x03 \x01(\x0b\x32\".orchestra.router.v1.ToolCallDeltaH\x00\x12+\n\x05usage\x18\x04 \x01(\x0b\x32\x1a.orchestra.common.v1.UsageH\x00\x12+\n\x03\x65nd\x18\x05 \x01(\x0b\x32\x1c.orchestra.router.v1.ChatEndH\x00\x42\x07\n\x05\x65vent\"k\n\tChatStart\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x10\n\x08provider\x18\x03 \x01(\t\x12\x16\n\x0erouting_reason\x18\x04 \x01(\t\x12\x11\n\tcache_hit\x18\x05 \x01(\x08\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"Q\n\rToolCallDelta\x12\r\n\x05index\x18\x01 \x01(\x05\x12\n\n\x02id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x17\n\x0f\x61rguments_delta\x18\x04 \x01(\t\"\x86\x02\n\x07\x43hatEnd\x12\x38\n\rfinish_reason\x18\x01 \x01(\x0e\x32!.orchestra.common.v1.FinishReason\x12)\n\x05usage\x18\x02 \x01(\x0b\x32\x1a.orchestra.common.v1.Usage\x12\x16\n\x0e\x63ost_micro_usd\x18\x03 \x01(\x03\x12\x11\n\tcache_hit\x18\x04 \x01(\x08\x12\x37\n\tfallbacks\x18\x05 \x03(\x0b\x32$.orchestra.router.v1.FallbackAttempt\x12\x1e\n\x16time_to_first_token_ms\x18\x06 \x01(\x03\x12\x12\n\nlatency_ms\x18\x07 \x01(\x03\"A\n\x0f\x46\x61llbackAttempt\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t*\x8a\x02\n\x08TaskType\x12\x19\n\x15TASK_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0eTASK_TYPE_CHAT\x10\x01\x12\x12\n\x0eTASK_TYPE_CODE\x10\x02\x12\x12\n\x0eTASK_TYPE_MATH\x10\x03\x12\x17\n\x13TASK_TYPE_REASONING\x10\x04\x12\x1b\n\x17TASK_TYPE_SUMMARIZATION\x10\x05\x12\x19\n\x15TASK_TYPE_TRANSLATION\x10\x06\x12\x18\n\x14TASK_TYPE_EXTRACTION\x10\x07\x12\x1c\n\x18TASK_TYPE_CLASSIFICATION\x10\x08\x12\x1e\n\x1aTASK_TYPE_CREATIVE_WRITING\x10\t*\x87\x01\n\nComplexity\x12\x1a\n\x16\x43OMPLEXITY_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43OMPLEXITY_SIMPLE\x10\x01\x12\x17\n\x13\x43OMPLEXITY_MODERATE\x10\x02\x12\x16\n\x12\x43OMPLEXITY_COMPLEX\x10\x03\x12\x15\n\x11\x43OMPLEXITY_EXPERT\x10\x04*q\n\tCacheMode\x12\x1a\n\x16\x43\x41\x43HE_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41\x43HE_MODE_DISABLED\x10\x01\x12\x16\n\x12\x43\x41\x43HE_MODE_REFRESH\x10\x02\x12\x17\n\x13\x43\x41\x43HE_MODE_NO_STORE\x10\x03\x32\xb5\x01\n\x0b\x43hatService\x12K\n\x04\x43hat\x12 .orchestra.router.v1.ChatRequest\x1a!.orchestra.router.v1.ChatResponse\x12Y\n\nChatStream\x12 .orchestra.router.v1.ChatRequest\x1a\'.orchestra.router.v1.ChatStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,34 +36,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CHATREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_CHATREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_TASKTYPE']._serialized_start=2156
-  _globals['_TASKTYPE']._serialized_end=2422
-  _globals['_COMPLEXITY']._serialized_start=2425
-  _globals['_COMPLEXITY']._serialized_end=2560
-  _globals['_CACHEMODE']._serialized_start=2562
-  _globals['_CACHEMODE']._serialized_end=2675
-  _globals['_CHATREQUEST']._serialized_start=132
-  _globals['_CHATREQUEST']._serialized_end=649
-  _globals['_CHATREQUEST_LABELSENTRY']._serialized_start=604
-  _globals['_CHATREQUEST_LABELSENTRY']._serialized_end=649
-  _globals['_ROUTINGHINTS']._serialized_start=652
-  _globals['_ROUTINGHINTS']._serialized_end=849
-  _globals['_CACHECONTROL']._serialized_start=851
-  _globals['_CACHECONTROL']._serialized_end=952
-  _globals['_CHATRESPONSE']._serialized_start=955
-  _globals['_CHATRESPONSE']._serialized_end=1314
-  _globals['_CHATSTREAMRESPONSE']._serialized_start=1317
-  _globals['_CHATSTREAMRESPONSE']._serialized_end=1602
-  _globals['_CHATSTART']._serialized_start=1604
-  _globals['_CHATSTART']._serialized_end=1711
-  _globals['_TEXTDELTA']._serialized_start=1713
-  _globals['_TEXTDELTA']._serialized_end=1738
-  _globals['_TOOLCALLDELTA']._serialized_start=1740
-  _globals['_TOOLCALLDELTA']._serialized_end=1821
-  _globals['_CHATEND']._serialized_start=1824
-  _globals['_CHATEND']._serialized_end=2086
-  _globals['_FALLBACKATTEMPT']._serialized_start=2088
-  _globals['_FALLBACKATTEMPT']._serialized_end=2153
-  _globals['_CHATSERVICE']._serialized_start=2678
-  _globals['_CHATSERVICE']._serialized_end=2859
+  _globals['_CHATREQUEST'].fields_by_name['messages']._loaded_options = None
+  _globals['_CHATREQUEST'].fields_by_name['messages']._serialized_options = b'\342A\001\002'
+  _globals['_TASKTYPE']._serialized_start=2195
+  _globals['_TASKTYPE']._serialized_end=2461
+  _globals['_COMPLEXITY']._serialized_start=2464
+  _globals['_COMPLEXITY']._serialized_end=2599
+  _globals['_CACHEMODE']._serialized_start=2601
+  _globals['_CACHEMODE']._serialized_end=2714
+  _globals['_CHATREQUEST']._serialized_start=165
+  _globals['_CHATREQUEST']._serialized_end=688
+  _globals['_CHATREQUEST_LABELSENTRY']._serialized_start=643
+  _globals['_CHATREQUEST_LABELSENTRY']._serialized_end=688
+  _globals['_ROUTINGHINTS']._serialized_start=691
+  _globals['_ROUTINGHINTS']._serialized_end=888
+  _globals['_CACHECONTROL']._serialized_start=890
+  _globals['_CACHECONTROL']._serialized_end=991
+  _globals['_CHATRESPONSE']._serialized_start=994
+  _globals['_CHATRESPONSE']._serialized_end=1353
+  _globals['_CHATSTREAMRESPONSE']._serialized_start=1356
+  _globals['_CHATSTREAMRESPONSE']._serialized_end=1641
+  _globals['_CHATSTART']._serialized_start=1643
+  _globals['_CHATSTART']._serialized_end=1750
+  _globals['_TEXTDELTA']._serialized_start=1752
+  _globals['_TEXTDELTA']._serialized_end=1777
+  _globals['_TOOLCALLDELTA']._serialized_start=1779
+  _globals['_TOOLCALLDELTA']._serialized_end=1860
+  _globals['_CHATEND']._serialized_start=1863
+  _globals['_CHATEND']._serialized_end=2125
+  _globals['_FALLBACKATTEMPT']._serialized_start=2127
+  _globals['_FALLBACKATTEMPT']._serialized_end=2192
+  _globals['_CHATSERVICE']._serialized_start=2717
+  _globals['_CHATSERVICE']._serialized_end=2898
 # @@protoc_insertion_point(module_scope)

@@ -255,7 +255,13 @@ class RoutingHints(_message.Message):
     task_type: Global___TaskType.ValueType
     """The kind of task, when the caller knows it; otherwise it is inferred."""
     max_latency_ms: _builtins.int
-    """Prefer models whose time to first token is below this (a soft filter)."""
+    """A latency limit, in milliseconds. Candidates whose time-to-first-token
+    estimate exceeds it are dropped, unless that would drop every candidate:
+    then the one with the lowest estimate is kept. A candidate without an
+    estimate yet is kept. A dropped candidate is listed in the decision's
+    excluded models with reason "max_latency". It does not apply to a pinned
+    model (ChatRequest.model). Zero: no limit.
+    """
     @_builtins.property
     def fallback_models(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Models to try, in order, after the chosen one fails before its first token.

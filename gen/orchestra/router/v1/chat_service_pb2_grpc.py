@@ -29,7 +29,9 @@ class ChatServiceStub:
     """The public chat API: one interface in front of every configured provider.
     Every call needs an API key with SCOPE_CHAT in the "authorization: Bearer …"
     (or "x-api-key") metadata. Each request is routed, admitted against the
-    budget, answered from the cache when it can be, and audited.
+    budget, answered from the cache when it can be, and audited. Errors every
+    RPC can return (identity, scope, INTERNAL) are listed on
+    orchestra.common.v1.ErrorReason.
     """
 
     def __init__(self, channel):
@@ -54,16 +56,28 @@ class ChatServiceServicer:
     """The public chat API: one interface in front of every configured provider.
     Every call needs an API key with SCOPE_CHAT in the "authorization: Bearer …"
     (or "x-api-key") metadata. Each request is routed, admitted against the
-    budget, answered from the cache when it can be, and audited.
+    budget, answered from the cache when it can be, and audited. Errors every
+    RPC can return (identity, scope, INTERNAL) are listed on
+    orchestra.common.v1.ErrorReason.
     """
 
     def Chat(self, request, context):
         """Answers a conversation in one response.
         Errors: INVALID_ARGUMENT (EMPTY_MESSAGES, INVALID_FIELD, REQUEST_TOO_LARGE,
-        CONTEXT_TOO_LONG), UNAUTHENTICATED, PERMISSION_DENIED (MODEL_NOT_ALLOWED),
-        NOT_FOUND (MODEL_NOT_FOUND), RESOURCE_EXHAUSTED (BUDGET_EXHAUSTED,
-        RATE_LIMITED), FAILED_PRECONDITION (NO_ELIGIBLE_MODEL), UNAVAILABLE
-        (UPSTREAM_UNAVAILABLE), DEADLINE_EXCEEDED.
+        CONTEXT_TOO_LONG), UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID,
+        API_KEY_REVOKED: at the edge), PERMISSION_DENIED (MODEL_NOT_ALLOWED),
+        NOT_FOUND (MODEL_NOT_FOUND: the pinned model or a fallback_models entry;
+        RESOURCE_NOT_FOUND: the caller's tenant was deleted), RESOURCE_EXHAUSTED
+        (BUDGET_EXHAUSTED, RATE_LIMITED: budget's refusal as it sent it, with
+        QuotaFailure and RetryInfo), FAILED_PRECONDITION (NO_ELIGIBLE_MODEL,
+        MAX_COST_EXCEEDED: the worst case of the pinned model, or of the cheapest
+        eligible one, is above routing.max_cost_micro_usd), UNAVAILABLE
+        (UPSTREAM_UNAVAILABLE: every model of the chain failed before its first
+        token; UPSTREAM_STREAM_BROKEN: the provider failed after it started, and
+        the partial answer is not returned; STORE_UNAVAILABLE: budget's Redis is
+        down and the tenant fails closed; DEPENDENCY_UNAVAILABLE: the budget
+        service did not answer), DEADLINE_EXCEEDED. Never an error: a cache
+        failure (treated as a miss).
         Idempotent per request_id: a retry with the same id is never charged twice.
         Deadline: set one; a few seconds per 100 output tokens is typical.
         Shares ChatRequest with ChatStream so a client switches by method only:
@@ -76,7 +90,8 @@ class ChatServiceServicer:
     def ChatStream(self, request, context):
         """Answers a conversation as a stream of events: one ChatStart, then text and
         tool-call deltas as the provider produces them (never buffered), usage,
-        and one ChatEnd. Errors before the first event are as for Chat. A provider
+        and one ChatEnd. Errors before the first event are as for Chat, except
+        UPSTREAM_STREAM_BROKEN, which comes only after events. A provider
         failing after streaming started ends the stream with ChatEnd
         (FINISH_REASON_ERROR, the partial usage and cost) and then UNAVAILABLE
         (UPSTREAM_STREAM_BROKEN); the answer is never silently truncated.
@@ -116,7 +131,9 @@ class ChatService:
     """The public chat API: one interface in front of every configured provider.
     Every call needs an API key with SCOPE_CHAT in the "authorization: Bearer …"
     (or "x-api-key") metadata. Each request is routed, admitted against the
-    budget, answered from the cache when it can be, and audited.
+    budget, answered from the cache when it can be, and audited. Errors every
+    RPC can return (identity, scope, INTERNAL) are listed on
+    orchestra.common.v1.ErrorReason.
     """
 
     @staticmethod

@@ -30,7 +30,9 @@ class ChatServiceStub:
     """The public chat API: one interface in front of every configured provider.
     Every call needs an API key with SCOPE_CHAT in the "authorization: Bearer …"
     (or "x-api-key") metadata. Each request is routed, admitted against the
-    budget, answered from the cache when it can be, and audited.
+    budget, answered from the cache when it can be, and audited. Errors every
+    RPC can return (identity, scope, INTERNAL) are listed on
+    orchestra.common.v1.ErrorReason.
     """
 
     @_typing.overload
@@ -40,10 +42,20 @@ class ChatServiceStub:
     Chat: _grpc.UnaryUnaryMultiCallable[_chat_service_pb2.ChatRequest, _chat_service_pb2.ChatResponse]
     """Answers a conversation in one response.
     Errors: INVALID_ARGUMENT (EMPTY_MESSAGES, INVALID_FIELD, REQUEST_TOO_LARGE,
-    CONTEXT_TOO_LONG), UNAUTHENTICATED, PERMISSION_DENIED (MODEL_NOT_ALLOWED),
-    NOT_FOUND (MODEL_NOT_FOUND), RESOURCE_EXHAUSTED (BUDGET_EXHAUSTED,
-    RATE_LIMITED), FAILED_PRECONDITION (NO_ELIGIBLE_MODEL), UNAVAILABLE
-    (UPSTREAM_UNAVAILABLE), DEADLINE_EXCEEDED.
+    CONTEXT_TOO_LONG), UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID,
+    API_KEY_REVOKED: at the edge), PERMISSION_DENIED (MODEL_NOT_ALLOWED),
+    NOT_FOUND (MODEL_NOT_FOUND: the pinned model or a fallback_models entry;
+    RESOURCE_NOT_FOUND: the caller's tenant was deleted), RESOURCE_EXHAUSTED
+    (BUDGET_EXHAUSTED, RATE_LIMITED: budget's refusal as it sent it, with
+    QuotaFailure and RetryInfo), FAILED_PRECONDITION (NO_ELIGIBLE_MODEL,
+    MAX_COST_EXCEEDED: the worst case of the pinned model, or of the cheapest
+    eligible one, is above routing.max_cost_micro_usd), UNAVAILABLE
+    (UPSTREAM_UNAVAILABLE: every model of the chain failed before its first
+    token; UPSTREAM_STREAM_BROKEN: the provider failed after it started, and
+    the partial answer is not returned; STORE_UNAVAILABLE: budget's Redis is
+    down and the tenant fails closed; DEPENDENCY_UNAVAILABLE: the budget
+    service did not answer), DEADLINE_EXCEEDED. Never an error: a cache
+    failure (treated as a miss).
     Idempotent per request_id: a retry with the same id is never charged twice.
     Deadline: set one; a few seconds per 100 output tokens is typical.
     Shares ChatRequest with ChatStream so a client switches by method only:
@@ -52,7 +64,8 @@ class ChatServiceStub:
     ChatStream: _grpc.UnaryStreamMultiCallable[_chat_service_pb2.ChatRequest, _chat_service_pb2.ChatStreamResponse]
     """Answers a conversation as a stream of events: one ChatStart, then text and
     tool-call deltas as the provider produces them (never buffered), usage,
-    and one ChatEnd. Errors before the first event are as for Chat. A provider
+    and one ChatEnd. Errors before the first event are as for Chat, except
+    UPSTREAM_STREAM_BROKEN, which comes only after events. A provider
     failing after streaming started ends the stream with ChatEnd
     (FINISH_REASON_ERROR, the partial usage and cost) and then UNAVAILABLE
     (UPSTREAM_STREAM_BROKEN); the answer is never silently truncated.
@@ -69,17 +82,29 @@ class ChatServiceAsyncStub(ChatServiceStub):
     """The public chat API: one interface in front of every configured provider.
     Every call needs an API key with SCOPE_CHAT in the "authorization: Bearer …"
     (or "x-api-key") metadata. Each request is routed, admitted against the
-    budget, answered from the cache when it can be, and audited.
+    budget, answered from the cache when it can be, and audited. Errors every
+    RPC can return (identity, scope, INTERNAL) are listed on
+    orchestra.common.v1.ErrorReason.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Chat: _aio.UnaryUnaryMultiCallable[_chat_service_pb2.ChatRequest, _chat_service_pb2.ChatResponse]  # type: ignore[assignment]
     """Answers a conversation in one response.
     Errors: INVALID_ARGUMENT (EMPTY_MESSAGES, INVALID_FIELD, REQUEST_TOO_LARGE,
-    CONTEXT_TOO_LONG), UNAUTHENTICATED, PERMISSION_DENIED (MODEL_NOT_ALLOWED),
-    NOT_FOUND (MODEL_NOT_FOUND), RESOURCE_EXHAUSTED (BUDGET_EXHAUSTED,
-    RATE_LIMITED), FAILED_PRECONDITION (NO_ELIGIBLE_MODEL), UNAVAILABLE
-    (UPSTREAM_UNAVAILABLE), DEADLINE_EXCEEDED.
+    CONTEXT_TOO_LONG), UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID,
+    API_KEY_REVOKED: at the edge), PERMISSION_DENIED (MODEL_NOT_ALLOWED),
+    NOT_FOUND (MODEL_NOT_FOUND: the pinned model or a fallback_models entry;
+    RESOURCE_NOT_FOUND: the caller's tenant was deleted), RESOURCE_EXHAUSTED
+    (BUDGET_EXHAUSTED, RATE_LIMITED: budget's refusal as it sent it, with
+    QuotaFailure and RetryInfo), FAILED_PRECONDITION (NO_ELIGIBLE_MODEL,
+    MAX_COST_EXCEEDED: the worst case of the pinned model, or of the cheapest
+    eligible one, is above routing.max_cost_micro_usd), UNAVAILABLE
+    (UPSTREAM_UNAVAILABLE: every model of the chain failed before its first
+    token; UPSTREAM_STREAM_BROKEN: the provider failed after it started, and
+    the partial answer is not returned; STORE_UNAVAILABLE: budget's Redis is
+    down and the tenant fails closed; DEPENDENCY_UNAVAILABLE: the budget
+    service did not answer), DEADLINE_EXCEEDED. Never an error: a cache
+    failure (treated as a miss).
     Idempotent per request_id: a retry with the same id is never charged twice.
     Deadline: set one; a few seconds per 100 output tokens is typical.
     Shares ChatRequest with ChatStream so a client switches by method only:
@@ -88,7 +113,8 @@ class ChatServiceAsyncStub(ChatServiceStub):
     ChatStream: _aio.UnaryStreamMultiCallable[_chat_service_pb2.ChatRequest, _chat_service_pb2.ChatStreamResponse]  # type: ignore[assignment]
     """Answers a conversation as a stream of events: one ChatStart, then text and
     tool-call deltas as the provider produces them (never buffered), usage,
-    and one ChatEnd. Errors before the first event are as for Chat. A provider
+    and one ChatEnd. Errors before the first event are as for Chat, except
+    UPSTREAM_STREAM_BROKEN, which comes only after events. A provider
     failing after streaming started ends the stream with ChatEnd
     (FINISH_REASON_ERROR, the partial usage and cost) and then UNAVAILABLE
     (UPSTREAM_STREAM_BROKEN); the answer is never silently truncated.
@@ -104,7 +130,9 @@ class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
     """The public chat API: one interface in front of every configured provider.
     Every call needs an API key with SCOPE_CHAT in the "authorization: Bearer …"
     (or "x-api-key") metadata. Each request is routed, admitted against the
-    budget, answered from the cache when it can be, and audited.
+    budget, answered from the cache when it can be, and audited. Errors every
+    RPC can return (identity, scope, INTERNAL) are listed on
+    orchestra.common.v1.ErrorReason.
     """
 
     @_abc_1.abstractmethod
@@ -115,10 +143,20 @@ class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_chat_service_pb2.ChatResponse, _abc.Awaitable[_chat_service_pb2.ChatResponse]]:
         """Answers a conversation in one response.
         Errors: INVALID_ARGUMENT (EMPTY_MESSAGES, INVALID_FIELD, REQUEST_TOO_LARGE,
-        CONTEXT_TOO_LONG), UNAUTHENTICATED, PERMISSION_DENIED (MODEL_NOT_ALLOWED),
-        NOT_FOUND (MODEL_NOT_FOUND), RESOURCE_EXHAUSTED (BUDGET_EXHAUSTED,
-        RATE_LIMITED), FAILED_PRECONDITION (NO_ELIGIBLE_MODEL), UNAVAILABLE
-        (UPSTREAM_UNAVAILABLE), DEADLINE_EXCEEDED.
+        CONTEXT_TOO_LONG), UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID,
+        API_KEY_REVOKED: at the edge), PERMISSION_DENIED (MODEL_NOT_ALLOWED),
+        NOT_FOUND (MODEL_NOT_FOUND: the pinned model or a fallback_models entry;
+        RESOURCE_NOT_FOUND: the caller's tenant was deleted), RESOURCE_EXHAUSTED
+        (BUDGET_EXHAUSTED, RATE_LIMITED: budget's refusal as it sent it, with
+        QuotaFailure and RetryInfo), FAILED_PRECONDITION (NO_ELIGIBLE_MODEL,
+        MAX_COST_EXCEEDED: the worst case of the pinned model, or of the cheapest
+        eligible one, is above routing.max_cost_micro_usd), UNAVAILABLE
+        (UPSTREAM_UNAVAILABLE: every model of the chain failed before its first
+        token; UPSTREAM_STREAM_BROKEN: the provider failed after it started, and
+        the partial answer is not returned; STORE_UNAVAILABLE: budget's Redis is
+        down and the tenant fails closed; DEPENDENCY_UNAVAILABLE: the budget
+        service did not answer), DEADLINE_EXCEEDED. Never an error: a cache
+        failure (treated as a miss).
         Idempotent per request_id: a retry with the same id is never charged twice.
         Deadline: set one; a few seconds per 100 output tokens is typical.
         Shares ChatRequest with ChatStream so a client switches by method only:
@@ -133,7 +171,8 @@ class ChatServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_chat_service_pb2.ChatStreamResponse], _abc.AsyncIterator[_chat_service_pb2.ChatStreamResponse]]:
         """Answers a conversation as a stream of events: one ChatStart, then text and
         tool-call deltas as the provider produces them (never buffered), usage,
-        and one ChatEnd. Errors before the first event are as for Chat. A provider
+        and one ChatEnd. Errors before the first event are as for Chat, except
+        UPSTREAM_STREAM_BROKEN, which comes only after events. A provider
         failing after streaming started ends the stream with ChatEnd
         (FINISH_REASON_ERROR, the partial usage and cost) and then UNAVAILABLE
         (UPSTREAM_STREAM_BROKEN); the answer is never silently truncated.

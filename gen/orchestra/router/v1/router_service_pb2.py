@@ -22,64 +22,85 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from orchestra.common.v1 import identity_pb2 as orchestra_dot_common_dot_v1_dot_identity__pb2
 from orchestra.router.v1 import chat_service_pb2 as orchestra_dot_router_dot_v1_dot_chat__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(orchestra/router/v1/router_service.proto\x12\x13orchestra.router.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\"orchestra/common/v1/identity.proto\x1a&orchestra/router/v1/chat_service.proto\">\n\x0cRouteRequest\x12.\n\x04\x63hat\x18\x01 \x01(\x0b\x32 .orchestra.router.v1.ChatRequest\"E\n\rRouteResponse\x12\x34\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\".orchestra.router.v1.RouteDecision\"\xa8\x03\n\rRouteDecision\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x11\n\tfallbacks\x18\x04 \x03(\t\x12 \n\x18\x65stimated_cost_micro_usd\x18\x05 \x01(\x03\x12\x1c\n\x14\x65stimated_latency_ms\x18\x06 \x01(\x05\x12\x12\n\nconfidence\x18\x07 \x01(\x02\x12\x36\n\x08strategy\x18\x08 \x01(\x0e\x32$.orchestra.common.v1.RoutingStrategy\x12\x30\n\ttask_type\x18\t \x01(\x0e\x32\x1d.orchestra.router.v1.TaskType\x12\x33\n\ncomplexity\x18\n \x01(\x0e\x32\x1f.orchestra.router.v1.Complexity\x12\x34\n\x08\x65xcluded\x18\x0b \x03(\x0b\x32\".orchestra.router.v1.ExcludedModel\x12\x10\n\x08\x65xplored\x18\x0c \x01(\x08\x12\x18\n\x10\x65xpected_quality\x18\r \x01(\x02\".\n\rExcludedModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x02 \x01(\t\"K\n\x15SubmitFeedbackRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0f\n\x07\x63omment\x18\x03 \x01(\t\"\x18\n\x16SubmitFeedbackResponse\"\x80\x01\n\x12\x43reateBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12-\n\x05items\x18\x02 \x03(\x0b\x32\x1e.orchestra.router.v1.BatchItem\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12\x17\n\x0fmax_concurrency\x18\x04 \x01(\x05\"Q\n\tBatchItem\x12\x11\n\tcustom_id\x18\x01 \x01(\t\x12\x31\n\x07request\x18\x02 \x01(\x0b\x32 .orchestra.router.v1.ChatRequest\"@\n\x13\x43reateBatchResponse\x12)\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1a.orchestra.router.v1.Batch\"\x96\x02\n\x05\x42\x61tch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.orchestra.router.v1.BatchState\x12\x13\n\x0btotal_items\x18\x03 \x01(\x05\x12\x17\n\x0fsucceeded_items\x18\x04 \x01(\x05\x12\x14\n\x0c\x66\x61iled_items\x18\x05 \x01(\x05\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63ost_micro_usd\x18\t \x01(\x03\"#\n\x0fGetBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"=\n\x10GetBatchResponse\x12)\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1a.orchestra.router.v1.Batch\"R\n\x17ListBatchResultsRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"f\n\x18ListBatchResultsResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .orchestra.router.v1.BatchResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x98\x01\n\x0b\x42\x61tchResult\x12\x11\n\tcustom_id\x18\x01 \x01(\t\x12\x35\n\x08response\x18\x02 \x01(\x0b\x32!.orchestra.router.v1.ChatResponseH\x00\x12\x34\n\x05\x65rror\x18\x03 \x01(\x0b\x32#.orchestra.router.v1.BatchItemErrorH\x00\x42\t\n\x07outcome\"?\n\x0e\x42\x61tchItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"&\n\x12\x43\x61ncelBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\"@\n\x13\x43\x61ncelBatchResponse\x12)\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1a.orchestra.router.v1.Batch\"C\n\x1aListCircuitBreakersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"m\n\x1bListCircuitBreakersResponse\x12\x35\n\x08\x62reakers\x18\x01 \x03(\x0b\x32#.orchestra.router.v1.CircuitBreaker\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xdc\x01\n\x0e\x43ircuitBreaker\x12\r\n\x05model\x18\x01 \x01(\t\x12\x30\n\x05state\x18\x02 \x01(\x0e\x32!.orchestra.router.v1.CircuitState\x12\x1c\n\x14\x63onsecutive_failures\x18\x03 \x01(\x05\x12\x14\n\x0cwindow_calls\x18\x04 \x01(\x05\x12\x17\n\x0fwindow_failures\x18\x05 \x01(\x05\x12-\n\topen_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05trips\x18\x07 \x01(\x05*\x90\x01\n\nBatchState\x12\x1b\n\x17\x42\x41TCH_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x42\x41TCH_STATE_QUEUED\x10\x01\x12\x17\n\x13\x42\x41TCH_STATE_RUNNING\x10\x02\x12\x19\n\x15\x42\x41TCH_STATE_COMPLETED\x10\x03\x12\x19\n\x15\x42\x41TCH_STATE_CANCELLED\x10\x04*|\n\x0c\x43ircuitState\x12\x1d\n\x19\x43IRCUIT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43IRCUIT_STATE_CLOSED\x10\x01\x12\x16\n\x12\x43IRCUIT_STATE_OPEN\x10\x02\x12\x1b\n\x17\x43IRCUIT_STATE_HALF_OPEN\x10\x03\x32\xd2\x05\n\rRouterService\x12N\n\x05Route\x12!.orchestra.router.v1.RouteRequest\x1a\".orchestra.router.v1.RouteResponse\x12i\n\x0eSubmitFeedback\x12*.orchestra.router.v1.SubmitFeedbackRequest\x1a+.orchestra.router.v1.SubmitFeedbackResponse\x12`\n\x0b\x43reateBatch\x12\'.orchestra.router.v1.CreateBatchRequest\x1a(.orchestra.router.v1.CreateBatchResponse\x12W\n\x08GetBatch\x12$.orchestra.router.v1.GetBatchRequest\x1a%.orchestra.router.v1.GetBatchResponse\x12o\n\x10ListBatchResults\x12,.orchestra.router.v1.ListBatchResultsRequest\x1a-.orchestra.router.v1.ListBatchResultsResponse\x12`\n\x0b\x43\x61ncelBatch\x12\'.orchestra.router.v1.CancelBatchRequest\x1a(.orchestra.router.v1.CancelBatchResponse\x12x\n\x13ListCircuitBreakers\x12/.orchestra.router.v1.ListCircuitBreakersRequest\x1a\x30.orchestra.router.v1.ListCircuitBreakersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(orchestra/router/v1/router_service.proto\x12\x13orchestra.router.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\"orchestra/common/v1/identity.proto\x1a&orchestra/router/v1/chat_service.proto\"D\n\x0cRouteRequest\x12\x34\n\x04\x63hat\x18\x01 \x01(\x0b\x32 .orchestra.router.v1.ChatRequestB\x04\xe2\x41\x01\x02\"E\n\rRouteResponse\x12\x34\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0b\x32\".orchestra.router.v1.RouteDecision\"\xa8\x03\n\rRouteDecision\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x11\n\tfallbacks\x18\x04 \x03(\t\x12 \n\x18\x65stimated_cost_micro_usd\x18\x05 \x01(\x03\x12\x1c\n\x14\x65stimated_latency_ms\x18\x06 \x01(\x05\x12\x12\n\nconfidence\x18\x07 \x01(\x02\x12\x36\n\x08strategy\x18\x08 \x01(\x0e\x32$.orchestra.common.v1.RoutingStrategy\x12\x30\n\ttask_type\x18\t \x01(\x0e\x32\x1d.orchestra.router.v1.TaskType\x12\x33\n\ncomplexity\x18\n \x01(\x0e\x32\x1f.orchestra.router.v1.Complexity\x12\x34\n\x08\x65xcluded\x18\x0b \x03(\x0b\x32\".orchestra.router.v1.ExcludedModel\x12\x10\n\x08\x65xplored\x18\x0c \x01(\x08\x12\x18\n\x10\x65xpected_quality\x18\r \x01(\x02\".\n\rExcludedModel\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06\x66ilter\x18\x02 \x01(\t\"Q\n\x15SubmitFeedbackRequest\x12\x18\n\nrequest_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x0f\n\x07\x63omment\x18\x03 \x01(\t\"\x18\n\x16SubmitFeedbackResponse\"\x86\x01\n\x12\x43reateBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x33\n\x05items\x18\x02 \x03(\x0b\x32\x1e.orchestra.router.v1.BatchItemB\x04\xe2\x41\x01\x02\x12\x10\n\x08priority\x18\x03 \x01(\x05\x12\x17\n\x0fmax_concurrency\x18\x04 \x01(\x05\"]\n\tBatchItem\x12\x17\n\tcustom_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x37\n\x07request\x18\x02 \x01(\x0b\x32 .orchestra.router.v1.ChatRequestB\x04\xe2\x41\x01\x02\"@\n\x13\x43reateBatchResponse\x12)\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1a.orchestra.router.v1.Batch\"\xa2\x02\n\x05\x42\x61tch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.orchestra.router.v1.BatchState\x12\x13\n\x0btotal_items\x18\x03 \x01(\x05\x12\x17\n\x0fsucceeded_items\x18\x04 \x01(\x05\x12\x14\n\x0c\x66\x61iled_items\x18\x05 \x01(\x05\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12\x35\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x32\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampB\x04\xe2\x41\x01\x03\x12\x16\n\x0e\x63ost_micro_usd\x18\t \x01(\x03\")\n\x0fGetBatchRequest\x12\x16\n\x08\x62\x61tch_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"=\n\x10GetBatchResponse\x12)\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1a.orchestra.router.v1.Batch\"X\n\x17ListBatchResultsRequest\x12\x16\n\x08\x62\x61tch_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"f\n\x18ListBatchResultsResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .orchestra.router.v1.BatchResult\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x98\x01\n\x0b\x42\x61tchResult\x12\x11\n\tcustom_id\x18\x01 \x01(\t\x12\x35\n\x08response\x18\x02 \x01(\x0b\x32!.orchestra.router.v1.ChatResponseH\x00\x12\x34\n\x05\x65rror\x18\x03 \x01(\x0b\x32#.orchestra.router.v1.BatchItemErrorH\x00\x42\t\n\x07outcome\"?\n\x0e\x42\x61tchItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\",\n\x12\x43\x61ncelBatchRequest\x12\x16\n\x08\x62\x61tch_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\"@\n\x13\x43\x61ncelBatchResponse\x12)\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x1a.orchestra.router.v1.Batch\"C\n\x1aListCircuitBreakersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"m\n\x1bListCircuitBreakersResponse\x12\x35\n\x08\x62reakers\x18\x01 \x03(\x0b\x32#.orchestra.router.v1.CircuitBreaker\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xdc\x01\n\x0e\x43ircuitBreaker\x12\r\n\x05model\x18\x01 \x01(\t\x12\x30\n\x05state\x18\x02 \x01(\x0e\x32!.orchestra.router.v1.CircuitState\x12\x1c\n\x14\x63onsecutive_failures\x18\x03 \x01(\x05\x12\x14\n\x0cwindow_calls\x18\x04 \x01(\x05\x12\x17\n\x0fwindow_failures\x18\x05 \x01(\x05\x12-\n\topen_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05trips\x18\x07 \x01(\x05*\x90\x01\n\nBatchState\x12\x1b\n\x17\x42\x41TCH_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12\x42\x41TCH_STATE_QUEUED\x10\x01\x12\x17\n\x13\x42\x41TCH_STATE_RUNNING\x10\x02\x12\x19\n\x15\x42\x41TCH_STATE_COMPLETED\x10\x03\x12\x19\n\x15\x42\x41TCH_STATE_CANCELLED\x10\x04*|\n\x0c\x43ircuitState\x12\x1d\n\x19\x43IRCUIT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43IRCUIT_STATE_CLOSED\x10\x01\x12\x16\n\x12\x43IRCUIT_STATE_OPEN\x10\x02\x12\x1b\n\x17\x43IRCUIT_STATE_HALF_OPEN\x10\x03\x32\xd2\x05\n\rRouterService\x12N\n\x05Route\x12!.orchestra.router.v1.RouteRequest\x1a\".orchestra.router.v1.RouteResponse\x12i\n\x0eSubmitFeedback\x12*.orchestra.router.v1.SubmitFeedbackRequest\x1a+.orchestra.router.v1.SubmitFeedbackResponse\x12`\n\x0b\x43reateBatch\x12\'.orchestra.router.v1.CreateBatchRequest\x1a(.orchestra.router.v1.CreateBatchResponse\x12W\n\x08GetBatch\x12$.orchestra.router.v1.GetBatchRequest\x1a%.orchestra.router.v1.GetBatchResponse\x12o\n\x10ListBatchResults\x12,.orchestra.router.v1.ListBatchResultsRequest\x1a-.orchestra.router.v1.ListBatchResultsResponse\x12`\n\x0b\x43\x61ncelBatch\x12\'.orchestra.router.v1.CancelBatchRequest\x1a(.orchestra.router.v1.CancelBatchResponse\x12x\n\x13ListCircuitBreakers\x12/.orchestra.router.v1.ListCircuitBreakersRequest\x1a\x30.orchestra.router.v1.ListCircuitBreakersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'orchestra.router.v1.router_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BATCHSTATE']._serialized_start=2466
-  _globals['_BATCHSTATE']._serialized_end=2610
-  _globals['_CIRCUITSTATE']._serialized_start=2612
-  _globals['_CIRCUITSTATE']._serialized_end=2736
-  _globals['_ROUTEREQUEST']._serialized_start=174
-  _globals['_ROUTEREQUEST']._serialized_end=236
-  _globals['_ROUTERESPONSE']._serialized_start=238
-  _globals['_ROUTERESPONSE']._serialized_end=307
-  _globals['_ROUTEDECISION']._serialized_start=310
-  _globals['_ROUTEDECISION']._serialized_end=734
-  _globals['_EXCLUDEDMODEL']._serialized_start=736
-  _globals['_EXCLUDEDMODEL']._serialized_end=782
-  _globals['_SUBMITFEEDBACKREQUEST']._serialized_start=784
-  _globals['_SUBMITFEEDBACKREQUEST']._serialized_end=859
-  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_start=861
-  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_end=885
-  _globals['_CREATEBATCHREQUEST']._serialized_start=888
-  _globals['_CREATEBATCHREQUEST']._serialized_end=1016
-  _globals['_BATCHITEM']._serialized_start=1018
-  _globals['_BATCHITEM']._serialized_end=1099
-  _globals['_CREATEBATCHRESPONSE']._serialized_start=1101
-  _globals['_CREATEBATCHRESPONSE']._serialized_end=1165
-  _globals['_BATCH']._serialized_start=1168
-  _globals['_BATCH']._serialized_end=1446
-  _globals['_GETBATCHREQUEST']._serialized_start=1448
-  _globals['_GETBATCHREQUEST']._serialized_end=1483
-  _globals['_GETBATCHRESPONSE']._serialized_start=1485
-  _globals['_GETBATCHRESPONSE']._serialized_end=1546
-  _globals['_LISTBATCHRESULTSREQUEST']._serialized_start=1548
-  _globals['_LISTBATCHRESULTSREQUEST']._serialized_end=1630
-  _globals['_LISTBATCHRESULTSRESPONSE']._serialized_start=1632
-  _globals['_LISTBATCHRESULTSRESPONSE']._serialized_end=1734
-  _globals['_BATCHRESULT']._serialized_start=1737
-  _globals['_BATCHRESULT']._serialized_end=1889
-  _globals['_BATCHITEMERROR']._serialized_start=1891
-  _globals['_BATCHITEMERROR']._serialized_end=1954
-  _globals['_CANCELBATCHREQUEST']._serialized_start=1956
-  _globals['_CANCELBATCHREQUEST']._serialized_end=1994
-  _globals['_CANCELBATCHRESPONSE']._serialized_start=1996
-  _globals['_CANCELBATCHRESPONSE']._serialized_end=2060
-  _globals['_LISTCIRCUITBREAKERSREQUEST']._serialized_start=2062
-  _globals['_LISTCIRCUITBREAKERSREQUEST']._serialized_end=2129
-  _globals['_LISTCIRCUITBREAKERSRESPONSE']._serialized_start=2131
-  _globals['_LISTCIRCUITBREAKERSRESPONSE']._serialized_end=2240
-  _globals['_CIRCUITBREAKER']._serialized_start=2243
-  _globals['_CIRCUITBREAKER']._serialized_end=2463
-  _globals['_ROUTERSERVICE']._serialized_start=2739
-  _globals['_ROUTERSERVICE']._serialized_end=3461
+  _globals['_ROUTEREQUEST'].fields_by_name['chat']._loaded_options = None
+  _globals['_ROUTEREQUEST'].fields_by_name['chat']._serialized_options = b'\342A\001\002'
+  _globals['_SUBMITFEEDBACKREQUEST'].fields_by_name['request_id']._loaded_options = None
+  _globals['_SUBMITFEEDBACKREQUEST'].fields_by_name['request_id']._serialized_options = b'\342A\001\002'
+  _globals['_CREATEBATCHREQUEST'].fields_by_name['items']._loaded_options = None
+  _globals['_CREATEBATCHREQUEST'].fields_by_name['items']._serialized_options = b'\342A\001\002'
+  _globals['_BATCHITEM'].fields_by_name['custom_id']._loaded_options = None
+  _globals['_BATCHITEM'].fields_by_name['custom_id']._serialized_options = b'\342A\001\002'
+  _globals['_BATCHITEM'].fields_by_name['request']._loaded_options = None
+  _globals['_BATCHITEM'].fields_by_name['request']._serialized_options = b'\342A\001\002'
+  _globals['_BATCH'].fields_by_name['create_time']._loaded_options = None
+  _globals['_BATCH'].fields_by_name['create_time']._serialized_options = b'\342A\001\003'
+  _globals['_BATCH'].fields_by_name['end_time']._loaded_options = None
+  _globals['_BATCH'].fields_by_name['end_time']._serialized_options = b'\342A\001\003'
+  _globals['_GETBATCHREQUEST'].fields_by_name['batch_id']._loaded_options = None
+  _globals['_GETBATCHREQUEST'].fields_by_name['batch_id']._serialized_options = b'\342A\001\002'
+  _globals['_LISTBATCHRESULTSREQUEST'].fields_by_name['batch_id']._loaded_options = None
+  _globals['_LISTBATCHRESULTSREQUEST'].fields_by_name['batch_id']._serialized_options = b'\342A\001\002'
+  _globals['_CANCELBATCHREQUEST'].fields_by_name['batch_id']._loaded_options = None
+  _globals['_CANCELBATCHREQUEST'].fields_by_name['batch_id']._serialized_options = b'\342A\001\002'
+  _globals['_BATCHSTATE']._serialized_start=2559
+  _globals['_BATCHSTATE']._serialized_end=2703
+  _globals['_CIRCUITSTATE']._serialized_start=2705
+  _globals['_CIRCUITSTATE']._serialized_end=2829
+  _globals['_ROUTEREQUEST']._serialized_start=207
+  _globals['_ROUTEREQUEST']._serialized_end=275
+  _globals['_ROUTERESPONSE']._serialized_start=277
+  _globals['_ROUTERESPONSE']._serialized_end=346
+  _globals['_ROUTEDECISION']._serialized_start=349
+  _globals['_ROUTEDECISION']._serialized_end=773
+  _globals['_EXCLUDEDMODEL']._serialized_start=775
+  _globals['_EXCLUDEDMODEL']._serialized_end=821
+  _globals['_SUBMITFEEDBACKREQUEST']._serialized_start=823
+  _globals['_SUBMITFEEDBACKREQUEST']._serialized_end=904
+  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_start=906
+  _globals['_SUBMITFEEDBACKRESPONSE']._serialized_end=930
+  _globals['_CREATEBATCHREQUEST']._serialized_start=933
+  _globals['_CREATEBATCHREQUEST']._serialized_end=1067
+  _globals['_BATCHITEM']._serialized_start=1069
+  _globals['_BATCHITEM']._serialized_end=1162
+  _globals['_CREATEBATCHRESPONSE']._serialized_start=1164
+  _globals['_CREATEBATCHRESPONSE']._serialized_end=1228
+  _globals['_BATCH']._serialized_start=1231
+  _globals['_BATCH']._serialized_end=1521
+  _globals['_GETBATCHREQUEST']._serialized_start=1523
+  _globals['_GETBATCHREQUEST']._serialized_end=1564
+  _globals['_GETBATCHRESPONSE']._serialized_start=1566
+  _globals['_GETBATCHRESPONSE']._serialized_end=1627
+  _globals['_LISTBATCHRESULTSREQUEST']._serialized_start=1629
+  _globals['_LISTBATCHRESULTSREQUEST']._serialized_end=1717
+  _globals['_LISTBATCHRESULTSRESPONSE']._serialized_start=1719
+  _globals['_LISTBATCHRESULTSRESPONSE']._serialized_end=1821
+  _globals['_BATCHRESULT']._serialized_start=1824
+  _globals['_BATCHRESULT']._serialized_end=1976
+  _globals['_BATCHITEMERROR']._serialized_start=1978
+  _globals['_BATCHITEMERROR']._serialized_end=2041
+  _globals['_CANCELBATCHREQUEST']._serialized_start=2043
+  _globals['_CANCELBATCHREQUEST']._serialized_end=2087
+  _globals['_CANCELBATCHRESPONSE']._serialized_start=2089
+  _globals['_CANCELBATCHRESPONSE']._serialized_end=2153
+  _globals['_LISTCIRCUITBREAKERSREQUEST']._serialized_start=2155
+  _globals['_LISTCIRCUITBREAKERSREQUEST']._serialized_end=2222
+  _globals['_LISTCIRCUITBREAKERSRESPONSE']._serialized_start=2224
+  _globals['_LISTCIRCUITBREAKERSRESPONSE']._serialized_end=2333
+  _globals['_CIRCUITBREAKER']._serialized_start=2336
+  _globals['_CIRCUITBREAKER']._serialized_end=2556
+  _globals['_ROUTERSERVICE']._serialized_start=2832
+  _globals['_ROUTERSERVICE']._serialized_end=3554
 # @@protoc_insertion_point(module_scope)

@@ -334,7 +334,9 @@ class BatchItem(_message.Message):
     CUSTOM_ID_FIELD_NUMBER: _builtins.int
     REQUEST_FIELD_NUMBER: _builtins.int
     custom_id: _builtins.str
-    """Unique within the batch; names the item's result."""
+    """Unique within the batch (1-64 characters of [A-Za-z0-9._-]); names the
+    item's result.
+    """
     @_builtins.property
     def request(self) -> _chat_service_pb2.ChatRequest:
         """The chat to run. Its request_id defaults to "<batch_id>:<custom_id>"."""

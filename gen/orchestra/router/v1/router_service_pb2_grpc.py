@@ -27,7 +27,8 @@ if _version_not_supported:
 
 class RouterServiceStub:
     """The routing decision on its own, quality feedback that teaches the router,
-    and batches of chats run in the background.
+    and batches of chats run in the background. Errors every RPC can return
+    (identity, scope, INTERNAL) are listed on orchestra.common.v1.ErrorReason.
     """
 
     def __init__(self, channel):
@@ -75,14 +76,19 @@ class RouterServiceStub:
 
 class RouterServiceServicer:
     """The routing decision on its own, quality feedback that teaches the router,
-    and batches of chats run in the background.
+    and batches of chats run in the background. Errors every RPC can return
+    (identity, scope, INTERNAL) are listed on orchestra.common.v1.ErrorReason.
     """
 
     def Route(self, request, context):
         """Decides which model would answer a chat request, without calling it,
         reserving budget or touching the cache. Needs SCOPE_CHAT.
-        Errors: INVALID_ARGUMENT, NOT_FOUND (MODEL_NOT_FOUND), FAILED_PRECONDITION
-        (NO_ELIGIBLE_MODEL), PERMISSION_DENIED (MODEL_NOT_ALLOWED).
+        Errors: INVALID_ARGUMENT (EMPTY_MESSAGES, INVALID_FIELD, REQUEST_TOO_LARGE,
+        CONTEXT_TOO_LONG), NOT_FOUND (MODEL_NOT_FOUND; RESOURCE_NOT_FOUND: the
+        caller's tenant was deleted), FAILED_PRECONDITION (NO_ELIGIBLE_MODEL,
+        MAX_COST_EXCEEDED), PERMISSION_DENIED (MODEL_NOT_ALLOWED), UNAVAILABLE
+        (DEPENDENCY_UNAVAILABLE: the budget service, which holds the tenant's
+        policy, did not answer; STORE_UNAVAILABLE forwarded from it).
         Idempotent (no side effects). Deadline: 1 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -107,8 +113,11 @@ class RouterServiceServicer:
 
     def CreateBatch(self, request, context):
         """Queues many chat requests as one batch. Needs SCOPE_CHAT.
-        Errors: INVALID_ARGUMENT (no items, duplicate custom_id, a bad item),
-        ALREADY_EXISTS (batch_id taken), RESOURCE_EXHAUSTED.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: malformed batch_id or
+        max_concurrency, no items or more than 10,000, a malformed or repeated
+        custom_id, a bad item request with the item's field named), ALREADY_EXISTS
+        (RESOURCE_EXISTS: the batch_id holds other items), UNIMPLEMENTED (this
+        router runs without batches; as for every batch RPC).
         Idempotent per batch_id. Deadline: 5 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -117,7 +126,8 @@ class RouterServiceServicer:
 
     def GetBatch(self, request, context):
         """Reads a batch's state and counts. Needs SCOPE_CHAT.
-        Errors: NOT_FOUND. Idempotent. Deadline: 1 s.
+        Errors: NOT_FOUND (RESOURCE_NOT_FOUND), UNIMPLEMENTED. Idempotent.
+        Deadline: 1 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -125,7 +135,8 @@ class RouterServiceServicer:
 
     def ListBatchResults(self, request, context):
         """Pages through a batch's finished items. Needs SCOPE_CHAT.
-        Errors: NOT_FOUND, INVALID_ARGUMENT (INVALID_PAGE_TOKEN).
+        Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+        negative page_size; INVALID_PAGE_TOKEN), UNIMPLEMENTED.
         Idempotent. Deadline: 5 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -134,7 +145,8 @@ class RouterServiceServicer:
 
     def CancelBatch(self, request, context):
         """Stops a batch: queued items are not run; running ones finish.
-        Needs SCOPE_CHAT. Errors: NOT_FOUND. Idempotent. Deadline: 1 s.
+        Needs SCOPE_CHAT. Errors: NOT_FOUND (RESOURCE_NOT_FOUND), UNIMPLEMENTED.
+        Idempotent. Deadline: 1 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -143,7 +155,8 @@ class RouterServiceServicer:
     def ListCircuitBreakers(self, request, context):
         """Lists the circuit breaker of every routable model (shared by all router
         replicas), in model-name order. Needs SCOPE_READ.
-        Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 1 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+        INVALID_PAGE_TOKEN). Idempotent. Deadline: 1 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -197,7 +210,8 @@ def add_RouterServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class RouterService:
     """The routing decision on its own, quality feedback that teaches the router,
-    and batches of chats run in the background.
+    and batches of chats run in the background. Errors every RPC can return
+    (identity, scope, INTERNAL) are listed on orchestra.common.v1.ErrorReason.
     """
 
     @staticmethod

@@ -28,7 +28,8 @@ GRPC_VERSION: str
 
 class RouterServiceStub:
     """The routing decision on its own, quality feedback that teaches the router,
-    and batches of chats run in the background.
+    and batches of chats run in the background. Errors every RPC can return
+    (identity, scope, INTERNAL) are listed on orchestra.common.v1.ErrorReason.
     """
 
     @_typing.overload
@@ -38,8 +39,12 @@ class RouterServiceStub:
     Route: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.RouteRequest, _router_service_pb2.RouteResponse]
     """Decides which model would answer a chat request, without calling it,
     reserving budget or touching the cache. Needs SCOPE_CHAT.
-    Errors: INVALID_ARGUMENT, NOT_FOUND (MODEL_NOT_FOUND), FAILED_PRECONDITION
-    (NO_ELIGIBLE_MODEL), PERMISSION_DENIED (MODEL_NOT_ALLOWED).
+    Errors: INVALID_ARGUMENT (EMPTY_MESSAGES, INVALID_FIELD, REQUEST_TOO_LARGE,
+    CONTEXT_TOO_LONG), NOT_FOUND (MODEL_NOT_FOUND; RESOURCE_NOT_FOUND: the
+    caller's tenant was deleted), FAILED_PRECONDITION (NO_ELIGIBLE_MODEL,
+    MAX_COST_EXCEEDED), PERMISSION_DENIED (MODEL_NOT_ALLOWED), UNAVAILABLE
+    (DEPENDENCY_UNAVAILABLE: the budget service, which holds the tenant's
+    policy, did not answer; STORE_UNAVAILABLE forwarded from it).
     Idempotent (no side effects). Deadline: 1 s.
     """
     SubmitFeedback: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.SubmitFeedbackRequest, _router_service_pb2.SubmitFeedbackResponse]
@@ -56,41 +61,53 @@ class RouterServiceStub:
     """
     CreateBatch: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.CreateBatchRequest, _router_service_pb2.CreateBatchResponse]
     """Queues many chat requests as one batch. Needs SCOPE_CHAT.
-    Errors: INVALID_ARGUMENT (no items, duplicate custom_id, a bad item),
-    ALREADY_EXISTS (batch_id taken), RESOURCE_EXHAUSTED.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: malformed batch_id or
+    max_concurrency, no items or more than 10,000, a malformed or repeated
+    custom_id, a bad item request with the item's field named), ALREADY_EXISTS
+    (RESOURCE_EXISTS: the batch_id holds other items), UNIMPLEMENTED (this
+    router runs without batches; as for every batch RPC).
     Idempotent per batch_id. Deadline: 5 s.
     """
     GetBatch: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.GetBatchRequest, _router_service_pb2.GetBatchResponse]
     """Reads a batch's state and counts. Needs SCOPE_CHAT.
-    Errors: NOT_FOUND. Idempotent. Deadline: 1 s.
+    Errors: NOT_FOUND (RESOURCE_NOT_FOUND), UNIMPLEMENTED. Idempotent.
+    Deadline: 1 s.
     """
     ListBatchResults: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.ListBatchResultsRequest, _router_service_pb2.ListBatchResultsResponse]
     """Pages through a batch's finished items. Needs SCOPE_CHAT.
-    Errors: NOT_FOUND, INVALID_ARGUMENT (INVALID_PAGE_TOKEN).
+    Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+    negative page_size; INVALID_PAGE_TOKEN), UNIMPLEMENTED.
     Idempotent. Deadline: 5 s.
     """
     CancelBatch: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.CancelBatchRequest, _router_service_pb2.CancelBatchResponse]
     """Stops a batch: queued items are not run; running ones finish.
-    Needs SCOPE_CHAT. Errors: NOT_FOUND. Idempotent. Deadline: 1 s.
+    Needs SCOPE_CHAT. Errors: NOT_FOUND (RESOURCE_NOT_FOUND), UNIMPLEMENTED.
+    Idempotent. Deadline: 1 s.
     """
     ListCircuitBreakers: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.ListCircuitBreakersRequest, _router_service_pb2.ListCircuitBreakersResponse]
     """Lists the circuit breaker of every routable model (shared by all router
     replicas), in model-name order. Needs SCOPE_READ.
-    Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 1 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+    INVALID_PAGE_TOKEN). Idempotent. Deadline: 1 s.
     """
 
 @_typing.type_check_only
 class RouterServiceAsyncStub(RouterServiceStub):
     """The routing decision on its own, quality feedback that teaches the router,
-    and batches of chats run in the background.
+    and batches of chats run in the background. Errors every RPC can return
+    (identity, scope, INTERNAL) are listed on orchestra.common.v1.ErrorReason.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Route: _aio.UnaryUnaryMultiCallable[_router_service_pb2.RouteRequest, _router_service_pb2.RouteResponse]  # type: ignore[assignment]
     """Decides which model would answer a chat request, without calling it,
     reserving budget or touching the cache. Needs SCOPE_CHAT.
-    Errors: INVALID_ARGUMENT, NOT_FOUND (MODEL_NOT_FOUND), FAILED_PRECONDITION
-    (NO_ELIGIBLE_MODEL), PERMISSION_DENIED (MODEL_NOT_ALLOWED).
+    Errors: INVALID_ARGUMENT (EMPTY_MESSAGES, INVALID_FIELD, REQUEST_TOO_LARGE,
+    CONTEXT_TOO_LONG), NOT_FOUND (MODEL_NOT_FOUND; RESOURCE_NOT_FOUND: the
+    caller's tenant was deleted), FAILED_PRECONDITION (NO_ELIGIBLE_MODEL,
+    MAX_COST_EXCEEDED), PERMISSION_DENIED (MODEL_NOT_ALLOWED), UNAVAILABLE
+    (DEPENDENCY_UNAVAILABLE: the budget service, which holds the tenant's
+    policy, did not answer; STORE_UNAVAILABLE forwarded from it).
     Idempotent (no side effects). Deadline: 1 s.
     """
     SubmitFeedback: _aio.UnaryUnaryMultiCallable[_router_service_pb2.SubmitFeedbackRequest, _router_service_pb2.SubmitFeedbackResponse]  # type: ignore[assignment]
@@ -107,32 +124,40 @@ class RouterServiceAsyncStub(RouterServiceStub):
     """
     CreateBatch: _aio.UnaryUnaryMultiCallable[_router_service_pb2.CreateBatchRequest, _router_service_pb2.CreateBatchResponse]  # type: ignore[assignment]
     """Queues many chat requests as one batch. Needs SCOPE_CHAT.
-    Errors: INVALID_ARGUMENT (no items, duplicate custom_id, a bad item),
-    ALREADY_EXISTS (batch_id taken), RESOURCE_EXHAUSTED.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: malformed batch_id or
+    max_concurrency, no items or more than 10,000, a malformed or repeated
+    custom_id, a bad item request with the item's field named), ALREADY_EXISTS
+    (RESOURCE_EXISTS: the batch_id holds other items), UNIMPLEMENTED (this
+    router runs without batches; as for every batch RPC).
     Idempotent per batch_id. Deadline: 5 s.
     """
     GetBatch: _aio.UnaryUnaryMultiCallable[_router_service_pb2.GetBatchRequest, _router_service_pb2.GetBatchResponse]  # type: ignore[assignment]
     """Reads a batch's state and counts. Needs SCOPE_CHAT.
-    Errors: NOT_FOUND. Idempotent. Deadline: 1 s.
+    Errors: NOT_FOUND (RESOURCE_NOT_FOUND), UNIMPLEMENTED. Idempotent.
+    Deadline: 1 s.
     """
     ListBatchResults: _aio.UnaryUnaryMultiCallable[_router_service_pb2.ListBatchResultsRequest, _router_service_pb2.ListBatchResultsResponse]  # type: ignore[assignment]
     """Pages through a batch's finished items. Needs SCOPE_CHAT.
-    Errors: NOT_FOUND, INVALID_ARGUMENT (INVALID_PAGE_TOKEN).
+    Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+    negative page_size; INVALID_PAGE_TOKEN), UNIMPLEMENTED.
     Idempotent. Deadline: 5 s.
     """
     CancelBatch: _aio.UnaryUnaryMultiCallable[_router_service_pb2.CancelBatchRequest, _router_service_pb2.CancelBatchResponse]  # type: ignore[assignment]
     """Stops a batch: queued items are not run; running ones finish.
-    Needs SCOPE_CHAT. Errors: NOT_FOUND. Idempotent. Deadline: 1 s.
+    Needs SCOPE_CHAT. Errors: NOT_FOUND (RESOURCE_NOT_FOUND), UNIMPLEMENTED.
+    Idempotent. Deadline: 1 s.
     """
     ListCircuitBreakers: _aio.UnaryUnaryMultiCallable[_router_service_pb2.ListCircuitBreakersRequest, _router_service_pb2.ListCircuitBreakersResponse]  # type: ignore[assignment]
     """Lists the circuit breaker of every routable model (shared by all router
     replicas), in model-name order. Needs SCOPE_READ.
-    Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 1 s.
+    Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+    INVALID_PAGE_TOKEN). Idempotent. Deadline: 1 s.
     """
 
 class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
     """The routing decision on its own, quality feedback that teaches the router,
-    and batches of chats run in the background.
+    and batches of chats run in the background. Errors every RPC can return
+    (identity, scope, INTERNAL) are listed on orchestra.common.v1.ErrorReason.
     """
 
     @_abc_1.abstractmethod
@@ -143,8 +168,12 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_router_service_pb2.RouteResponse, _abc.Awaitable[_router_service_pb2.RouteResponse]]:
         """Decides which model would answer a chat request, without calling it,
         reserving budget or touching the cache. Needs SCOPE_CHAT.
-        Errors: INVALID_ARGUMENT, NOT_FOUND (MODEL_NOT_FOUND), FAILED_PRECONDITION
-        (NO_ELIGIBLE_MODEL), PERMISSION_DENIED (MODEL_NOT_ALLOWED).
+        Errors: INVALID_ARGUMENT (EMPTY_MESSAGES, INVALID_FIELD, REQUEST_TOO_LARGE,
+        CONTEXT_TOO_LONG), NOT_FOUND (MODEL_NOT_FOUND; RESOURCE_NOT_FOUND: the
+        caller's tenant was deleted), FAILED_PRECONDITION (NO_ELIGIBLE_MODEL,
+        MAX_COST_EXCEEDED), PERMISSION_DENIED (MODEL_NOT_ALLOWED), UNAVAILABLE
+        (DEPENDENCY_UNAVAILABLE: the budget service, which holds the tenant's
+        policy, did not answer; STORE_UNAVAILABLE forwarded from it).
         Idempotent (no side effects). Deadline: 1 s.
         """
 
@@ -173,8 +202,11 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_router_service_pb2.CreateBatchResponse, _abc.Awaitable[_router_service_pb2.CreateBatchResponse]]:
         """Queues many chat requests as one batch. Needs SCOPE_CHAT.
-        Errors: INVALID_ARGUMENT (no items, duplicate custom_id, a bad item),
-        ALREADY_EXISTS (batch_id taken), RESOURCE_EXHAUSTED.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: malformed batch_id or
+        max_concurrency, no items or more than 10,000, a malformed or repeated
+        custom_id, a bad item request with the item's field named), ALREADY_EXISTS
+        (RESOURCE_EXISTS: the batch_id holds other items), UNIMPLEMENTED (this
+        router runs without batches; as for every batch RPC).
         Idempotent per batch_id. Deadline: 5 s.
         """
 
@@ -185,7 +217,8 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_router_service_pb2.GetBatchResponse, _abc.Awaitable[_router_service_pb2.GetBatchResponse]]:
         """Reads a batch's state and counts. Needs SCOPE_CHAT.
-        Errors: NOT_FOUND. Idempotent. Deadline: 1 s.
+        Errors: NOT_FOUND (RESOURCE_NOT_FOUND), UNIMPLEMENTED. Idempotent.
+        Deadline: 1 s.
         """
 
     @_abc_1.abstractmethod
@@ -195,7 +228,8 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_router_service_pb2.ListBatchResultsResponse, _abc.Awaitable[_router_service_pb2.ListBatchResultsResponse]]:
         """Pages through a batch's finished items. Needs SCOPE_CHAT.
-        Errors: NOT_FOUND, INVALID_ARGUMENT (INVALID_PAGE_TOKEN).
+        Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
+        negative page_size; INVALID_PAGE_TOKEN), UNIMPLEMENTED.
         Idempotent. Deadline: 5 s.
         """
 
@@ -206,7 +240,8 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_router_service_pb2.CancelBatchResponse, _abc.Awaitable[_router_service_pb2.CancelBatchResponse]]:
         """Stops a batch: queued items are not run; running ones finish.
-        Needs SCOPE_CHAT. Errors: NOT_FOUND. Idempotent. Deadline: 1 s.
+        Needs SCOPE_CHAT. Errors: NOT_FOUND (RESOURCE_NOT_FOUND), UNIMPLEMENTED.
+        Idempotent. Deadline: 1 s.
         """
 
     @_abc_1.abstractmethod
@@ -217,7 +252,8 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_router_service_pb2.ListCircuitBreakersResponse, _abc.Awaitable[_router_service_pb2.ListCircuitBreakersResponse]]:
         """Lists the circuit breaker of every routable model (shared by all router
         replicas), in model-name order. Needs SCOPE_READ.
-        Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN). Idempotent. Deadline: 1 s.
+        Errors: INVALID_ARGUMENT (INVALID_FIELD: negative page_size;
+        INVALID_PAGE_TOKEN). Idempotent. Deadline: 1 s.
         """
 
 def add_RouterServiceServicer_to_server(servicer: RouterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
