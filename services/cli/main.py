@@ -22,9 +22,13 @@ import os
 import runpy
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from services.common.config_file import ConfigFileError
 from services.common.settings import SERVICES, SettingsError
+
+if TYPE_CHECKING:  # generic in typeshed only, not at run time
+    _Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _state_dir(value: str | None) -> Path:
@@ -51,7 +55,16 @@ def _parser() -> argparse.ArgumentParser:
         "--api-key",
         help="API key (default: $ORCHESTRA_API_KEY, else the key `up` made in the state dir)",
     )
+    # The order of the calls is the order of the commands in --help.
+    _add_up(sub, state)
+    _add_client_commands(sub, state, client)
+    _add_container_commands(sub)
+    _add_audit(sub, state, client)
+    return parser
 
+
+def _add_up(sub: _Subparsers, state: argparse.ArgumentParser) -> None:
+    """``up``: the whole suite on this machine."""
     p = sub.add_parser(
         "up",
         parents=[state],
@@ -74,6 +87,11 @@ def _parser() -> argparse.ArgumentParser:
         help="CPU threads for the local model (use 1 on a shared CPU)",
     )  # fmt: skip
 
+
+def _add_client_commands(
+    sub: _Subparsers, state: argparse.ArgumentParser, client: argparse.ArgumentParser
+) -> None:
+    """``chat``, ``models``, ``status`` and ``budget``: calls to a running suite."""
     p = sub.add_parser("chat", parents=[state, client], help="stream an answer through the edge")
     p.add_argument("prompt", help="what to ask")
     p.add_argument("--model", default="", help='pin a model ("provider/model"); default: routed')
@@ -94,6 +112,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--key-id", default="", help="include this API key's budgets")
     p.add_argument("--end-user", default="", help="include this end user's budgets")
 
+
+def _add_container_commands(sub: _Subparsers) -> None:
+    """``serve``, ``edge`` and ``local-model``: one component each, for containers."""
     p = sub.add_parser(
         "serve", help="run one service in the foreground (configured by environment)"
     )
@@ -116,6 +137,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8090, help="port (default 8090)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
 
+
+def _add_audit(
+    sub: _Subparsers, state: argparse.ArgumentParser, client: argparse.ArgumentParser
+) -> None:
+    """``audit verify|export|public-key|erase``."""
     p = sub.add_parser("audit", help="verify, export, erase in, or show the key of the audit log")
     audit = p.add_subparsers(dest="audit_command", required=True, metavar="AUDIT_COMMAND")
     v = audit.add_parser(
@@ -142,7 +168,6 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--user", required=True, help="the end user (Attribution.end_user)")
     x.add_argument("--tenant", default="", help="the tenant (default: the API key's own)")
     x.add_argument("--reason", default="", help="why, kept in the audit record (e.g. a ticket)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from services.cli.embedded import (
     start_redis,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -1,0 +1,1 @@
+"""Tests of the `orchestra` command line and the embedded runtime (services/cli)."""
