@@ -4,7 +4,7 @@ For each pair of a QQP-format file (``text_a``, ``text_b``, ``label``: 1 when
 the two questions are duplicates) the cache holds ``text_a`` and is asked
 ``text_b``, through the project's own code: the embedding model
 (:mod:`services.common.embeddings`), the guards and the decision
-(:mod:`services.cache.guards`, :mod:`services.cache.verify`). Two tables:
+(:mod:`services.cache.guards`, :mod:`services.cache.verifier`). Two tables:
 
 * **Per pair** (the headline, and ``--json``'s figures): the lookup's only
   candidate is its own pair's ``text_a``, so every decision has a label. This
@@ -63,15 +63,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.train_cache_verifier import DEFAULT_DATA, HELD_OUT, load_pairs  # noqa: E402
 from services.cache import guards  # noqa: E402
-from services.cache.verify import (  # noqa: E402
-    EntryState,
-    Mode,
-    Policy,
-    Verdict,
-    Verifier,
-    load_network,
-    observe,
-)
+from services.cache.adaptive import EntryState, observe  # noqa: E402
+from services.cache.verifier import Mode, Policy, Verdict, Verifier  # noqa: E402
+from services.cache.weights import load_network  # noqa: E402
 from services.common.embeddings import DEFAULT_MODEL, load_embedder  # noqa: E402
 
 STATIC_THRESHOLDS = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97)

@@ -1,6 +1,6 @@
 """The semantic cache's search at scale: lookup latency and memory at 10k, 100k, 1M entries.
 
-It measures the real index class of the cache (``services.cache.semantic.ScopeIndex``)
+It measures the real index class of the cache (``services.cache.scope_index.ScopeIndex``)
 holding one scope of N entries, both ways the cache can hold it: exact
 (``IndexFlatIP``, the baseline: it always finds the true nearest neighbour) and
 HNSW (``IndexHNSWFlat``, M=32, efSearch=128). For each size it prints the search
@@ -42,7 +42,8 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.cache.semantic import NEIGHBOURS, ScopeIndex  # noqa: E402
+from services.cache.scope_index import ScopeIndex  # noqa: E402
+from services.cache.semantic import NEIGHBOURS  # noqa: E402
 from services.common.embeddings import load_embedder  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "qqp" / "dev.jsonl"

@@ -1,6 +1,6 @@
 """Trains the semantic cache's verifier and writes the weights the package ships.
 
-The verifier (:mod:`services.cache.verify`) is a one-hidden-layer network over
+The verifier (:mod:`services.cache.verifier`) is a one-hidden-layer network over
 cheap features of a (query, cached prompt) pair. This script trains it on the
 **training half** of a QQP-format file (``text_a``, ``text_b``, ``label``), the
 half chosen by :func:`pair_half` (a hash of the pair, so the split is the same
@@ -40,7 +40,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from services.cache import guards  # noqa: E402
-from services.cache.verify import Network, Policy, pair_features, weights_path  # noqa: E402
+from services.cache.features import pair_features  # noqa: E402
+from services.cache.verifier import Policy  # noqa: E402
+from services.cache.weights import Network, weights_path  # noqa: E402
 from services.common.embeddings import load_embedder  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "qqp" / "dev.jsonl"

@@ -11,7 +11,7 @@
 | ``ORCHESTRA_CACHE_LATENCY_WINDOW`` | 1024 | lookups per tenant behind the p50/p99 |
 | ``ORCHESTRA_CACHE_SEMANTIC`` | true | answer paraphrases from the semantic layer (false: exact matches only) |
 | ``ORCHESTRA_CACHE_EMBEDDING_MODEL`` | wordllama | the packaged embedding model (see :mod:`services.common.embeddings`) |
-| ``ORCHESTRA_CACHE_SEMANTIC_MODE`` | verified | how a near match is judged: ``verified``, ``static`` or ``adaptive`` (see :mod:`services.cache.verify`) |
+| ``ORCHESTRA_CACHE_SEMANTIC_MODE`` | verified | how a near match is judged: ``verified``, ``static`` or ``adaptive`` (see :mod:`services.cache.verifier`) |
 | ``ORCHESTRA_CACHE_SIMILARITY_THRESHOLD`` | 0.95 in ``static`` mode, else 0.6 | cosine a near match must reach (the whole rule in ``static`` mode; the floor before the verifier otherwise) |
 | ``ORCHESTRA_CACHE_VERIFIER_CUT`` | the shipped cut (0.83) | verifier probability needed to serve, ``verified`` mode |
 | ``ORCHESTRA_CACHE_WRONG_ANSWER_BOUND`` | 0.02 | bound on the chance a lookup is served a wrong answer, ``adaptive`` mode |

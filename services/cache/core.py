@@ -1,6 +1,6 @@
 """What the cache does, independent of gRPC: look up, store, invalidate, count.
 
-The servicer (:mod:`services.cache.service`) authenticates the caller and
+The servicer (:mod:`services.cache.cache_service`) authenticates the caller and
 settles the tenant; everything here trusts the tenant it is given and checks
 the rest of the request.
 """

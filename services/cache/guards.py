@@ -30,7 +30,8 @@ fired. Measured on the QQP training half, pairs at cosine >= 0.85: they
 refuse 6.6% of the pairs, of which 33% are labelled duplicates (69% of those
 they let through), at a cost of 3.3% of the duplicates (numbers: 27%
 duplicates among those it refuses; negation 40%; opposites 42%).
-:mod:`services.cache.verify` uses them and the finer signals as features.
+:mod:`services.cache.verifier` refuses on them, and :mod:`services.cache.features`
+uses them and the finer signals as the verifier's features.
 """
 
 from __future__ import annotations

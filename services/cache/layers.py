@@ -1,13 +1,14 @@
-"""The lookup layers of the cache: exact now, semantic later.
+"""The lookup layers of the cache: the protocol, and the exact layer.
 
 The durable entries (:mod:`services.cache.store`) are shared; a layer is a way
 of finding one for a request. :class:`~services.cache.core.Cache` asks its
 layers in order and the first match wins, so the cheap exact layer always goes
-first. A semantic layer will implement the same protocol: ``find`` searches
-its per-replica FAISS view of the tenant's scope and fetches the entry from the
-store; ``added`` and ``removed`` keep that view in step with writes through
-this replica (other replicas' deletions show as an entry that is gone when
-fetched, which is a miss).
+first. The semantic layer (:mod:`services.cache.semantic`) implements the same
+protocol: ``find`` searches its per-replica FAISS view of the tenant's scope
+and fetches the entry from the store; ``added`` and ``removed`` keep that view
+in step with writes through this replica and announce them to the other
+replicas (a deletion a replica has not heard of shows as an entry that is gone
+when fetched, which is a miss).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class Exploration:
     """A near entry that the adaptive policy chose not to serve this time.
 
     The lookup is a miss; the fresh answer is compared with this entry's when
-    it is stored, which teaches the entry (see :mod:`services.cache.verify`).
+    it is stored, which teaches the entry (see :mod:`services.cache.adaptive`).
 
     Attributes:
         entry_id: The entry explored.

@@ -8,10 +8,11 @@ import grpc
 import redis.asyncio as aioredis
 
 from orchestra.cache.v1 import cache_service_pb2, cache_service_pb2_grpc
+from services.cache.cache_service import CacheServicer
+from services.cache.changes import ChangeStream
 from services.cache.config import CacheConfig
 from services.cache.core import Cache
 from services.cache.semantic import SemanticLayer, judge_for
-from services.cache.service import CacheServicer
 from services.cache.stats import StatsStore
 from services.cache.store import EntryStore
 from services.common.embeddings import load_embedder
@@ -90,6 +91,7 @@ async def build(settings: Settings, env: Mapping[str, str] | None = None) -> Cac
         judge = judge_for(config, embedder)
         semantic = SemanticLayer(
             store,
+            ChangeStream(redis),
             embedder,
             judge,
             hnsw_from=config.hnsw_from,

@@ -20,7 +20,9 @@ import math
 import redis.asyncio as aioredis
 
 from orchestra.cache.v1 import cache_service_pb2
-from services.cache.store import redis_errors, stats_key, text
+from services.cache.keyspace import stats_key
+from services.cache.store import redis_errors
+from services.common.stores import text
 
 
 @dataclasses.dataclass(frozen=True)

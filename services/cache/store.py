@@ -1,31 +1,8 @@
-"""Durable cache entries in Redis, and the per-tenant indexes that find them.
+"""Durable cache entries in Redis: read, write and delete them and their indexes.
 
-Every replica reads and writes the same Redis, so an entry stored through one
-replica is served by all of them, and a restart loses nothing. Layout::
-
-    cache:{T}:e:<entry_id>  HASH answer, model, answer_model, end_user,
-                            request_id, created_ms, size (and scope, text,
-                            vec, adapt for the semantic layer); EXPIRE = the TTL
-    cache:{T}:m:<model>     SET of entry ids whose key model or answering
-                            model is <model>
-    cache:{T}:u:<end_user>  SET of entry ids stored for that end user
-    cache:{T}:stats         HASH of counters (see :mod:`services.cache.stats`)
-    cache:{T}:age           ZSET entry id -> created_ms: eviction order
-    cache:{T}:size          HASH entry id -> bytes, and ``_total`` -> their sum
-    cache:changes           STREAM of semantic adds and deletes (all tenants):
-                            fields op (add|del), tenant, id; trimmed to about
-                            CHANGES_MAXLEN entries
-
-An entry the semantic layer can match also holds ``scope``, ``text`` (the
-compared message) and ``vec`` (its embedding, float32 bytes), so any replica
-can rebuild its FAISS view from Redis alone, without embedding again.
-
-``T`` is the tenant id percent-encoded (everything but letters, digits and
-``-._~``), between braces. The braces make it a Redis Cluster hash tag, so all
-of a tenant's keys share one slot and the multi-key scripts below stay
-cluster-safe; the encoding means ``T`` holds neither a brace, a colon nor a
-glob character, so a pattern built from it matches that tenant alone:
-``cache:{acme}:e:*`` never reaches ``cache:{acme-eu}:…``.
+The key layout is in :mod:`services.cache.keyspace`; the atomic parts are Lua
+scripts in ``services/cache/lua/`` (``delete_entry.lua`` is prepended to the
+scripts that delete entries).
 
 Size limits: the store script keeps each tenant within a number of entries
 and of answer bytes by evicting its oldest entries (``age``) in the same
@@ -46,8 +23,6 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
-from urllib.parse import quote, unquote
 
 import redis.asyncio as aioredis
 from google.protobuf.message import DecodeError
@@ -55,43 +30,25 @@ from redis import exceptions as redis_exc
 
 from orchestra.cache.v1 import cache_service_pb2
 from orchestra.common.v1 import errors_pb2
+from services.cache.keyspace import (
+    ENTRY_PATTERN,
+    age_key,
+    entry_key,
+    model_index,
+    size_key,
+    split_entry_key,
+    stats_key,
+    tenant_tag,
+    user_index,
+)
 from services.common.errors import Unavailable
+from services.common.stores import lua_script, text
 
 log = logging.getLogger(__name__)
 
 _BATCH = 500  # entries per script call: bounds how long one call holds Redis
-CHANGES = "cache:changes"
-CHANGES_MAXLEN = 100_000  # a replica further behind than this rebuilds from the entries
 _SCAN_COUNT = 1000
 _RETRY_AFTER_SECONDS = 1.0
-
-
-# --- keyspace --------------------------------------------------------------
-
-
-def tenant_tag(tenant: str) -> str:
-    """The prefix of every key of ``tenant``: ``cache:{<encoded tenant>}``."""
-    return "cache:{" + quote(tenant, safe="") + "}"
-
-
-def entry_key(tenant: str, entry_id: str) -> str:
-    """The key of one entry."""
-    return f"{tenant_tag(tenant)}:e:{entry_id}"
-
-
-def model_index(tenant: str, model: str) -> str:
-    """The set of entry ids for ``model``."""
-    return f"{tenant_tag(tenant)}:m:{model}"
-
-
-def user_index(tenant: str, end_user: str) -> str:
-    """The set of entry ids stored for ``end_user``."""
-    return f"{tenant_tag(tenant)}:u:{end_user}"
-
-
-def stats_key(tenant: str) -> str:
-    """The hash of ``tenant``'s counters."""
-    return f"{tenant_tag(tenant)}:stats"
 
 
 @contextlib.asynccontextmanager
@@ -110,115 +67,6 @@ async def redis_errors() -> AsyncIterator[None]:
             "the cache store (Redis) is unavailable",
             retry_after=_RETRY_AFTER_SECONDS,
         ) from exc
-
-
-# --- scripts ---------------------------------------------------------------
-
-# Deletes one entry and its index memberships; true if it existed.
-_DELETE_ENTRY = """
-local function forget_size(tag, id)
-  redis.call('ZREM', tag .. ':age', id)
-  local size = redis.call('HGET', tag .. ':size', id)
-  if size then
-    redis.call('HDEL', tag .. ':size', id)
-    redis.call('HINCRBY', tag .. ':size', '_total', -tonumber(size))
-  end
-end
-local function delete_entry(tag, id)
-  local key = tag .. ':e:' .. id
-  local meta = redis.call('HMGET', key, 'model', 'answer_model', 'end_user')
-  forget_size(tag, id)
-  if redis.call('DEL', key) == 0 then return false end
-  if meta[1] then redis.call('SREM', tag .. ':m:' .. meta[1], id) end
-  if meta[2] and meta[2] ~= '' then redis.call('SREM', tag .. ':m:' .. meta[2], id) end
-  if meta[3] and meta[3] ~= '' then redis.call('SREM', tag .. ':u:' .. meta[3], id) end
-  return true
-end
-"""
-
-# KEYS: entry, key-model index, answer-model index, user index, stats, age, size.
-# ARGV: ttl, id, answer, model, answer_model, end_user, request_id, created_ms,
-#       size, tag, scope, text, vec (the last three "" for an exact-only entry),
-#       max entries, max bytes.
-# Returns {1 if this is a new store (counted) else 0, evicted ids...}.
-_PUT = (
-    _DELETE_ENTRY
-    + """
-local ttl = tonumber(ARGV[1])
-local id, user, request_id = ARGV[2], ARGV[6], ARGV[7]
-local prev = redis.call('HMGET', KEYS[1], 'request_id', 'end_user')
--- An overwrite for another end user: the old user's erasure must not reach it.
-if prev[2] and prev[2] ~= '' and prev[2] ~= user then
-  redis.call('SREM', ARGV[10] .. ':u:' .. prev[2], id)
-end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'answer', ARGV[3], 'model', ARGV[4], 'answer_model', ARGV[5],
-  'end_user', user, 'request_id', request_id, 'created_ms', ARGV[8], 'size', ARGV[9])
-if ARGV[11] ~= '' then
-  redis.call('HSET', KEYS[1], 'scope', ARGV[11], 'text', ARGV[12], 'vec', ARGV[13])
-end
-redis.call('EXPIRE', KEYS[1], ttl)
-local function index(key)
-  redis.call('SADD', key, id)
-  if redis.call('TTL', key) < ttl then redis.call('EXPIRE', key, ttl) end
-end
-index(KEYS[2])
-if ARGV[5] ~= '' then index(KEYS[3]) end
-if user ~= '' then index(KEYS[4]) end
-local fresh = (not prev[1]) or request_id == '' or prev[1] ~= request_id
-if fresh then
-  redis.call('HINCRBY', KEYS[5], 'stores', 1)
-  redis.call('HSETNX', KEYS[5], 'since_ms', ARGV[8])
-end
-forget_size(ARGV[10], id)
-redis.call('ZADD', KEYS[6], tonumber(ARGV[8]), id)
-redis.call('HSET', KEYS[7], id, ARGV[9])
-local total = redis.call('HINCRBY', KEYS[7], '_total', tonumber(ARGV[9]))
-local out = {fresh and 1 or 0}
-local max_entries, max_bytes = tonumber(ARGV[14]), tonumber(ARGV[15])
-while redis.call('ZCARD', KEYS[6]) > max_entries or total > max_bytes do
-  local oldest = redis.call('ZRANGE', KEYS[6], 0, 0)[1]
-  if oldest == nil or oldest == id then break end
-  if delete_entry(ARGV[10], oldest) then out[#out + 1] = oldest end
-  total = tonumber(redis.call('HGET', KEYS[7], '_total') or '0')
-end
-return out
-"""
-)
-
-# KEYS: entry keys. ARGV: tag, then the ids of KEYS. Returns the ids deleted.
-_DELETE = (
-    _DELETE_ENTRY
-    + """
-local deleted = {}
-for i = 2, #ARGV do
-  if delete_entry(ARGV[1], ARGV[i]) then deleted[#deleted + 1] = ARGV[i] end
-end
-return deleted
-"""
-)
-
-# KEYS: an index set. ARGV: tag, batch size. Pops up to a batch of ids and
-# deletes their entries; returns {ids popped, deleted ids...}. Popping (not
-# reading then deleting the set) means an id added meanwhile is never lost.
-_DRAIN = (
-    _DELETE_ENTRY
-    + """
-local ids = redis.call('SPOP', KEYS[1], tonumber(ARGV[2]))
-local out = {#ids}
-for _, id in ipairs(ids) do
-  if delete_entry(ARGV[1], id) then out[#out + 1] = id end
-end
-return out
-"""
-)
-
-
-# KEYS: entry. ARGV: state. Writes the adaptive state only into a live entry
-# (a plain HSET would resurrect an expired or deleted entry as a stub).
-_SET_ADAPT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then redis.call('HSET', KEYS[1], 'adapt', ARGV[1]) end
-"""
 
 
 # --- entries ---------------------------------------------------------------
@@ -276,10 +124,11 @@ class EntryStore:
 
     def __init__(self, redis: aioredis.Redis) -> None:
         self._redis = redis
-        self._put = redis.register_script(_PUT)
-        self._delete = redis.register_script(_DELETE)
-        self._drain = redis.register_script(_DRAIN)
-        self._set_adapt = redis.register_script(_SET_ADAPT)
+        delete_entry = lua_script(__package__, "delete_entry")
+        self._put = redis.register_script(delete_entry + lua_script(__package__, "put"))
+        self._delete = redis.register_script(delete_entry + lua_script(__package__, "delete"))
+        self._drain = redis.register_script(delete_entry + lua_script(__package__, "drain"))
+        self._set_adapt = redis.register_script(lua_script(__package__, "set_adapt"))
 
     async def get(self, tenant: str, entry_id: str) -> Entry | None:
         """The live entry with this id, or None."""
@@ -331,8 +180,8 @@ class EntryStore:
                     model_index(tenant, answer_model),
                     user_index(tenant, entry.end_user),
                     stats_key(tenant),
-                    f"{tenant_tag(tenant)}:age",
-                    f"{tenant_tag(tenant)}:size",
+                    age_key(tenant),
+                    size_key(tenant),
                 ],
                 args=[
                     ttl_seconds,
@@ -396,21 +245,6 @@ class EntryStore:
                     total += int(size)
         return entries, total
 
-    async def publish(self, op: str, tenant: str, entry_ids: Sequence[str]) -> None:
-        """Tells every replica's semantic layer that these entries were added or deleted."""
-        if not entry_ids:
-            return
-        async with redis_errors():
-            pipe = self._redis.pipeline(transaction=False)
-            for entry_id in entry_ids:
-                pipe.xadd(
-                    CHANGES,
-                    {"op": op, "tenant": tenant, "id": entry_id},
-                    maxlen=CHANGES_MAXLEN,
-                    approximate=True,
-                )
-            await pipe.execute()
-
     async def adaptive_state(self, tenant: str, entry_id: str) -> bytes | None:
         """The adaptive policy's state of an entry (JSON), or None."""
         async with redis_errors():
@@ -421,26 +255,6 @@ class EntryStore:
         """Saves an entry's adaptive state, unless the entry is gone meanwhile."""
         async with redis_errors():
             await self._set_adapt(keys=[entry_key(tenant, entry_id)], args=[state])
-
-    async def latest_change(self) -> str:
-        """The id of the newest change ("0-0" if none): where a fresh follower starts."""
-        async with redis_errors():
-            newest: Any = await self._redis.xrevrange(CHANGES, count=1)
-        return text(newest[0][0]) if newest else "0-0"
-
-    async def changes_after(self, last_id: str, block_ms: int) -> list[tuple[str, str, str, str]]:
-        """Changes after ``last_id`` as (id, op, tenant, entry id), waiting up to ``block_ms``.
-
-        Connection errors propagate as redis-py's own: the follower treats
-        them as a reason to rebuild, not as a failed request.
-        """
-        reply: Any = await self._redis.xread({CHANGES: last_id}, count=_BATCH, block=block_ms)
-        out = []
-        for _stream, messages in reply or []:
-            for change_id, fields in messages:
-                values = {text(k): text(v) for k, v in fields.items()}
-                out.append((text(change_id), values["op"], values["tenant"], values["id"]))
-        return out
 
     async def semantic_fields(
         self, tenant: str, entry_ids: Sequence[str]
@@ -466,9 +280,8 @@ class EntryStore:
         """Every entry id in the database, in batches, with its tenant."""
         batch: dict[str, list[str]] = {}
         async with redis_errors():
-            async for key in self._redis.scan_iter(match="cache:{*}:e:*", count=_SCAN_COUNT):
-                tag, _, entry_id = text(key).rpartition(":e:")
-                tenant = unquote(tag.removeprefix("cache:{").removesuffix("}"))
+            async for key in self._redis.scan_iter(match=ENTRY_PATTERN, count=_SCAN_COUNT):
+                tenant, entry_id = split_entry_key(text(key))
                 batch.setdefault(tenant, []).append(entry_id)
                 if len(batch[tenant]) >= _BATCH:
                     yield tenant, batch.pop(tenant)
@@ -502,8 +315,3 @@ class EntryStore:
 def _bytes(value: bytes | str | None) -> bytes | None:
     # The client is made with decode_responses=False; the union is redis-py's typing.
     return value.encode() if isinstance(value, str) else value
-
-
-def text(value: bytes | str) -> str:
-    """A Redis reply as text."""
-    return value.decode() if isinstance(value, bytes) else value

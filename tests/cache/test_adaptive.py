@@ -8,7 +8,7 @@ import json
 import redis.asyncio as aioredis
 
 from orchestra.cache.v1 import cache_service_pb2
-from services.cache.store import entry_key
+from services.cache.keyspace import entry_key
 from tests.cache.builders import answer, conversation, key, store_request
 from tests.cache.conftest import StartCache, Stub
 

@@ -1,4 +1,4 @@
-"""The semantic cache's decision (services/cache/verify.py): guards, verifier, adaptive bound."""
+"""The semantic cache's decision (services/cache/verifier.py): guards, verifier, adaptive bound."""
 
 from __future__ import annotations
 
@@ -9,19 +9,10 @@ import random
 import numpy as np
 import pytest
 
-from services.cache import verify
-from services.cache.verify import (
-    CacheJudge,
-    EntryState,
-    Mode,
-    Network,
-    Policy,
-    Verdict,
-    Verifier,
-    chance_right,
-    load_network,
-    observe,
-)
+from services.cache import adaptive
+from services.cache.adaptive import EntryState, chance_right, observe
+from services.cache.verifier import CacheJudge, Decision, Mode, Policy, Verdict, Verifier
+from services.cache.weights import Network, load_network
 from services.common.embeddings import load_embedder
 
 # Paraphrases the shipped verifier accepts at its default cut (checked against
@@ -80,13 +71,13 @@ def test_a_different_earlier_turn_misses(verifier: Verifier) -> None:
 
 def test_below_the_floor_is_a_miss_without_asking_the_verifier(verifier: Verifier) -> None:
     decision = verifier.decide(*ACCEPTED[0], similarity=0.3)
-    assert decision == verify.Decision(Verdict.MISS, "below_threshold")
+    assert decision == Decision(Verdict.MISS, "below_threshold")
 
 
 def test_long_prompts_only_match_exactly() -> None:
     long = "Summarise this: " + "the cat sat on the mat. " * 100
     decision = Verifier(Policy(max_chars=2000)).decide(long, long + " Thanks.", 0.999)
-    assert decision == verify.Decision(Verdict.MISS, "too_long")
+    assert decision == Decision(Verdict.MISS, "too_long")
     short = Verifier(Policy(mode=Mode.STATIC, max_chars=10_000))
     assert short.decide(long, long + " Thanks.", 0.999).hit
 
@@ -156,11 +147,12 @@ def test_policy_rejects_values_out_of_range(settings: dict[str, float]) -> None:
 
 def test_entry_state_round_trips_through_json_and_keeps_the_latest() -> None:
     state = EntryState()
-    for i in range(verify.MAX_OBSERVATIONS + 5):
+    for i in range(adaptive.MAX_OBSERVATIONS + 5):
         state = observe(state, 0.5 + i / 100, i % 3 != 0)
     state = EntryState(state.observations, hits=7, explorations=2)
-    assert len(state.observations) == verify.MAX_OBSERVATIONS
-    assert state.observations[-1] == (pytest.approx(0.5 + 36 / 100), False)  # 36 % 3 == 0
+    assert len(state.observations) == adaptive.MAX_OBSERVATIONS
+    similarity, correct = state.observations[-1]
+    assert similarity == pytest.approx(0.5 + 36 / 100) and correct is False  # 36 % 3 == 0
     again = EntryState.from_json(state.to_json())
     assert again.hits == 7 and again.explorations == 2
     assert [c for _, c in again.observations] == [c for _, c in state.observations]
@@ -170,15 +162,15 @@ def test_entry_state_round_trips_through_json_and_keeps_the_latest() -> None:
 def test_answers_agree_is_the_label_of_an_exploration() -> None:
     embedder = load_embedder("wordllama")
     cached = "The capital of Canada is Ottawa, in the province of Ontario."
-    assert verify.answers_agree(
+    assert adaptive.answers_agree(
         cached, " the capital of canada is Ottawa,  in the province of Ontario.", embedder
     )
-    assert verify.answers_agree("Ottawa is the capital of Canada, in Ontario.", cached, embedder)
-    assert not verify.answers_agree("Canberra is the capital of Australia.", cached, embedder)
-    assert not verify.answers_agree(
+    assert adaptive.answers_agree("Ottawa is the capital of Canada, in Ontario.", cached, embedder)
+    assert not adaptive.answers_agree("Canberra is the capital of Australia.", cached, embedder)
+    assert not adaptive.answers_agree(
         "Boil the eggs for 7 minutes.", "Boil the eggs for 9 minutes.", embedder
     )
-    assert not verify.answers_agree("", cached, embedder)
+    assert not adaptive.answers_agree("", cached, embedder)
 
 
 def test_what_an_entry_got_right_or_wrong_moves_its_chance() -> None:
