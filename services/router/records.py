@@ -19,7 +19,7 @@ from orchestra.budget.v1 import budget_service_pb2 as budget_pb2
 from orchestra.cache.v1 import cache_service_pb2 as cache_pb2
 from orchestra.common.v1 import chat_pb2, identity_pb2
 from orchestra.router.v1 import chat_service_pb2 as chat_api
-from services.router.policy import Decision
+from services.router.decision import Decision
 
 
 def subject(

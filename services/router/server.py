@@ -1,4 +1,10 @@
-"""Builds the router: peers, the outbox, the model catalog view, provider adapters."""
+"""Builds the router: peers, the outbox, the model catalog view, provider adapters.
+
+:class:`RouterService` wires them into the engine and registers the two
+servicers (:mod:`services.router.chat_service`,
+:mod:`services.router.router_service`); its settings come from
+:class:`services.router.config.RouterConfig`, read once.
+"""
 
 from __future__ import annotations
 
@@ -17,21 +23,21 @@ from orchestra.router.v1 import (
 from services.common.catalog_view import ModelCatalogView
 from services.common.clients import ServiceToken, channel
 from services.common.identity import IdentitySigner
-from services.common.settings import Settings, require
+from services.common.settings import Settings
 from services.common.stores import connect_redis
 from services.providers import adapter_for
 from services.providers.base import ProviderAdapter
 from services.router import learning
 from services.router.batches import BatchRunner, BatchStore
 from services.router.breakers import Breakers
-from services.router.engine import Engine, EngineConfig
+from services.router.chat_service import ChatServicer
+from services.router.config import RouterConfig
+from services.router.engine import Engine
 from services.router.outbox import Outbox
 from services.router.peers import Peers
-from services.router.service import ChatServicer, RouterServicer
+from services.router.router_service import RouterServicer
 
 log = logging.getLogger(__name__)
-
-CATALOG_WAIT_SECONDS = 15.0
 
 
 class RouterService:
@@ -40,9 +46,11 @@ class RouterService:
     name = "router"
 
     def __init__(self, settings: Settings) -> None:
+        config = RouterConfig.from_settings(settings)
+        self._config = config
         signer = IdentitySigner(settings.internal_key)
         self._peers = Peers(settings, signer)
-        redis = connect_redis(require(settings.redis_url, "REDIS_URL", "router"))
+        redis = connect_redis(config.redis_url)
         self._redis = redis
         self.outbox = Outbox(
             redis,
@@ -59,7 +67,7 @@ class RouterService:
             metadata=ServiceToken(signer, "router").metadata,
         )
         adapters: dict[str, ProviderAdapter] = {}
-        for entry in settings.config.providers:
+        for entry in config.providers:
             adapter = adapter_for(entry)
             if adapter is None:
                 log.warning(
@@ -71,15 +79,9 @@ class RouterService:
             elif entry.enabled:
                 adapters[entry.id] = adapter
         self._adapters = adapters
-        routing = settings.config.routing
         self.learner = learning.Learner(redis)
         self.engine = Engine(
-            EngineConfig(
-                default_max_tokens=routing.default_max_tokens,
-                default_model=routing.default_model,
-                max_request_bytes=routing.max_request_bytes,
-                audit_salt=settings.internal_key,
-            ),
+            config.engine,
             self._peers,
             self.outbox,
             self.catalog.all,
@@ -120,7 +122,7 @@ class RouterService:
         """
         await self.outbox.start()
         self.catalog.start()
-        if not await self.catalog.wait_ready(CATALOG_WAIT_SECONDS):
+        if not await self.catalog.wait_ready(self._config.catalog_wait_seconds):
             log.warning("no model catalog from discovery yet; routing will refuse until it comes")
         self.batches.start()
 

@@ -70,6 +70,11 @@ def validate(request: chat_service_pb2.ChatRequest, max_request_bytes: int) -> N
         raise _bad("routing.max_cost_micro_usd", "max_cost_micro_usd must not be negative")
 
 
+def is_request_id(value: str) -> bool:
+    """Whether ``value`` is a well-formed request id (1-128 of [A-Za-z0-9._:-])."""
+    return bool(_REQUEST_ID.match(value))
+
+
 def request_id(request: chat_service_pb2.ChatRequest) -> str:
     """The client's request id, or a new one."""
     return request.request_id or f"req_{uuid.uuid4().hex}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -21,7 +21,7 @@ from orchestra.router.v1 import chat_service_pb2_grpc as chat_grpc
 from orchestra.router.v1 import router_service_pb2_grpc as router_grpc
 from services.cli.embedded import free_port
 from services.common import settings as settings_mod
-from services.common.server import Running, start
+from services.common.server import Running, Service, start
 from tests.fakes.openai_upstream import FakeOpenAI
 
 TENANT = "acme"
@@ -35,9 +35,9 @@ class Suite:
     settings: settings_mod.Settings
     primary: FakeOpenAI
     backup: FakeOpenAI
-    chat: chat_grpc.ChatServiceStub
-    router: router_grpc.RouterServiceStub
-    budget: budget_grpc.BudgetServiceStub
+    chat: chat_grpc.ChatServiceAsyncStub
+    router: router_grpc.RouterServiceAsyncStub
+    budget: budget_grpc.BudgetServiceAsyncStub
     metadata: list[tuple[str, str]]
     running: dict[str, Running]
 
@@ -102,7 +102,7 @@ async def running_suite(
         "ORCHESTRA_CONFIG": str(config),
         **{f"ORCHESTRA_{n.upper()}_ADDR": f"127.0.0.1:{p}" for n, p in ports.items()},
     })  # fmt: skip
-    builders = {
+    builders: dict[str, Callable[[settings_mod.Settings], Awaitable[Service]]] = {
         "budget": build_budget,
         "audit": build_audit,
         "cache": build_cache,

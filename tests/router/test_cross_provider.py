@@ -80,6 +80,7 @@ async def test_a_chat_falls_back_across_wire_formats(
         assert [f.model for f in end.fallbacks] == ["openai/gpt-4o-mini"]
         assert end.usage.prompt_tokens > 0 and not end.usage.estimated
         sent = [r for r in anthropic.requests if r.path.endswith("/messages")][-1].body
+        assert sent is not None
         assert sent["system"] == "Be brief." and sent["max_tokens"] == 32
 
         events = [

@@ -41,7 +41,11 @@ async def _route(suite: Suite, text: str) -> router_api.RouteDecision:
 
 
 async def _feedback(
-    suite: Suite, request_id: str, score: float, comment: str = "", metadata: object = None
+    suite: Suite,
+    request_id: str,
+    score: float,
+    comment: str = "",
+    metadata: list[tuple[str, str]] | None = None,
 ) -> router_api.SubmitFeedbackResponse:
     return await suite.router.SubmitFeedback(
         router_api.SubmitFeedbackRequest(request_id=request_id, score=score, comment=comment),

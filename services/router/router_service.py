@@ -1,9 +1,12 @@
-"""The router's servicers: thin wrappers that check the caller and call the engine."""
+"""``orchestra.router.v1.RouterService``: routing, feedback, batches, breakers.
+
+A thin servicer: it checks the caller, decodes the request, calls the engine,
+the learner, the batch runner or the breakers, and encodes the answer.
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -11,7 +14,6 @@ from redis.exceptions import RedisError
 
 from orchestra.common.v1 import errors_pb2, identity_pb2
 from orchestra.router.v1 import chat_service_pb2 as chat_api
-from orchestra.router.v1 import chat_service_pb2_grpc as chat_grpc
 from orchestra.router.v1 import router_service_pb2 as router_api
 from orchestra.router.v1 import router_service_pb2_grpc as router_grpc
 from services.common import paging
@@ -20,6 +22,7 @@ from services.common.identity import IdentitySigner, caller
 from services.router import cost, learning, validation
 from services.router.batches import BatchRunner
 from services.router.breakers import State
+from services.router.decision import Decision
 from services.router.engine import Engine
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -33,30 +36,56 @@ _CIRCUIT_STATES = {
 }
 
 
-def _deadline(context: Context) -> float | None:
-    remaining: float | None = context.time_remaining()
-    return remaining
+def route_decision(
+    decision: Decision, learner: learning.Learner, tenant_id: str
+) -> router_api.RouteDecision:
+    """The RouteDecision message of ``decision``."""
+    model = decision.model
+    counts = learner.state(tenant_id).counts.get(model.name)
+    task = decision.task
+    return router_api.RouteDecision(
+        model=model.name,
+        provider=model.provider_id,
+        reason=decision.reason,
+        fallbacks=[m.name for m in decision.chain[1:]],
+        estimated_cost_micro_usd=cost.worst_case_micro_usd(
+            decision.prompt_tokens, decision.max_tokens, model.pricing
+        ),
+        estimated_latency_ms=model.health.ttft_p50_ms
+        or (int(counts.mean_ttft_ms) if counts else 0),
+        confidence=decision.confidence,
+        strategy=decision.strategy,
+        task_type=task.task_type if task else chat_api.TASK_TYPE_UNSPECIFIED,
+        complexity=task.complexity if task else chat_api.COMPLEXITY_UNSPECIFIED,
+        excluded=[router_api.ExcludedModel(model=name, filter=f) for name, f in decision.excluded],
+        explored=decision.explored,
+        expected_quality=decision.expected_quality,
+    )
 
 
-class ChatServicer(chat_grpc.ChatServiceServicer):
-    """``orchestra.router.v1.ChatService``."""
-
-    def __init__(self, engine: Engine, signer: IdentitySigner) -> None:
-        self._engine = engine
-        self._signer = signer
-
-    async def ChatStream(
-        self, request: chat_api.ChatRequest, context: Context
-    ) -> AsyncIterator[chat_api.ChatStreamResponse]:
-        """See the proto."""
-        identity = caller(context, self._signer, identity_pb2.SCOPE_CHAT)
-        async for event in self._engine.stream(identity, request, _deadline(context)):
-            yield event
-
-    async def Chat(self, request: chat_api.ChatRequest, context: Context) -> chat_api.ChatResponse:
-        """See the proto: the same flow as ChatStream, folded into one message."""
-        identity = caller(context, self._signer, identity_pb2.SCOPE_CHAT)
-        return await self._engine.chat(identity, request, _deadline(context))
+def _check_feedback(request: router_api.SubmitFeedbackRequest) -> None:
+    """Raises InvalidArgument for a malformed feedback request."""
+    if not validation.is_request_id(request.request_id):  # the ChatRequest.request_id rule
+        raise InvalidArgument(
+            errors_pb2.ERROR_REASON_INVALID_FIELD,
+            "request_id must be the id of an answered chat request "
+            "(1-128 characters of [A-Za-z0-9._:-])",
+            field="request_id",
+        )
+    score = request.score
+    if not (math.isfinite(score) and 0.0 <= score <= 1.0):
+        raise InvalidArgument(
+            errors_pb2.ERROR_REASON_FEEDBACK_SCORE_OUT_OF_RANGE,
+            f"score must be from 0 (useless) to 1 (perfect), not {score}",
+            metadata={"score": str(score)},
+            field="score",
+        )
+    if len(request.comment) > MAX_FEEDBACK_COMMENT_CHARS:
+        raise InvalidArgument(
+            errors_pb2.ERROR_REASON_INVALID_FIELD,
+            f"comment is limited to {MAX_FEEDBACK_COMMENT_CHARS} characters",
+            field="comment",
+        )
 
 
 class RouterServicer(router_grpc.RouterServiceServicer):
@@ -83,30 +112,8 @@ class RouterServicer(router_grpc.RouterServiceServicer):
         """See the proto."""
         identity = caller(context, self._signer, identity_pb2.SCOPE_CHAT)
         decision = await self._engine.route(identity, request.chat)
-        model = decision.model
-        counts = self._learner.state(identity.tenant_id).counts.get(model.name)
-        task = decision.task
         return router_api.RouteResponse(
-            decision=router_api.RouteDecision(
-                model=model.name,
-                provider=model.provider_id,
-                reason=decision.reason,
-                fallbacks=[m.name for m in decision.chain[1:]],
-                estimated_cost_micro_usd=cost.worst_case_micro_usd(
-                    decision.prompt_tokens, decision.max_tokens, model.pricing
-                ),
-                estimated_latency_ms=model.health.ttft_p50_ms
-                or (int(counts.mean_ttft_ms) if counts else 0),
-                confidence=decision.confidence,
-                strategy=decision.strategy,
-                task_type=task.task_type if task else chat_api.TASK_TYPE_UNSPECIFIED,
-                complexity=task.complexity if task else chat_api.COMPLEXITY_UNSPECIFIED,
-                excluded=[
-                    router_api.ExcludedModel(model=name, filter=f) for name, f in decision.excluded
-                ],
-                explored=decision.explored,
-                expected_quality=decision.expected_quality,
-            )
+            decision=route_decision(decision, self._learner, identity.tenant_id)
         )
 
     async def SubmitFeedback(
@@ -114,30 +121,10 @@ class RouterServicer(router_grpc.RouterServiceServicer):
     ) -> router_api.SubmitFeedbackResponse:
         """See the proto: the score becomes the answering model's quality reward."""
         identity = caller(context, self._signer, identity_pb2.SCOPE_CHAT)
+        _check_feedback(request)
         rid = request.request_id
-        if not validation._REQUEST_ID.match(rid):  # the ChatRequest.request_id rule
-            raise InvalidArgument(
-                errors_pb2.ERROR_REASON_INVALID_FIELD,
-                "request_id must be the id of an answered chat request "
-                "(1-128 characters of [A-Za-z0-9._:-])",
-                field="request_id",
-            )
-        score = request.score
-        if not (math.isfinite(score) and 0.0 <= score <= 1.0):
-            raise InvalidArgument(
-                errors_pb2.ERROR_REASON_FEEDBACK_SCORE_OUT_OF_RANGE,
-                f"score must be from 0 (useless) to 1 (perfect), not {score}",
-                metadata={"score": str(score)},
-                field="score",
-            )
-        if len(request.comment) > MAX_FEEDBACK_COMMENT_CHARS:
-            raise InvalidArgument(
-                errors_pb2.ERROR_REASON_INVALID_FIELD,
-                f"comment is limited to {MAX_FEEDBACK_COMMENT_CHARS} characters",
-                field="comment",
-            )
         try:
-            found = await self._learner.feedback(identity.tenant_id, rid, float(score))
+            found = await self._learner.feedback(identity.tenant_id, rid, float(request.score))
         except (RedisError, OSError) as exc:
             raise Unavailable(
                 errors_pb2.ERROR_REASON_STORE_UNAVAILABLE,
