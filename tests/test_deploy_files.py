@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import subprocess
 import sys
@@ -85,7 +86,11 @@ def test_config_errors_name_the_field(text: str, message: str) -> None:
 
 def test_every_cli_command_documents_itself() -> None:
     parser = _parser()
-    commands = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    commands = next(
+        action.choices
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+    )
     assert set(commands) >= {"up", "chat", "models", "status", "serve", "edge", "local-model"}
     for name in commands:
         result = subprocess.run(

@@ -31,6 +31,12 @@ class _Broken(cache_grpc.CacheServiceServicer):
     async def Store(self, request: Any, context: Any) -> Any:
         raise RuntimeError("secret internals /etc/passwd")
 
+    async def Invalidate(self, request: Any, context: Any) -> Any:
+        raise NotImplementedError  # what the generated base raises for an RPC not written yet
+
+    async def GetCacheStats(self, request: Any, context: Any) -> Any:
+        raise NotImplementedError
+
 
 class _Service:
     name = "broken"
