@@ -52,10 +52,10 @@ from services.common import settings as settings_mod  # noqa: E402
 from services.common.catalog_view import ModelCatalogView  # noqa: E402
 from services.common.identity import HEADER, IdentitySigner  # noqa: E402
 from services.common.server import Running, start  # noqa: E402
-from services.discovery import listing  # noqa: E402
+from services.discovery.config import DiscoveryConfig, ProbeConfig  # noqa: E402
 from services.discovery.discovery import _MAX_CONCURRENT_LISTINGS  # noqa: E402
-from services.discovery.probes import ProbeOptions  # noqa: E402
-from services.discovery.server import DiscoveryOptions, DiscoveryService, build  # noqa: E402
+from services.discovery.server import DiscoveryService, build  # noqa: E402
+from services.providers import DetailCache, Endpoint, list_models  # noqa: E402
 
 INTERNAL_KEY = "bench-internal-key-0123456789abcdef"
 KINDS = ("openai", "vllm", "anthropic", "gemini", "ollama")
@@ -177,7 +177,7 @@ def _config(upstreams: Upstreams) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def _baseline(upstreams: Upstreams, details: listing.DetailCache) -> float:
+async def _baseline(upstreams: Upstreams, details: DetailCache) -> float:
     """Lists every provider with the listing code alone, as a pass does; seconds."""
     gate = asyncio.Semaphore(_MAX_CONCURRENT_LISTINGS)
     kinds = {
@@ -190,11 +190,11 @@ async def _baseline(upstreams: Upstreams, details: listing.DetailCache) -> float
     async with httpx.AsyncClient() as http:
 
         async def one(port: int) -> int:
-            endpoint = listing.Endpoint(
+            endpoint = Endpoint(
                 kinds[upstreams.kind_of_port[port]], upstreams.base_url(port), credential="sk-x"
             )
             async with gate:
-                return len(await listing.list_models(endpoint, http, details=details))
+                return len(await list_models(endpoint, http, details=details))
 
         started = time.perf_counter()
         counts = await asyncio.gather(*(one(p) for p in upstreams.kind_of_port))
@@ -231,7 +231,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "views": args.views,
         "database": "env" if os.environ.get("DATABASE_URL") else "embedded",
     }
-    details: listing.DetailCache = {}
+    details: DetailCache = {}
     result["baseline_cold_s"] = round(await _baseline(upstreams, details), 3)
     result["baseline_warm_s"] = round(await _baseline(upstreams, details), 3)
     replicas: list[tuple[DiscoveryService, Running]] = []
@@ -252,9 +252,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 # Replica A runs no periodic passes yet: the first pass is the
                 # timed RunDiscovery below. B never polls (it hears A).
                 for _ in range(2):
-                    options = DiscoveryOptions(
+                    options = DiscoveryConfig(
                         interval_seconds=3600,
-                        probes=ProbeOptions(interval_seconds=3600, tick_seconds=3600),
+                        probes=ProbeConfig(interval_seconds=3600, tick_seconds=3600),
                     )
                     service = await build(settings, options)
                     replicas.append((service, await start(service, "127.0.0.1:0")))
@@ -302,7 +302,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
                 # Now the polling schedule alone: A passes every `interval`.
                 a = replicas[0][0]
-                a._options = DiscoveryOptions(interval_seconds=args.interval)
+                a._options = DiscoveryConfig(interval_seconds=args.interval)
                 periodic = asyncio.create_task(a._periodic())
                 poll: list[float] = []
                 try:

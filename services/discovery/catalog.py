@@ -181,7 +181,7 @@ def build_model(
         name=stored.name,
         provider_id=stored.provider_id,
         model_id=stored.model_id,
-        provider_type=provider.type,  # type: ignore[arg-type]
+        provider_type=pb.ProviderType.ValueType(provider.type),
         # The running server knows its real limits (vLLM's max_model_len,
         # Gemini's token limits) better than a catalog written in advance.
         context_window=stored.context_window or (entry.context_window if entry else 0),

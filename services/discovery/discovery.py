@@ -22,11 +22,18 @@ from orchestra.common.v1 import errors_pb2
 from orchestra.discovery.v1 import discovery_service_pb2 as pb
 from services.common.crypto import CredentialCipher, CredentialError, scrub
 from services.common.errors import NotFound
-from services.discovery import listing, providers
+from services.discovery import providers
 from services.discovery.catalog import Catalog, build_model
 from services.discovery.feed import ModelFeed
 from services.discovery.records import ProviderRecord
 from services.discovery.store import DiscoveryStore, ModelChanges
+from services.providers import list_models
+from services.providers.listing import (
+    DEFAULT_DEADLINE_SECONDS,
+    DetailCache,
+    ListedModel,
+    ListingError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +58,7 @@ class Probe:
     """What listing one provider found, without storing anything."""
 
     reachable: bool
-    models: list[listing.ListedModel]
+    models: list[ListedModel]
     error: str
     probe_time: datetime.datetime
 
@@ -76,7 +83,7 @@ class Discovery:
         feed: ModelFeed,
         http: httpx.AsyncClient,
         *,
-        listing_deadline: float = listing.DEFAULT_DEADLINE_SECONDS,
+        listing_deadline: float = DEFAULT_DEADLINE_SECONDS,
     ) -> None:
         self._store = store
         self._cipher = cipher
@@ -87,7 +94,7 @@ class Discovery:
         self._provider_locks: dict[str, asyncio.Lock] = {}
         self._refresh_lock = asyncio.Lock()
         self._listings = asyncio.Semaphore(_MAX_CONCURRENT_LISTINGS)
-        self._details: listing.DetailCache = {}
+        self._details: DetailCache = {}
         # Called after a rebuild that published something (the fan-out's announce).
         self.announcer: Callable[[str | None], Awaitable[None]] | None = None
 
@@ -163,12 +170,12 @@ class Discovery:
         try:
             endpoint = providers.endpoint(record, self._cipher)
             async with self._listings:
-                models = await listing.list_models(
+                models = await list_models(
                     endpoint, self._http, deadline=self._deadline, details=self._details
                 )
         except CredentialError as exc:
             return Probe(False, [], str(exc), now)
-        except listing.ListingError as exc:
+        except ListingError as exc:
             # The provider's own error text may echo what it was sent.
             secrets = (endpoint.credential, *endpoint.headers.values())
             return Probe(False, [], scrub(str(exc), *secrets), now)

@@ -9,10 +9,11 @@ figures every ``n_models`` rounds, and a model that alone fails (removed
 upstream, not loaded) turns unhealthy on its own. A model's state is the
 worst of its provider's and its own (see :func:`catalog.combined_health`).
 
-How: the request goes through the router's own provider adapter
+How: the request (:func:`services.providers.probe.probe_request`) goes
+through the router's own provider adapter
 (:func:`services.providers.adapter_for`), so each wire format is
 probed exactly as chat traffic uses it (streaming, headers, auth). The probe
-asks for at most ``PROBE_MAX_TOKENS`` tokens and measures time to the first
+asks for a few tokens (``PROBE_MAX_TOKENS``) and measures time to the first
 token and the speed of the tokens after it.
 
 Where: the schedule lives in PostgreSQL (``providers.next_probe_time``);
@@ -24,65 +25,31 @@ shared through ``discovery.probe_stats``.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-from pydantic import ValidationError
-
-from orchestra.common.v1 import chat_pb2
-from orchestra.discovery.v1 import discovery_service_pb2 as pb
 from services.common.config_file import ProviderEntry
 from services.common.crypto import CredentialCipher, CredentialError, scrub
 from services.discovery import health, providers
-from services.discovery.health import HealthPolicy, Outcome, ProbeStats
-from services.discovery.listing import ollama_root
+from services.discovery.config import ProbeConfig
+from services.discovery.health import Outcome, ProbeStats
+from services.discovery.probe_store import ProbeStore
 from services.discovery.records import ProviderRecord, model_name
-from services.discovery.store import DiscoveryStore
-from services.providers import adapter_for
+from services.providers import ProviderType, adapter_base_url, adapter_for
 from services.providers.base import (
     ProviderAdapter,
     TextDelta,
     ToolCallDelta,
     UpstreamError,
-    UpstreamRequest,
     UsageReport,
 )
+from services.providers.probe import probe_request
 
 log = logging.getLogger(__name__)
 
-PROBE_PROMPT = "Reply with the single word OK."
-PROBE_MAX_TOKENS = 8
 _MAX_ERROR_CHARS = 300
-
-
-@dataclasses.dataclass(frozen=True)
-class ProbeOptions:
-    """The probe schedule.
-
-    Attributes:
-        interval_seconds: Time between two probes of one provider.
-        timeout_seconds: Time one probe may take before it counts as failed.
-        concurrency: Probes in flight at once, per replica.
-        batch: Providers claimed per tick.
-        tick_seconds: How often a replica looks for due providers.
-        policy: How probes turn into a health state.
-    """
-
-    interval_seconds: float = 60.0
-    timeout_seconds: float = 20.0
-    concurrency: int = 8
-    batch: int = 100
-    tick_seconds: float = 5.0
-    policy: HealthPolicy = dataclasses.field(default_factory=HealthPolicy)
-
-    def __post_init__(self) -> None:
-        if self.interval_seconds <= 0 or self.timeout_seconds <= 0 or self.tick_seconds <= 0:
-            raise ValueError("probe interval, timeout and tick must be greater than 0")
-        if self.concurrency < 1 or self.batch < 1:
-            raise ValueError("probe concurrency and batch must be at least 1")
 
 
 def provider_entry(record: ProviderRecord, credential: str) -> ProviderEntry:
@@ -90,18 +57,16 @@ def provider_entry(record: ProviderRecord, credential: str) -> ProviderEntry:
 
     Discovery accepts base URLs as operators paste them (an Anthropic URL
     with ``/v1``, Ollama's OpenAI-compatible ``/v1``); the adapters add
-    their own path, so those suffixes are removed here as listing does.
+    their own path, so those suffixes are removed as listing does.
+
+    Raises:
+        ValueError: A type the router's configuration does not know.
     """
-    name = pb.ProviderType.Name(record.type).removeprefix("PROVIDER_TYPE_").lower()  # type: ignore[arg-type]
-    base = record.base_url
-    if record.type == pb.PROVIDER_TYPE_ANTHROPIC:
-        base = base.removesuffix("/v1")
-    elif record.type == pb.PROVIDER_TYPE_OLLAMA:
-        base = ollama_root(base)
+    kind = ProviderType(record.type)
     return ProviderEntry(
         id=record.provider_id,
-        type=name,  # type: ignore[arg-type]
-        base_url=base,
+        type=kind.config_name,
+        base_url=adapter_base_url(kind, record.base_url),
         credential=credential,
         headers=dict(record.headers),
         organization=record.organization,
@@ -109,21 +74,6 @@ def provider_entry(record: ProviderRecord, credential: str) -> ProviderEntry:
         enabled=record.enabled,
         connect_timeout_seconds=record.connect_timeout_ms / 1000,
         read_timeout_seconds=record.read_timeout_ms / 1000,
-    )
-
-
-def probe_request(model_id: str, timeout: float) -> UpstreamRequest:
-    """The tiny chat request a probe sends."""
-    message = chat_pb2.Message(
-        role=chat_pb2.ROLE_USER, content=[chat_pb2.ContentPart(text=PROBE_PROMPT)]
-    )
-    return UpstreamRequest(
-        model_id=model_id,
-        messages=[message],
-        tools=[],
-        tool_choice=None,
-        generation=chat_pb2.GenerationConfig(max_tokens=PROBE_MAX_TOKENS, temperature=0.0),
-        timeout=timeout,
     )
 
 
@@ -187,9 +137,9 @@ class Prober:
 
     def __init__(
         self,
-        store: DiscoveryStore,
+        store: ProbeStore,
         cipher: CredentialCipher,
-        options: ProbeOptions,
+        options: ProbeConfig,
         on_change: Callable[[str], Awaitable[object]],
     ) -> None:
         """Creates the prober.
@@ -298,7 +248,7 @@ class Prober:
             return cached[1]
         try:
             adapter = adapter_for(provider_entry(record, secret))
-        except ValidationError:
+        except ValueError:  # pydantic's ValidationError included
             return None  # a type the router's configuration does not know
         if adapter is None:
             return None

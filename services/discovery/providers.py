@@ -22,7 +22,6 @@ from services.common.crypto import CredentialCipher, CredentialError, credential
 from services.common.errors import InvalidArgument
 from services.discovery.catalog import combined_health
 from services.discovery.health import ProbeStats
-from services.discovery.listing import Endpoint
 from services.discovery.records import (
     DEFAULT_CONNECT_TIMEOUT_MS,
     DEFAULT_READ_TIMEOUT_MS,
@@ -30,6 +29,8 @@ from services.discovery.records import (
     SOURCE_CONFIG,
     ProviderRecord,
 )
+from services.providers.listing import Endpoint
+from services.providers.types import ProviderType
 
 _ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,100}$")
@@ -257,7 +258,7 @@ def from_config(entry: ProviderEntry, cipher: CredentialCipher) -> ProviderRecor
     sealed, hint = _seal(cipher, entry.id, entry.credential)
     return ProviderRecord(
         provider_id=entry.id,
-        type=pb.ProviderType.Value(f"PROVIDER_TYPE_{entry.type.upper()}"),
+        type=ProviderType.from_config(entry.type).proto,
         base_url=entry.base_url,
         display_name=entry.display_name,
         credential_sealed=sealed,
@@ -324,7 +325,7 @@ def to_proto(record: ProviderRecord, stats: Mapping[str, ProbeStats] | None = No
     provider = pb.Provider(
         provider_id=record.provider_id,
         display_name=record.display_name,
-        type=record.type,  # type: ignore[arg-type]
+        type=pb.ProviderType.ValueType(record.type),
         base_url=record.base_url,
         credential_hint=record.credential_hint,
         headers=dict(record.headers),

@@ -1,28 +1,14 @@
 """Builds the discovery service: store, catalog, feed, servicer, periodic pass.
 
-Environment (besides the common settings):
-
-* ``ORCHESTRA_DISCOVERY_INTERVAL_SECONDS``: time between discovery passes
-  (default 60).
-* ``ORCHESTRA_DISCOVERY_HEARTBEAT_SECONDS``: WatchModels heartbeat interval
-  (default 15, at most 30 as the contract promises).
-* ``ORCHESTRA_PROBE_INTERVAL_SECONDS``: time between two health probes of one
-  provider (default 60).
-* ``ORCHESTRA_PROBE_TIMEOUT_SECONDS``: time a probe may take (default 20).
-* ``ORCHESTRA_PROBE_CONCURRENCY``: probes in flight per replica (default 8).
-* ``ORCHESTRA_PROBE_UNHEALTHY_AFTER``: failed probes in a row that make a
-  provider or model UNHEALTHY (default 3); ``ORCHESTRA_PROBE_HEALTHY_AFTER``:
-  passes in a row that bring it back (default 2).
+Its settings are read by :class:`services.discovery.config.DiscoveryConfig`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import asyncpg
 import grpc
@@ -35,15 +21,15 @@ from services.common.admin_audit import AdminAuditInterceptor
 from services.common.audit_client import AdminAuditor
 from services.common.crypto import CredentialCipher
 from services.common.identity import IdentitySigner
-from services.common.settings import Settings, SettingsError, require
-from services.discovery import listing, providers
+from services.common.settings import Settings, require
+from services.discovery import providers
 from services.discovery.catalog import Catalog
+from services.discovery.config import DiscoveryConfig
 from services.discovery.discovery import Discovery
+from services.discovery.discovery_service import DiscoveryServicer
 from services.discovery.fanout import CatalogFanout
 from services.discovery.feed import ModelFeed
-from services.discovery.health import HealthPolicy
-from services.discovery.probes import ProbeOptions, Prober
-from services.discovery.service import DiscoveryServicer
+from services.discovery.probes import Prober
 from services.discovery.store import DiscoveryStore
 
 log = logging.getLogger(__name__)
@@ -55,74 +41,10 @@ AUDITED_CHANGES = {
     )
 }
 
-MAX_HEARTBEAT_SECONDS = 30.0
 FIRST_PASS_WAIT_SECONDS = 10.0
 FULL_REFRESH_EVERY = 10  # passes
 # A periodic pass starts its listings evenly over this share of the interval.
 PASS_SPREAD = 0.5
-
-
-@dataclasses.dataclass(frozen=True)
-class DiscoveryOptions:
-    """Discovery's own knobs.
-
-    Attributes:
-        interval_seconds: Time between periodic discovery passes.
-        heartbeat_seconds: WatchModels heartbeat interval (at most 30).
-        listing_deadline_seconds: Time allowed to list one provider.
-        probes: The health probe schedule.
-    """
-
-    interval_seconds: float = 60.0
-    heartbeat_seconds: float = 15.0
-    listing_deadline_seconds: float = listing.DEFAULT_DEADLINE_SECONDS
-    probes: ProbeOptions = dataclasses.field(default_factory=ProbeOptions)
-
-    def __post_init__(self) -> None:
-        if self.interval_seconds <= 0:
-            raise SettingsError("ORCHESTRA_DISCOVERY_INTERVAL_SECONDS must be greater than 0")
-        if not 0 < self.heartbeat_seconds <= MAX_HEARTBEAT_SECONDS:
-            raise SettingsError(
-                f"ORCHESTRA_DISCOVERY_HEARTBEAT_SECONDS must be in (0, {MAX_HEARTBEAT_SECONDS:g}]"
-            )
-        if self.listing_deadline_seconds <= 0:
-            raise SettingsError("the listing deadline must be greater than 0")
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> DiscoveryOptions:
-        """Reads the options from the environment.
-
-        Raises:
-            SettingsError: A value is not a number or out of range.
-        """
-        env = os.environ if env is None else env
-        try:
-            probes = ProbeOptions(
-                interval_seconds=_number(env, "ORCHESTRA_PROBE_INTERVAL_SECONDS", 60.0),
-                timeout_seconds=_number(env, "ORCHESTRA_PROBE_TIMEOUT_SECONDS", 20.0),
-                concurrency=int(_number(env, "ORCHESTRA_PROBE_CONCURRENCY", 8)),
-                policy=HealthPolicy(
-                    unhealthy_after=int(_number(env, "ORCHESTRA_PROBE_UNHEALTHY_AFTER", 3)),
-                    healthy_after=int(_number(env, "ORCHESTRA_PROBE_HEALTHY_AFTER", 2)),
-                ),
-            )
-        except ValueError as exc:
-            raise SettingsError(f"ORCHESTRA_PROBE_*: {exc}") from None
-        return cls(
-            interval_seconds=_number(env, "ORCHESTRA_DISCOVERY_INTERVAL_SECONDS", 60.0),
-            heartbeat_seconds=_number(env, "ORCHESTRA_DISCOVERY_HEARTBEAT_SECONDS", 15.0),
-            probes=probes,
-        )
-
-
-def _number(env: Mapping[str, str], var: str, default: float) -> float:
-    text = env.get(var)
-    if not text:
-        return default
-    try:
-        return float(text)
-    except ValueError:
-        raise SettingsError(f"{var} must be a number, got {text!r}") from None
 
 
 class DiscoveryService:
@@ -134,7 +56,7 @@ class DiscoveryService:
         self,
         settings: Settings,
         pool: asyncpg.Pool,
-        options: DiscoveryOptions,
+        options: DiscoveryConfig,
         catalog: Catalog | None = None,
     ) -> None:
         self._settings = settings
@@ -267,14 +189,14 @@ class DiscoveryService:
             await asyncio.sleep(next_start - now)
 
 
-async def build(settings: Settings, options: DiscoveryOptions | None = None) -> DiscoveryService:
+async def build(settings: Settings, options: DiscoveryConfig | None = None) -> DiscoveryService:
     """Connects PostgreSQL, applies migrations, and builds the service.
 
     Args:
         settings: The process settings (DATABASE_URL is required).
-        options: Discovery's knobs; read from the environment when omitted.
+        options: Discovery's settings; read from the environment when omitted.
     """
-    options = options or DiscoveryOptions.from_env()
+    options = options or DiscoveryConfig.from_env()
     url = require(settings.database_url, "DATABASE_URL", "discovery")
     pool = await stores.connect_postgres(url)
     try:

@@ -4,20 +4,20 @@ Anthropic differs from the OpenAI shape in ways the adapter hides: the system
 prompt is a top-level ``system`` field, ``max_tokens`` is required, tool calls are
 ``tool_use`` content blocks whose arguments stream as ``input_json_delta`` pieces,
 and tool results go back as ``tool_result`` blocks in a user message. Requests
-always stream; the unary Chat RPC collects the same stream.
+always stream; the unary Chat RPC collects the same stream. :func:`list_models`
+reads ``GET /v1/models`` for discovery (see :mod:`services.providers.listing`).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 from google.protobuf import json_format
 
 from orchestra.common.v1 import chat_pb2
-from services.providers import http
+from services.providers import http, listing
 from services.providers.base import (
     Event,
     FailureKind,
@@ -27,7 +27,9 @@ from services.providers.base import (
     UpstreamError,
     UpstreamRequest,
     UsageReport,
+    tool_arguments,
 )
+from services.providers.listing import Endpoint, ListedModel, ListingError
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096  # only when the router did not resolve one (it always should)
@@ -66,15 +68,6 @@ def _image(url: str) -> dict[str, Any]:
     return {"type": "image", "source": {"type": "url", "url": url}}
 
 
-def _arguments(text: str) -> Any:
-    """A tool call's arguments as the object Anthropic wants (``{}`` if not JSON)."""
-    try:
-        value = json.loads(text) if text else {}
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def _blocks(message: chat_pb2.Message) -> list[dict[str, Any]]:
     """A message's content blocks."""
     if message.role == chat_pb2.ROLE_TOOL:
@@ -94,7 +87,7 @@ def _blocks(message: chat_pb2.Message) -> list[dict[str, Any]]:
                 "type": "tool_use",
                 "id": call.id,
                 "name": call.name,
-                "input": _arguments(call.arguments),
+                "input": tool_arguments(call.arguments),
             }
         )
     return blocks
@@ -215,59 +208,42 @@ class _StreamState:
         return events
 
 
+def _error_detail(body: Any) -> str:
+    error = body["error"]
+    return f"{error['type']}: {error['message']}"
+
+
 def _http_error(status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
-    try:
-        error = json.loads(body)["error"]
-        detail = f"{error['type']}: {error['message']}"
-    except (ValueError, KeyError, TypeError):
-        detail = http.body_preview(body)
-    return http.status_failure(status, detail, http.retry_after(headers))
+    return http.json_error(status, body, headers, _error_detail)
 
 
-class AnthropicAdapter:
+def auth_headers(credential: str) -> dict[str, str]:
+    """The header that carries the API key (none without one)."""
+    return http.credential_header("x-api-key", credential)
+
+
+class AnthropicAdapter(http.HttpAdapter):
     """Anthropic Messages over HTTP(S) with server-sent events."""
 
-    def __init__(
-        self,
-        provider_id: str,
-        base_url: str,
-        *,
-        credential: str = "",
-        headers: Mapping[str, str] | None = None,
-        connect_timeout: float = 5.0,
-        read_timeout: float = 60.0,
-    ) -> None:
-        self.provider_id = provider_id
-        sent = {"anthropic-version": API_VERSION, **(headers or {})}
-        if credential:
-            sent["x-api-key"] = credential
-        self._client = http.client(
-            base_url, sent, connect_timeout=connect_timeout, read_timeout=read_timeout
-        )
+    defaults: ClassVar[Mapping[str, str]] = {"anthropic-version": API_VERSION}
 
-    async def stream(self, request: UpstreamRequest) -> AsyncIterator[Event]:
-        """See :meth:`ProviderAdapter.stream`."""
-        async for event in http.post_stream(
-            self._client, "v1/messages", self._events, _http_error, json=request_body(request)
-        ):
-            yield event
+    def _auth(self, credential: str) -> dict[str, str]:
+        return auth_headers(credential)
+
+    def _path(self, request: UpstreamRequest) -> str:
+        return "v1/messages"
+
+    def _body(self, request: UpstreamRequest) -> dict[str, Any]:
+        return request_body(request)
+
+    def _error(self, status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
+        return _http_error(status, body, headers)
 
     async def _events(self, response: httpx.Response) -> AsyncIterator[Event]:
         state = _StreamState()
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
-                continue  # "event:" names (repeated in the data's "type"), blank separators
-            data = line[5:].strip()
-            try:
-                parsed = json.loads(data)
-            except ValueError:
-                raise UpstreamError(
-                    FailureKind.MALFORMED, f"event data is not JSON: {data[:80]!r}"
-                ) from None
-            if not isinstance(parsed, dict):
-                raise UpstreamError(
-                    FailureKind.MALFORMED, f"event data is not an object: {data[:80]!r}"
-                )
+        # "event:" names are skipped: the data's "type" repeats them.
+        async for data in http.sse_data(response):
+            parsed = http.decode_object(data, "event data")
             if parsed.get("type") == "message_stop":
                 if not state.finished:
                     raise UpstreamError(
@@ -279,6 +255,24 @@ class AnthropicAdapter:
         if not state.finished:
             raise UpstreamError(FailureKind.STREAM_BROKEN, "stream ended without a stop_reason")
 
-    async def aclose(self) -> None:
-        """See :meth:`ProviderAdapter.aclose`."""
-        await self._client.aclose()
+
+def api_root(base_url: str) -> str:
+    """The API's root: operators may paste the URL with its ``/v1``; the paths add it."""
+    return base_url.removesuffix("/v1")
+
+
+async def list_models(endpoint: Endpoint, client: httpx.AsyncClient) -> list[ListedModel]:
+    """``GET {base}/v1/models`` with the API key and version, paginated by ``after_id``."""
+    url = f"{api_root(endpoint.base_url)}/v1/models"
+    headers = {"anthropic-version": API_VERSION, **auth_headers(endpoint.credential)}
+    out: list[ListedModel] = []
+    params: dict[str, str | int] = {"limit": 1000}
+    for _ in range(listing.MAX_PAGES):
+        body = await listing.get_json(client, endpoint, url, headers, params)
+        items = listing.list_of_dicts(body, "data")
+        out.extend(ListedModel(i["id"]) for i in items if isinstance(i.get("id"), str))
+        last_id = body.get("last_id")
+        if body.get("has_more") is not True or not isinstance(last_id, str):
+            return out
+        params = {"limit": 1000, "after_id": last_id}
+    raise ListingError(f"more than {listing.MAX_PAGES} pages of models")

@@ -11,10 +11,28 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from orchestra.common.v1 import chat_pb2
+
+# The role names of the OpenAI chat format, which Ollama and custom providers share.
+ROLE_NAMES = {
+    chat_pb2.ROLE_SYSTEM: "system",
+    chat_pb2.ROLE_USER: "user",
+    chat_pb2.ROLE_ASSISTANT: "assistant",
+    chat_pb2.ROLE_TOOL: "tool",
+}
+
+
+def tool_arguments(text: str) -> dict[str, Any]:
+    """A tool call's arguments as the JSON object native formats want (``{}`` if not one)."""
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 @dataclasses.dataclass(frozen=True)

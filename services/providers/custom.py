@@ -15,7 +15,6 @@ Tools are not mapped (a custom provider answers text only).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -37,6 +36,7 @@ from services.common.config_file import (
 )
 from services.providers import http
 from services.providers.base import (
+    ROLE_NAMES,
     Event,
     FailureKind,
     Finish,
@@ -48,12 +48,6 @@ from services.providers.base import (
 
 log = logging.getLogger(__name__)
 
-_ROLES = {
-    chat_pb2.ROLE_SYSTEM: "system",
-    chat_pb2.ROLE_USER: "user",
-    chat_pb2.ROLE_ASSISTANT: "assistant",
-    chat_pb2.ROLE_TOOL: "tool",
-}
 _FINISH = {
     "stop": chat_pb2.FINISH_REASON_STOP,
     "length": chat_pb2.FINISH_REASON_LENGTH,
@@ -71,7 +65,7 @@ def _text(message: chat_pb2.Message) -> str:
 def placeholders(request: UpstreamRequest, *, stream: bool) -> dict[str, Any]:
     """The values the request template may use; unset sampling controls are absent."""
     gen = request.generation
-    messages = [{"role": _ROLES[m.role], "content": _text(m)} for m in request.messages]
+    messages = [{"role": ROLE_NAMES[m.role], "content": _text(m)} for m in request.messages]
     users = [m["content"] for m in messages if m["role"] == "user"]
     values: dict[str, Any] = {
         "model": request.model_id,
@@ -169,6 +163,12 @@ class _Reader:
             return None
         return found if isinstance(found, str) else json.dumps(found)
 
+    def read(self, data: Any) -> list[Event]:
+        """The events in ``data``, or the failure its error says (SERVER_ERROR)."""
+        if (message := self.error(data)) is not None:
+            raise UpstreamError(FailureKind.SERVER_ERROR, message)
+        return self.events(data)
+
     def events(self, data: Any) -> list[Event]:
         events: list[Event] = []
         text = _search(self._paths.text, data)
@@ -202,7 +202,7 @@ class _Reader:
         return _FINISH.get(name, chat_pb2.FINISH_REASON_STOP)
 
 
-class CustomAdapter:
+class CustomAdapter(http.HttpAdapter):
     """A provider described by a :class:`CustomMapping`."""
 
     def __init__(
@@ -216,34 +216,34 @@ class CustomAdapter:
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
     ) -> None:
-        self.provider_id = provider_id
-        self._mapping = mapping
-        sent = dict(headers or {})
-        if credential:
-            sent[mapping.auth_header] = f"{mapping.auth_prefix}{credential}"
-        self._client = http.client(
-            base_url, sent, connect_timeout=connect_timeout, read_timeout=read_timeout
-        )
+        self._mapping = mapping  # read by _auth, from the base's __init__
         self._answer = _Paths.of(mapping.response)
         self._stream = _Paths.of(mapping.stream) if mapping.stream is not None else None
+        super().__init__(
+            provider_id,
+            base_url,
+            credential=credential,
+            headers=headers,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+        )
 
-    async def stream(self, request: UpstreamRequest) -> AsyncIterator[Event]:
-        """See :meth:`ProviderAdapter.stream`."""
-        body = render(self._mapping.request, placeholders(request, stream=self._stream is not None))
-        path = self._mapping.path.lstrip("/")
-        async for event in http.post_stream(
-            self._client, path, self._events, self._http_error, json=body
-        ):
-            yield event
+    def _auth(self, credential: str) -> dict[str, str]:
+        mapping = self._mapping
+        return http.credential_header(mapping.auth_header, credential, mapping.auth_prefix)
+
+    def _path(self, request: UpstreamRequest) -> str:
+        return self._mapping.path.lstrip("/")
+
+    def _body(self, request: UpstreamRequest) -> Any:
+        return render(self._mapping.request, placeholders(request, stream=self._stream is not None))
 
     async def _events(self, response: httpx.Response) -> AsyncIterator[Event]:
         finish = self._mapping.finish_reasons
         if self._stream is None or self._mapping.stream is None:
             reader = _Reader(self._answer, finish)
             data = _json(await response.aread())
-            if (message := reader.error(data)) is not None:
-                raise UpstreamError(FailureKind.SERVER_ERROR, message)
-            for event in reader.events(data):
+            for event in reader.read(data):
                 yield event
             if not reader.finished:
                 yield Finish(chat_pb2.FINISH_REASON_STOP)
@@ -251,14 +251,13 @@ class CustomAdapter:
         config: CustomStream = self._mapping.stream
         reader = _Reader(self._stream, finish)
         ended = False
-        async for payload in _frames(response, config.format):
+        frames = http.sse_data(response) if config.format == "sse" else http.ndjson_lines(response)
+        async for payload in frames:
             if config.done and payload == config.done:
                 ended = True
                 break
             data = _json(payload.encode())
-            if (message := reader.error(data)) is not None:
-                raise UpstreamError(FailureKind.SERVER_ERROR, message)
-            for event in reader.events(data):
+            for event in reader.read(data):
                 yield event
         # The end marker or a finish reason ends a stream; a provider that has
         # neither configured ends it by closing the body.
@@ -267,17 +266,8 @@ class CustomAdapter:
         if not reader.finished:
             yield Finish(chat_pb2.FINISH_REASON_STOP)
 
-    def _http_error(self, status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
-        detail = None
-        with contextlib.suppress(ValueError):
-            detail = _Reader(self._answer, {}).error(json.loads(body))
-        return http.status_failure(
-            status, detail or http.body_preview(body), http.retry_after(headers)
-        )
-
-    async def aclose(self) -> None:
-        """See :meth:`ProviderAdapter.aclose`."""
-        await self._client.aclose()
+    def _error(self, status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
+        return http.json_error(status, body, headers, _Reader(self._answer, {}).error)
 
 
 def _json(raw: bytes) -> Any:
@@ -287,14 +277,3 @@ def _json(raw: bytes) -> Any:
         raise UpstreamError(
             FailureKind.MALFORMED, f"not JSON: {http.body_preview(raw)[:80]!r}"
         ) from None
-
-
-async def _frames(response: httpx.Response, framing: str) -> AsyncIterator[str]:
-    """The payloads of a stream: SSE ``data:`` lines, or NDJSON lines."""
-    async for line in response.aiter_lines():
-        if framing == "sse":
-            if not line.startswith("data:"):
-                continue  # event names, comments, blank separators
-            yield line[5:].strip()
-        elif line.strip():
-            yield line

@@ -6,21 +6,24 @@ as ``functionDeclarations`` and tool results as ``functionResponse`` parts. Each
 streamed chunk is a whole ``GenerateContentResponse``: text or ``functionCall``
 parts of ``candidates[0]``, the running ``usageMetadata``, and on the last one a
 ``finishReason``. Requests always stream; the unary Chat RPC collects the stream.
+:func:`list_models` reads ``GET /v1beta/models`` for discovery (see
+:mod:`services.providers.listing`).
 """
 
 from __future__ import annotations
 
 import json
 import mimetypes
+import re
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 from google.protobuf import json_format
 
 from orchestra.common.v1 import chat_pb2
-from services.providers import http
+from services.providers import http, listing
 from services.providers.base import (
     Event,
     FailureKind,
@@ -30,7 +33,9 @@ from services.providers.base import (
     UpstreamError,
     UpstreamRequest,
     UsageReport,
+    tool_arguments,
 )
+from services.providers.listing import Endpoint, ListedModel, ListingError
 
 API_VERSION = "v1beta"
 _FILTERED = {"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"}
@@ -39,14 +44,6 @@ _TOOL_MODES = {
     chat_pb2.TOOL_CHOICE_MODE_NONE: "NONE",
     chat_pb2.TOOL_CHOICE_MODE_REQUIRED: "ANY",
 }
-
-
-def _arguments(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text) if text else {}
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _image(url: str) -> dict[str, Any]:
@@ -60,7 +57,7 @@ def _image(url: str) -> dict[str, Any]:
 def _parts(message: chat_pb2.Message, tool_names: Mapping[str, str]) -> list[dict[str, Any]]:
     text = "".join(p.text for p in message.content if p.WhichOneof("part") == "text")
     if message.role == chat_pb2.ROLE_TOOL:
-        result = _arguments(text) or {"result": text}  # the response must be an object
+        result = tool_arguments(text) or {"result": text}  # the response must be an object
         name = tool_names.get(message.tool_call_id, "")
         return [{"functionResponse": {"name": name, "response": result}}]
     parts: list[dict[str, Any]] = []
@@ -71,7 +68,7 @@ def _parts(message: chat_pb2.Message, tool_names: Mapping[str, str]) -> list[dic
         else:
             parts.append(_image(part.image_url.url))
     for call in message.tool_calls:
-        parts.append({"functionCall": {"name": call.name, "args": _arguments(call.arguments)}})
+        parts.append({"functionCall": {"name": call.name, "args": tool_arguments(call.arguments)}})
     return parts
 
 
@@ -196,12 +193,9 @@ class _StreamState:
         return chat_pb2.FINISH_REASON_STOP
 
 
-def _retry_after(headers: httpx.Headers, error: Mapping[str, Any]) -> float | None:
-    """Retry-After, or else the ``google.rpc.RetryInfo`` delay in the error details."""
-    header = http.retry_after(headers)
-    if header is not None:
-        return header
-    for detail in error.get("details") or ():
+def _retry_hint(body: Any) -> float | None:
+    """The ``google.rpc.RetryInfo`` delay in an error's details."""
+    for detail in body["error"].get("details") or ():
         delay = detail.get("retryDelay") if isinstance(detail, dict) else None
         if isinstance(delay, str) and delay.endswith("s"):
             try:
@@ -211,67 +205,47 @@ def _retry_after(headers: httpx.Headers, error: Mapping[str, Any]) -> float | No
     return None
 
 
+def _error_detail(body: Any) -> str:
+    error = body["error"]
+    return f"{error.get('status')}: {error['message']}"
+
+
 def _http_error(status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
-    try:
-        error = json.loads(body)["error"]
-        detail = f"{error.get('status')}: {error['message']}"
-    except (ValueError, KeyError, TypeError, AttributeError):
-        error, detail = {}, http.body_preview(body)
-    return http.status_failure(status, detail, _retry_after(headers, error))
+    """Retry-After, or else the RetryInfo in the error body, says when to retry."""
+    return http.json_error(status, body, headers, _error_detail, _retry_hint)
 
 
-class GeminiAdapter:
+def auth_headers(credential: str) -> dict[str, str]:
+    """The header that carries the API key (never ``?key=``, which would put the
+    key in URLs and error messages); none without one."""
+    return http.credential_header("x-goog-api-key", credential)
+
+
+class GeminiAdapter(http.HttpAdapter):
     """The Gemini API over HTTP(S) with server-sent events."""
 
-    def __init__(
-        self,
-        provider_id: str,
-        base_url: str,
-        *,
-        credential: str = "",
-        headers: Mapping[str, str] | None = None,
-        connect_timeout: float = 5.0,
-        read_timeout: float = 60.0,
-    ) -> None:
-        self.provider_id = provider_id
-        sent = dict(headers or {})
-        if credential:
-            sent["x-goog-api-key"] = credential
-        base = base_url.rstrip("/")
-        # The configured URL may name the API version itself (…/v1beta or …/v1).
-        self._prefix = "" if base.rsplit("/", 1)[-1] in ("v1", "v1beta") else f"{API_VERSION}/"
-        self._client = http.client(
-            base, sent, connect_timeout=connect_timeout, read_timeout=read_timeout
-        )
+    params: ClassVar[Mapping[str, str] | None] = {"alt": "sse"}
 
-    async def stream(self, request: UpstreamRequest) -> AsyncIterator[Event]:
-        """See :meth:`ProviderAdapter.stream`."""
+    def _auth(self, credential: str) -> dict[str, str]:
+        return auth_headers(credential)
+
+    def _path(self, request: UpstreamRequest) -> str:
+        # The configured URL may name the API version itself (…/v1beta or …/v1).
+        versioned = self.base_url.rsplit("/", 1)[-1] in ("v1", "v1beta")
         model = request.model_id.removeprefix("models/")
-        path = f"{self._prefix}models/{model}:streamGenerateContent"
-        async for event in http.post_stream(
-            self._client,
-            path,
-            self._events,
-            _http_error,
-            params={"alt": "sse"},
-            json=request_body(request),
-        ):
-            yield event
+        prefix = "" if versioned else f"{API_VERSION}/"
+        return f"{prefix}models/{model}:streamGenerateContent"
+
+    def _body(self, request: UpstreamRequest) -> dict[str, Any]:
+        return request_body(request)
+
+    def _error(self, status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
+        return _http_error(status, body, headers)
 
     async def _events(self, response: httpx.Response) -> AsyncIterator[Event]:
         state = _StreamState()
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
-                continue  # blank separators
-            data = line[5:].strip()
-            try:
-                chunk = json.loads(data)
-            except ValueError:
-                raise UpstreamError(
-                    FailureKind.MALFORMED, f"chunk is not JSON: {data[:80]!r}"
-                ) from None
-            if not isinstance(chunk, dict):
-                raise UpstreamError(FailureKind.MALFORMED, f"chunk is not an object: {data[:80]!r}")
+        async for data in http.sse_data(response):
+            chunk = http.decode_object(data, "chunk")
             if "error" in chunk:
                 error = chunk["error"] or {}
                 raise UpstreamError(FailureKind.SERVER_ERROR, str(error.get("message", error)))
@@ -281,6 +255,34 @@ class GeminiAdapter:
                 return
         raise UpstreamError(FailureKind.STREAM_BROKEN, "stream ended without a finishReason")
 
-    async def aclose(self) -> None:
-        """See :meth:`ProviderAdapter.aclose`."""
-        await self._client.aclose()
+
+async def list_models(endpoint: Endpoint, client: httpx.AsyncClient) -> list[ListedModel]:
+    """``GET {base}/v1beta/models``, paginated by ``pageToken``.
+
+    Only models that support ``generateContent`` are chat models.
+    """
+    base = endpoint.base_url
+    versioned = re.search(r"/v1(beta|alpha)?$", base) is not None
+    url = f"{base}/models" if versioned else f"{base}/{API_VERSION}/models"
+    headers = auth_headers(endpoint.credential)
+    out: list[ListedModel] = []
+    params: dict[str, str | int] = {"pageSize": 1000}
+    for _ in range(listing.MAX_PAGES):
+        body = await listing.get_json(client, endpoint, url, headers, params)
+        for item in listing.list_of_dicts(body, "models"):
+            name = item.get("name")
+            methods = item.get("supportedGenerationMethods") or []
+            if not isinstance(name, str) or "generateContent" not in methods:
+                continue
+            out.append(
+                ListedModel(
+                    name.removeprefix("models/"),
+                    context_window=listing.positive_int(item.get("inputTokenLimit")),
+                    max_output_tokens=listing.positive_int(item.get("outputTokenLimit")),
+                )
+            )
+        token = body.get("nextPageToken")
+        if not isinstance(token, str) or not token:
+            return out
+        params = {"pageSize": 1000, "pageToken": token}
+    raise ListingError(f"more than {listing.MAX_PAGES} pages of models")

@@ -1,19 +1,24 @@
-"""HTTP plumbing every adapter shares: the client, and failures as UpstreamError.
+"""HTTP plumbing every adapter shares: the client, the chat call, failures as UpstreamError.
 
-What differs between providers (paths, headers, the error body's shape) stays
-in each adapter; what does not (timeouts, connection limits, how a status code
-or a transport error maps to a FailureKind, Retry-After) is written once here.
+What differs between providers stays in each adapter: the request path and
+body, the stream parser, which header carries the credential and how the error
+body reads. What does not is written once here: the pooled client and its
+timeouts, putting the credential's header over the operator's headers, the
+streaming POST, how a status code or a transport error maps to a FailureKind,
+Retry-After, and the framing of SSE and NDJSON streams.
 """
 
 from __future__ import annotations
 
+import abc
+import json
 from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
-from services.providers.base import Event, FailureKind, UpstreamError
+from services.providers.base import Event, FailureKind, UpstreamError, UpstreamRequest
 
 ErrorOf = Callable[[int, bytes, httpx.Headers], UpstreamError]
 """Builds the failure for a non-200 answer from (status, body, headers)."""
@@ -33,6 +38,16 @@ def client(
         timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
         limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
     )
+
+
+def credential_header(name: str, credential: str, prefix: str = "") -> dict[str, str]:
+    """The header carrying ``credential`` (``prefix`` first), or none without one."""
+    return {name: f"{prefix}{credential}"} if credential else {}
+
+
+def bearer(credential: str) -> dict[str, str]:
+    """``Authorization: Bearer <credential>``, or none without a credential."""
+    return credential_header("Authorization", credential, "Bearer ")
 
 
 def retry_after(headers: httpx.Headers) -> float | None:
@@ -58,6 +73,73 @@ def status_failure(status: int, detail: str, wait: float | None) -> UpstreamErro
 def body_preview(body: bytes) -> str:
     """The start of an error body that is not the provider's documented JSON."""
     return body[:200].decode(errors="replace")
+
+
+def json_error(
+    status: int,
+    body: bytes,
+    headers: httpx.Headers,
+    detail: Callable[[Any], str | None],
+    hint: Callable[[Any], float | None] | None = None,
+) -> UpstreamError:
+    """The failure for a non-200 answer whose body is the provider's JSON error.
+
+    Args:
+        status: The HTTP status.
+        body: The answer's body.
+        headers: The answer's headers (Retry-After).
+        detail: Reads the message from the parsed body; may raise KeyError,
+            TypeError or AttributeError (or return None) for a body of
+            another shape, which is then quoted as it is.
+        hint: Reads a retry delay from the parsed body when there is no
+            Retry-After header.
+    """
+    try:
+        parsed = json.loads(body)
+        text = detail(parsed)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        parsed, text = None, None
+    wait = retry_after(headers)
+    if wait is None and hint is not None and text is not None:
+        wait = hint(parsed)
+    return status_failure(status, text if text is not None else body_preview(body), wait)
+
+
+def decode(text: str, what: str) -> Any:
+    """One streamed JSON payload.
+
+    Raises:
+        UpstreamError: MALFORMED, naming ``what`` (``"chunk"``, ``"line"`` …).
+    """
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise UpstreamError(FailureKind.MALFORMED, f"{what} is not JSON: {text[:80]!r}") from None
+
+
+def decode_object(text: str, what: str) -> dict[str, Any]:
+    """One streamed JSON object (see :func:`decode`)."""
+    value = decode(text, what)
+    if not isinstance(value, dict):
+        raise UpstreamError(FailureKind.MALFORMED, f"{what} is not an object: {text[:80]!r}")
+    return value
+
+
+async def sse_data(response: httpx.Response) -> AsyncIterator[str]:
+    """The payload of each ``data:`` line of a server-sent event stream.
+
+    Event names, comments (``: ping``) and blank separators are skipped.
+    """
+    async for line in response.aiter_lines():
+        if line.startswith("data:"):
+            yield line[5:].strip()
+
+
+async def ndjson_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """The non-blank lines of a newline-delimited JSON stream."""
+    async for line in response.aiter_lines():
+        if line.strip():
+            yield line
 
 
 class TransportErrors:
@@ -106,3 +188,85 @@ async def post_stream(
                 raise error_of(response.status_code, body, response.headers)
             async for event in parse(response):
                 yield event
+
+
+class HttpAdapter(abc.ABC):
+    """A provider adapter over HTTP: a subclass says only what its provider does differently.
+
+    Every request is a streaming POST of :meth:`_body` to :meth:`_path`;
+    :meth:`_events` parses the answer and :meth:`_error` reads a non-200 one.
+    :meth:`_auth` names the header that carries the credential.
+
+    Attributes:
+        provider_id: The provider's id.
+        defaults: The provider's own headers (an API version); the operator's
+            win over them.
+        params: Query parameters of every chat request (None: none).
+    """
+
+    defaults: ClassVar[Mapping[str, str]] = {}
+    params: ClassVar[Mapping[str, str] | None] = None
+
+    def __init__(
+        self,
+        provider_id: str,
+        base_url: str,
+        *,
+        credential: str = "",
+        headers: Mapping[str, str] | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+    ) -> None:
+        """Opens the provider's pooled client.
+
+        Args:
+            provider_id: The provider's id.
+            base_url: The URL the paths are relative to.
+            credential: The API credential ("" for none); its header wins
+                over the operator's.
+            headers: The operator's headers for every request.
+            connect_timeout: Seconds to wait for a connection.
+            read_timeout: Seconds to wait between bytes.
+        """
+        self.provider_id = provider_id
+        self.base_url = base_url.rstrip("/")
+        sent = {**self.defaults, **(headers or {}), **self._auth(credential)}
+        self._client = client(
+            self.base_url, sent, connect_timeout=connect_timeout, read_timeout=read_timeout
+        )
+
+    async def stream(self, request: UpstreamRequest) -> AsyncIterator[Event]:
+        """See :meth:`ProviderAdapter.stream`."""
+        async for event in post_stream(
+            self._client,
+            self._path(request),
+            self._events,
+            self._error,
+            params=self.params,
+            json=self._body(request),
+        ):
+            yield event
+
+    async def aclose(self) -> None:
+        """See :meth:`ProviderAdapter.aclose`."""
+        await self._client.aclose()
+
+    @abc.abstractmethod
+    def _auth(self, credential: str) -> Mapping[str, str]:
+        """The header(s) that carry ``credential`` (none when it is "")."""
+
+    @abc.abstractmethod
+    def _path(self, request: UpstreamRequest) -> str:
+        """The chat request's path, relative to the base URL."""
+
+    @abc.abstractmethod
+    def _body(self, request: UpstreamRequest) -> Any:
+        """The chat request's JSON body."""
+
+    @abc.abstractmethod
+    def _events(self, response: httpx.Response) -> AsyncIterator[Event]:
+        """The events of an open 200 answer, as they arrive."""
+
+    @abc.abstractmethod
+    def _error(self, status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
+        """The failure a non-200 answer means."""

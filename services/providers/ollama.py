@@ -6,10 +6,13 @@ Each streamed line is a JSON object with a ``message`` fragment; the last has
 max_tokens). Tool calls arrive whole, with arguments as an object, and Ollama says
 ``done_reason: "stop"`` after them, so the adapter reports TOOL_CALLS itself.
 Images must be inline base64: a data: URL is sent, a remote URL cannot be.
+:func:`list_models` reads ``/api/tags``, ``/api/ps`` and ``/api/show`` for
+discovery (see :mod:`services.providers.listing`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -19,8 +22,9 @@ import httpx
 from google.protobuf import json_format
 
 from orchestra.common.v1 import chat_pb2
-from services.providers import http
+from services.providers import http, listing
 from services.providers.base import (
+    ROLE_NAMES,
     Event,
     FailureKind,
     Finish,
@@ -29,14 +33,13 @@ from services.providers.base import (
     UpstreamError,
     UpstreamRequest,
     UsageReport,
+    tool_arguments,
 )
+from services.providers.listing import DetailCache, Endpoint, ListedModel, ListingError
+from services.providers.openai import function_tools
 
-_ROLES = {
-    chat_pb2.ROLE_SYSTEM: "system",
-    chat_pb2.ROLE_USER: "user",
-    chat_pb2.ROLE_ASSISTANT: "assistant",
-    chat_pb2.ROLE_TOOL: "tool",
-}
+_SHOW_CONCURRENCY = 4  # one local server: a few /api/show at a time
+_MAX_DETAILS = 100_000
 _FINISH = {"stop": chat_pb2.FINISH_REASON_STOP, "length": chat_pb2.FINISH_REASON_LENGTH}
 # GenerationConfig field -> Ollama option
 _OPTIONS = {
@@ -49,19 +52,10 @@ _OPTIONS = {
 }
 
 
-def _arguments(text: str) -> Any:
-    """A tool call's arguments as the object Ollama wants (``{}`` if not JSON)."""
-    try:
-        value = json.loads(text) if text else {}
-    except ValueError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def _message(message: chat_pb2.Message, tool_names: Mapping[str, str]) -> dict[str, Any]:
     parts = list(message.content)
     out: dict[str, Any] = {
-        "role": _ROLES[message.role],
+        "role": ROLE_NAMES[message.role],
         "content": "".join(p.text for p in parts if p.WhichOneof("part") == "text"),
     }
     images = [
@@ -73,7 +67,7 @@ def _message(message: chat_pb2.Message, tool_names: Mapping[str, str]) -> dict[s
         out["images"] = images
     if message.tool_calls:
         out["tool_calls"] = [
-            {"function": {"name": c.name, "arguments": _arguments(c.arguments)}}
+            {"function": {"name": c.name, "arguments": tool_arguments(c.arguments)}}
             for c in message.tool_calls
         ]
     if message.tool_call_id and message.tool_call_id in tool_names:
@@ -101,17 +95,7 @@ def request_body(request: UpstreamRequest) -> dict[str, Any]:
     # Ollama has no tool_choice: "none" is honoured by not offering the tools.
     choice = request.tool_choice
     if request.tools and not (choice is not None and choice.mode == chat_pb2.TOOL_CHOICE_MODE_NONE):
-        body["tools"] = [
-            {
-                "type": "function",
-                "function": {
-                    "name": t.function.name,
-                    "description": t.function.description,
-                    "parameters": json_format.MessageToDict(t.function.parameters),
-                },
-            }
-            for t in request.tools
-        ]
+        body["tools"] = function_tools(request.tools)
     fmt = gen.response_format
     if fmt.type == chat_pb2.RESPONSE_FORMAT_TYPE_JSON_OBJECT:
         body["format"] = "json"
@@ -160,55 +144,44 @@ class _StreamState:
         return events
 
 
+def _error_detail(body: Any) -> str:
+    return str(body["error"])
+
+
 def _http_error(status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
-    try:
-        detail = str(json.loads(body)["error"])
-    except (ValueError, KeyError, TypeError):
-        detail = http.body_preview(body)
-    return http.status_failure(status, detail, http.retry_after(headers))
+    return http.json_error(status, body, headers, _error_detail)
 
 
-class OllamaAdapter:
+def auth_headers(credential: str) -> dict[str, str]:
+    """Ollama itself has no auth; a proxy in front of it may want a bearer token."""
+    return http.bearer(credential)
+
+
+def api_root(base_url: str) -> str:
+    """Ollama's root URL: operators often paste its OpenAI-compatible ``/v1``
+    (or ``/api``) URL, but the native API hangs off the root."""
+    return base_url.removesuffix("/v1").removesuffix("/api")
+
+
+class OllamaAdapter(http.HttpAdapter):
     """Ollama's native chat API over HTTP with NDJSON streaming."""
 
-    def __init__(
-        self,
-        provider_id: str,
-        base_url: str,
-        *,
-        credential: str = "",
-        headers: Mapping[str, str] | None = None,
-        connect_timeout: float = 5.0,
-        read_timeout: float = 60.0,
-    ) -> None:
-        self.provider_id = provider_id
-        sent = dict(headers or {})
-        if credential:  # Ollama itself has no auth; a proxy in front of it may
-            sent["Authorization"] = f"Bearer {credential}"
-        self._client = http.client(
-            base_url, sent, connect_timeout=connect_timeout, read_timeout=read_timeout
-        )
+    def _auth(self, credential: str) -> dict[str, str]:
+        return auth_headers(credential)
 
-    async def stream(self, request: UpstreamRequest) -> AsyncIterator[Event]:
-        """See :meth:`ProviderAdapter.stream`."""
-        async for event in http.post_stream(
-            self._client, "api/chat", self._events, _http_error, json=request_body(request)
-        ):
-            yield event
+    def _path(self, request: UpstreamRequest) -> str:
+        return "api/chat"
+
+    def _body(self, request: UpstreamRequest) -> dict[str, Any]:
+        return request_body(request)
+
+    def _error(self, status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
+        return _http_error(status, body, headers)
 
     async def _events(self, response: httpx.Response) -> AsyncIterator[Event]:
         state = _StreamState()
-        async for text in response.aiter_lines():
-            if not text.strip():
-                continue
-            try:
-                line = json.loads(text)
-            except ValueError:
-                raise UpstreamError(
-                    FailureKind.MALFORMED, f"line is not JSON: {text[:80]!r}"
-                ) from None
-            if not isinstance(line, dict):
-                raise UpstreamError(FailureKind.MALFORMED, f"line is not an object: {text[:80]!r}")
+        async for text in http.ndjson_lines(response):
+            line = http.decode_object(text, "line")
             if "error" in line:
                 raise UpstreamError(FailureKind.SERVER_ERROR, str(line["error"]))
             for event in state.events(line):
@@ -217,6 +190,108 @@ class OllamaAdapter:
                 return
         raise UpstreamError(FailureKind.STREAM_BROKEN, "stream ended without done: true")
 
-    async def aclose(self) -> None:
-        """See :meth:`ProviderAdapter.aclose`."""
-        await self._client.aclose()
+
+async def list_models(
+    endpoint: Endpoint, client: httpx.AsyncClient, details: DetailCache
+) -> list[ListedModel]:
+    """``GET {root}/api/tags`` answers ``{"models": [{"name", "model", "details"}]}``.
+
+    ``GET {root}/api/ps`` names the models loaded in memory now with their
+    ``size`` and ``size_vram``, and ``POST {root}/api/show`` gives each
+    model's context length (``model_info["<arch>.context_length"]``). Both
+    are best effort: an old server without them is not a failure.
+
+    Args:
+        endpoint: The provider.
+        client: The shared client.
+        details: Context lengths already fetched, kept between listings; a
+            model's is fetched again only when its digest changes.
+    """
+    root = api_root(endpoint.base_url)
+    headers = auth_headers(endpoint.credential)
+    body = await listing.get_json(client, endpoint, f"{root}/api/tags", headers)
+    names, digests = [], []
+    for item in listing.list_of_dicts(body, "models"):
+        name = item.get("name") or item.get("model")
+        if isinstance(name, str):
+            names.append(name)
+            digests.append(str(item.get("digest") or ""))
+    loaded = await _loaded(endpoint, client, root, headers)
+    gate = asyncio.Semaphore(_SHOW_CONCURRENCY)
+
+    async def context_of(name: str, digest: str) -> int:
+        key = (root, name, digest)
+        if digest and key in details:
+            return details[key]
+        found = await _context(endpoint, client, root, headers, name, gate)
+        if digest and found:
+            if len(details) >= _MAX_DETAILS:
+                details.clear()  # bounded; refills as providers are listed
+            details[key] = found
+        return found
+
+    contexts = await asyncio.gather(
+        *(context_of(n, d) for n, d in zip(names, digests, strict=True))
+    )
+    out = []
+    for name, context in zip(names, contexts, strict=True):
+        size, vram = loaded.get(name, (0, 0))
+        out.append(
+            ListedModel(
+                name,
+                context_window=context,
+                loaded=name in loaded,
+                vram_bytes=vram,
+                memory_bytes=size,
+            )
+        )
+    return out
+
+
+async def _loaded(
+    endpoint: Endpoint, client: httpx.AsyncClient, root: str, headers: Mapping[str, str]
+) -> dict[str, tuple[int, int]]:
+    """Loaded models: name -> (size, size_vram) in bytes."""
+    try:
+        body = await listing.get_json(client, endpoint, f"{root}/api/ps", headers)
+        return {
+            str(item.get("name") or item.get("model")): (
+                listing.positive_int(item.get("size")),
+                listing.positive_int(item.get("size_vram")),
+            )
+            for item in listing.list_of_dicts(body, "models")
+        }
+    except (ListingError, httpx.HTTPError):
+        return {}  # the listing itself worked; "loaded" is a hint
+
+
+async def _context(
+    endpoint: Endpoint,
+    client: httpx.AsyncClient,
+    root: str,
+    headers: Mapping[str, str],
+    name: str,
+    gate: asyncio.Semaphore,
+) -> int:
+    """The model's trained context length from ``/api/show`` (0 when unknown)."""
+    try:
+        async with gate:
+            response = await client.post(
+                f"{root}/api/show",
+                json={"model": name},
+                headers=listing.request_headers(endpoint, headers),
+                timeout=listing.timeout(endpoint),
+            )
+        info = response.json().get("model_info") if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return 0  # a hint, like /api/ps
+    if not isinstance(info, dict):
+        return 0
+    return max(
+        (
+            listing.positive_int(v)
+            for k, v in info.items()
+            if isinstance(k, str) and k.endswith(".context_length")
+        ),
+        default=0,
+    )

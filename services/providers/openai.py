@@ -3,21 +3,23 @@
 vLLM, LM Studio, llama.cpp's server, Groq, Together and Mistral speak the same
 format, so one adapter serves them all. Requests always stream (``stream: true``
 with ``stream_options.include_usage``) so tokens pass straight through; the
-unary Chat RPC collects the same stream.
+unary Chat RPC collects the same stream. :func:`list_models` reads
+``GET /models`` for discovery (see :mod:`services.providers.listing`).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator, Mapping
+import re
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 import httpx
 from google.protobuf import json_format
 
 from orchestra.common.v1 import chat_pb2
-from services.providers import http
+from services.providers import http, listing
 from services.providers.base import (
+    ROLE_NAMES,
     Event,
     FailureKind,
     Finish,
@@ -27,13 +29,9 @@ from services.providers.base import (
     UpstreamRequest,
     UsageReport,
 )
+from services.providers.listing import Endpoint, ListedModel
+from services.providers.types import ProviderType
 
-_ROLES = {
-    chat_pb2.ROLE_SYSTEM: "system",
-    chat_pb2.ROLE_USER: "user",
-    chat_pb2.ROLE_ASSISTANT: "assistant",
-    chat_pb2.ROLE_TOOL: "tool",
-}
 _FINISH = {
     "stop": chat_pb2.FINISH_REASON_STOP,
     "length": chat_pb2.FINISH_REASON_LENGTH,
@@ -55,6 +53,13 @@ _OPTIONAL_FIELDS = (
     "frequency_penalty",
 )
 _DETAIL = {chat_pb2.IMAGE_DETAIL_LOW: "low", chat_pb2.IMAGE_DETAIL_HIGH: "high"}
+# OpenAI's own /models lists embedding, image, audio and moderation models too;
+# the gateway routes chat, so those are left out (only for the official API,
+# where the ids are known; compatible servers list what they serve).
+_NON_CHAT = re.compile(
+    r"^(text-embedding|embedding|dall-e|gpt-image|tts-|whisper|omni-moderation|"
+    r"text-moderation|davinci|babbage|sora|computer-use)"
+)
 
 
 def _content(message: chat_pb2.Message) -> str | list[dict[str, Any]] | None:
@@ -76,7 +81,7 @@ def _content(message: chat_pb2.Message) -> str | list[dict[str, Any]] | None:
 
 
 def _message(message: chat_pb2.Message) -> dict[str, Any]:
-    out: dict[str, Any] = {"role": _ROLES[message.role], "content": _content(message)}
+    out: dict[str, Any] = {"role": ROLE_NAMES[message.role], "content": _content(message)}
     if message.name:
         out["name"] = message.name
     if message.tool_calls:
@@ -89,6 +94,21 @@ def _message(message: chat_pb2.Message) -> dict[str, Any]:
     return out
 
 
+def function_tools(tools: Sequence[chat_pb2.Tool]) -> list[dict[str, Any]]:
+    """Tools as OpenAI's ``{"type": "function", "function": …}`` (Ollama's format too)."""
+    return [
+        {
+            "type": "function",
+            "function": {
+                "name": t.function.name,
+                "description": t.function.description,
+                "parameters": json_format.MessageToDict(t.function.parameters),
+            },
+        }
+        for t in tools
+    ]
+
+
 def request_body(request: UpstreamRequest) -> dict[str, Any]:
     """The JSON body of a streaming chat-completions request."""
     gen = request.generation
@@ -99,31 +119,13 @@ def request_body(request: UpstreamRequest) -> dict[str, Any]:
         "stream_options": {"include_usage": True},
     }
     if request.tools:
-        body["tools"] = [
-            {
-                "type": "function",
-                "function": {
-                    "name": t.function.name,
-                    "description": t.function.description,
-                    "parameters": json_format.MessageToDict(t.function.parameters),
-                },
-            }
-            for t in request.tools
-        ]
+        body["tools"] = function_tools(request.tools)
     choice = request.tool_choice
     if choice is not None and choice.WhichOneof("choice") == "function_name":
         body["tool_choice"] = {"type": "function", "function": {"name": choice.function_name}}
     elif choice is not None and choice.mode in _TOOL_MODES:
         body["tool_choice"] = _TOOL_MODES[choice.mode]
-    optional = (
-        "temperature",
-        "top_p",
-        "max_tokens",
-        "seed",
-        "presence_penalty",
-        "frequency_penalty",
-    )
-    for field in optional:
+    for field in _OPTIONAL_FIELDS:
         if gen.HasField(field):  # type: ignore[arg-type]
             body[field] = getattr(gen, field)
     if gen.stop:
@@ -175,15 +177,20 @@ def chunk_events(chunk: Mapping[str, Any]) -> list[Event]:
     return events
 
 
+def _error_detail(body: Any) -> str:
+    return str(body["error"]["message"])
+
+
 def _http_error(status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
-    try:
-        detail = json.loads(body)["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        detail = http.body_preview(body)
-    return http.status_failure(status, detail, http.retry_after(headers))
+    return http.json_error(status, body, headers, _error_detail)
 
 
-class OpenAIAdapter:
+def auth_headers(credential: str, organization: str = "") -> dict[str, str]:
+    """The headers that carry the API key and the organisation (none when unset)."""
+    return http.bearer(credential) | http.credential_header("OpenAI-Organization", organization)
+
+
+class OpenAIAdapter(http.HttpAdapter):
     """Chat completions over HTTP(S) with server-sent events."""
 
     def __init__(
@@ -197,39 +204,36 @@ class OpenAIAdapter:
         connect_timeout: float = 5.0,
         read_timeout: float = 60.0,
     ) -> None:
-        self.provider_id = provider_id
-        sent = dict(headers or {})
-        if credential:
-            sent["Authorization"] = f"Bearer {credential}"
-        if organization:
-            sent["OpenAI-Organization"] = organization
-        self._client = http.client(
-            base_url, sent, connect_timeout=connect_timeout, read_timeout=read_timeout
+        self._organization = organization  # read by _auth, from the base's __init__
+        super().__init__(
+            provider_id,
+            base_url,
+            credential=credential,
+            headers=headers,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
         )
 
-    async def stream(self, request: UpstreamRequest) -> AsyncIterator[Event]:
-        """See :meth:`ProviderAdapter.stream`."""
-        async for event in http.post_stream(
-            self._client, "chat/completions", self._events, _http_error, json=request_body(request)
-        ):
-            yield event
+    def _auth(self, credential: str) -> dict[str, str]:
+        return auth_headers(credential, self._organization)
+
+    def _path(self, request: UpstreamRequest) -> str:
+        return "chat/completions"
+
+    def _body(self, request: UpstreamRequest) -> dict[str, Any]:
+        return request_body(request)
+
+    def _error(self, status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
+        return _http_error(status, body, headers)
 
     async def _events(self, response: httpx.Response) -> AsyncIterator[Event]:
         finished = False
-        async for line in response.aiter_lines():
-            if not line.startswith("data:"):
-                continue  # blank separators, comments (": ping") and other fields
-            data = line[5:].strip()
+        async for data in http.sse_data(response):
             if data == "[DONE]":
                 if not finished:
                     raise UpstreamError(FailureKind.STREAM_BROKEN, "[DONE] before a finish_reason")
                 return
-            try:
-                chunk = json.loads(data)
-            except ValueError:
-                raise UpstreamError(
-                    FailureKind.MALFORMED, f"chunk is not JSON: {data[:80]!r}"
-                ) from None
+            chunk = http.decode(data, "chunk")
             if "error" in chunk:
                 message = (chunk["error"] or {}).get("message", "error event in stream")
                 raise UpstreamError(FailureKind.SERVER_ERROR, str(message))
@@ -239,6 +243,23 @@ class OpenAIAdapter:
         if not finished:
             raise UpstreamError(FailureKind.STREAM_BROKEN, "stream ended without finish_reason")
 
-    async def aclose(self) -> None:
-        """See :meth:`ProviderAdapter.aclose`."""
-        await self._client.aclose()
+
+async def list_models(endpoint: Endpoint, client: httpx.AsyncClient) -> list[ListedModel]:
+    """``GET {base_url}/models`` (``base_url`` ends in ``/v1``, as for the OpenAI SDK).
+
+    The answer is ``{"object": "list", "data": [{"id": ...}]}``; vLLM adds
+    ``max_model_len``.
+    """
+    headers = auth_headers(endpoint.credential, endpoint.organization)
+    body = await listing.get_json(client, endpoint, f"{endpoint.base_url}/models", headers)
+    official = endpoint.type == ProviderType.OPENAI
+    # llama.cpp and vLLM serve exactly what they list: it is in memory.
+    loaded = endpoint.local and endpoint.type != ProviderType.LM_STUDIO
+    out = []
+    for item in listing.list_of_dicts(body, "data"):
+        model_id = item.get("id")
+        if not isinstance(model_id, str) or (official and _NON_CHAT.match(model_id)):
+            continue
+        context = listing.positive_int(item.get("max_model_len"))
+        out.append(ListedModel(model_id, context_window=context, loaded=loaded))
+    return out

@@ -14,10 +14,10 @@ import pytest
 
 from orchestra.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
 from services.common.server import Running
-from services.discovery.probes import ProbeOptions
-from services.discovery.server import DiscoveryOptions, DiscoveryService, build
-from tests.discovery.upstreams import FakeOllama
+from services.discovery.config import DiscoveryConfig, ProbeConfig
+from services.discovery.server import DiscoveryService, build
 from tests.fakes.openai_upstream import FakeOpenAI
+from tests.providers.listing_upstreams import FakeOllama
 
 SECRET = "sk-live-DISCOVERY-secret-0123456789abcdef"
 
@@ -73,11 +73,11 @@ async def discovery(
             path.write_text(config)
             env["ORCHESTRA_CONFIG"] = str(path)
         settings = make_settings(**env)
-        options = DiscoveryOptions(
+        options = DiscoveryConfig(
             interval_seconds=3600,
             heartbeat_seconds=heartbeat_seconds,
             # Tests drive probe rounds with prober.run_once().
-            probes=ProbeOptions(interval_seconds=3600, tick_seconds=3600),
+            probes=ProbeConfig(interval_seconds=3600, tick_seconds=3600),
         )
         service = await build(settings, options)
         running = await serve(service)

@@ -10,9 +10,9 @@ from google.protobuf import field_mask_pb2
 from orchestra.discovery.v1 import discovery_service_pb2 as pb
 from services.common import errors
 from tests.discovery.conftest import SECRET, Handle
-from tests.discovery.upstreams import FakeOllama
 from tests.fakes.faults import Fault
 from tests.fakes.openai_upstream import FakeOpenAI
+from tests.providers.listing_upstreams import FakeOllama
 
 Start = Callable[..., Awaitable[Handle]]
 AsCaller = Callable[..., list[tuple[str, str]]]

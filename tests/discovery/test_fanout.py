@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import asyncpg
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 
 from orchestra.discovery.v1 import discovery_service_pb2 as pb
 from orchestra.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
@@ -61,7 +62,7 @@ async def test_a_provider_created_on_one_replica_reaches_the_others_watchers(
     await a.stub.UpdateProvider(
         pb.UpdateProviderRequest(
             provider=pb.Provider(provider_id="shared", enabled=False),
-            update_mask={"paths": ["enabled"]},
+            update_mask=field_mask_pb2.FieldMask(paths=["enabled"]),
         ),
         metadata=operator,
     )

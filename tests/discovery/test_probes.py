@@ -16,12 +16,12 @@ from services.discovery.probes import measure, provider_entry
 from services.discovery.records import ProviderRecord
 from services.providers import adapter_for
 from tests.discovery.conftest import SECRET, Handle, eventually
-from tests.discovery.upstreams import FakeOllama as ListingOllama
 from tests.fakes.anthropic_upstream import FakeAnthropic
 from tests.fakes.faults import FakeUpstream, Fault
 from tests.fakes.gemini_upstream import FakeGemini
 from tests.fakes.ollama_upstream import FakeOllama
 from tests.fakes.openai_upstream import FakeOpenAI
+from tests.providers.listing_upstreams import FakeOllama as ListingOllama
 
 Start = Callable[..., Awaitable[Handle]]
 AsCaller = Callable[..., list[tuple[str, str]]]

@@ -13,8 +13,9 @@ from orchestra.discovery.v1 import discovery_service_pb2_grpc as pb_grpc
 from services.common import errors
 from services.common.catalog_view import ModelCatalogView
 from services.common.server import start
+from services.discovery.config import DiscoveryConfig
 from services.discovery.feed import Lagging, ModelFeed
-from services.discovery.server import DiscoveryOptions, build
+from services.discovery.server import build
 from tests.discovery.conftest import SECRET, Handle, eventually
 from tests.fakes.openai_upstream import FakeOpenAI
 
@@ -160,7 +161,7 @@ async def test_catalog_view_follows_and_resyncs_across_a_restart(
         # Upstream changes while discovery is down; a new instance on the same
         # port lists it at start, and the view resyncs from the new snapshot.
         fake_openai.models.remove("gpt-4o-mini")
-        service = await build(handle.settings, DiscoveryOptions(interval_seconds=3600))
+        service = await build(handle.settings, DiscoveryConfig(interval_seconds=3600))
         restarted = await start(service, f"127.0.0.1:{port}")
         try:
             await eventually(lambda: view.get("openai/gpt-4o-mini") is None, limit=20.0)

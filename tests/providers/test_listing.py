@@ -9,17 +9,37 @@ import httpx
 import pytest
 
 from orchestra.discovery.v1 import discovery_service_pb2 as pb
-from services.discovery.listing import Endpoint, ListedModel, ListingError, list_models
-from tests.discovery.conftest import SECRET
-from tests.discovery.upstreams import FakeOllama, JsonUpstream
+from services.providers import list_models
+from services.providers.listing import Endpoint, ListedModel, ListingError
 from tests.fakes.faults import Fault
 from tests.fakes.openai_upstream import FakeOpenAI
+from tests.providers.listing_upstreams import FakeOllama, JsonUpstream
+
+SECRET = "sk-live-LISTING-secret-0123456789abcdef"
 
 
 @pytest.fixture
 async def http() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient() as client:
         yield client
+
+
+@pytest.fixture
+async def fake_openai() -> AsyncIterator[FakeOpenAI]:
+    """An OpenAI-wire upstream that requires ``SECRET``."""
+    async with FakeOpenAI(
+        api_key=SECRET, models=["gpt-4o-mini", "gpt-4o-2024-08-06", "text-embedding-3-small"]
+    ) as fake:
+        yield fake
+
+
+@pytest.fixture
+async def fake_ollama() -> AsyncIterator[FakeOllama]:
+    """An Ollama upstream with two models, one loaded."""
+    server = FakeOllama(["llama3.1:8b", "smollm2:135m"], loaded=["smollm2:135m"])
+    await server.start()
+    yield server
+    await server.stop()
 
 
 async def test_openai_lists_chat_models_with_bearer_and_organization(
