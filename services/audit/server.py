@@ -12,21 +12,19 @@ import asyncpg
 import grpc
 
 from orchestra.audit.v1 import audit_service_pb2, audit_service_pb2_grpc
+from services.audit.audit_service import AuditServicer
 from services.audit.bodies import KeyWrapper
 from services.audit.body_store import BodyStore
-from services.audit.service import AuditServicer
+from services.audit.config import RETENTION_SWEEP_SECONDS, AuditConfig
 from services.audit.signing import Signer, load_signer
 from services.audit.store import AuditStore
 from services.audit.tree_store import TreeStore
 from services.common.errors import Unavailable
 from services.common.identity import IdentitySigner
-from services.common.settings import Settings, require
+from services.common.settings import Settings
 from services.common.stores import connect_postgres, migrate
 
 log = logging.getLogger(__name__)
-
-# How often expired bodies are dropped; retention is counted in days.
-RETENTION_SWEEP_SECONDS = 3600.0
 
 
 class AuditService:
@@ -40,8 +38,11 @@ class AuditService:
         signer: IdentitySigner,
         checkpoint_signer: Signer,
         internal_key: bytes,
+        *,
+        retention_sweep_seconds: float = RETENTION_SWEEP_SECONDS,
     ) -> None:
         self._pool = pool
+        self._sweep_seconds = retention_sweep_seconds
         self.store = AuditStore(pool, TreeStore(pool, checkpoint_signer))
         self.bodies = BodyStore(pool, KeyWrapper(internal_key))
         self._servicer = AuditServicer(self.store, signer, self.bodies)
@@ -65,7 +66,7 @@ class AuditService:
         self._retention = asyncio.create_task(self._sweep(), name="audit-retention")
 
     async def _sweep(self) -> None:
-        """Drops sealed bodies past their tenant's retention, every RETENTION_SWEEP_SECONDS."""
+        """Drops sealed bodies past their tenant's retention, every sweep interval."""
         while True:
             try:
                 dropped = await self.bodies.drop_expired(datetime.datetime.now(datetime.UTC))
@@ -73,7 +74,7 @@ class AuditService:
                     log.info("retention dropped %d audit bodies", dropped)
             except Unavailable as exc:
                 log.warning("retention sweep skipped: %s", exc.message)
-            await asyncio.sleep(RETENTION_SWEEP_SECONDS)
+            await asyncio.sleep(self._sweep_seconds)
 
     async def stop(self) -> None:
         """Stops the retention sweep; closes the database pool."""
@@ -90,13 +91,18 @@ async def build(settings: Settings) -> AuditService:
     Raises:
         SigningKeyError: The checkpoint signing key is misconfigured.
     """
-    checkpoint_signer = load_signer(None, settings.internal_key)
-    pool = await connect_postgres(require(settings.database_url, "DATABASE_URL", "audit"))
+    config = AuditConfig.from_settings(settings)
+    checkpoint_signer = load_signer(config.signing_env, config.internal_key)
+    pool = await connect_postgres(config.database_url)
     try:
         await migrate(pool, "audit")
     except BaseException:
         await pool.close()
         raise
     return AuditService(
-        pool, IdentitySigner(settings.internal_key), checkpoint_signer, settings.internal_key
+        pool,
+        IdentitySigner(config.internal_key),
+        checkpoint_signer,
+        config.internal_key,
+        retention_sweep_seconds=config.retention_sweep_seconds,
     )

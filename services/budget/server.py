@@ -22,6 +22,7 @@ from orchestra.budget.v1 import (
     budget_service_pb2,
     budget_service_pb2_grpc,
 )
+from services.budget.account_service import AccountServicer
 from services.budget.accounts import AccountStore
 from services.budget.admission import Admission
 from services.budget.alerts import Alerts, AlertStore
@@ -31,26 +32,26 @@ from services.budget.bootstrap import Bootstrap
 from services.budget.budget_service import BudgetServicer
 from services.budget.budgets import BudgetStore
 from services.budget.catalog import Catalog
+from services.budget.config import (
+    CLOSE_TIMEOUT_SECONDS,
+    REAP_BATCH,
+    REAP_INTERVAL_SECONDS,
+    BudgetConfig,
+)
 from services.budget.counters import Counters
 from services.budget.holds import HoldStore
 from services.budget.invalidation import Invalidations
 from services.budget.keystore import KeyStore
 from services.budget.ledger import Ledger
-from services.budget.service import AccountServicer
 from services.budget.unheld import UnheldStore
 from services.common.admin_audit import AdminAuditInterceptor
 from services.common.audit_client import AdminAuditor
 from services.common.errors import OrchestraError
 from services.common.identity import IdentitySigner
-from services.common.settings import Settings, require
+from services.common.settings import Settings
 from services.common.stores import connect_postgres, connect_redis, migrate
 
 log = logging.getLogger(__name__)
-
-REAP_INTERVAL_SECONDS = 1.0
-REAP_BATCH = 200
-CLOSE_TIMEOUT_SECONDS = 5.0
-
 
 _ACCOUNT_SERVICE = account_service_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name
 _BUDGET_SERVICE = budget_service_pb2.DESCRIPTOR.services_by_name["BudgetService"].full_name
@@ -72,7 +73,7 @@ AUDITED_CHANGES = {
 }
 
 
-class BudgetApp:
+class BudgetService:
     """The budget service as a :class:`services.common.server.Service`."""
 
     name = "budget"
@@ -84,6 +85,8 @@ class BudgetApp:
         signer: IdentitySigner,
         *,
         clock: Callable[[], float] = time.time,
+        reap_interval_seconds: float = REAP_INTERVAL_SECONDS,
+        reap_batch: int = REAP_BATCH,
     ) -> None:
         """Creates the stores and core objects.
 
@@ -93,8 +96,12 @@ class BudgetApp:
             signer: Signs and checks the identity services pass on.
             clock: Epoch seconds now, for budget windows and hold expiry
                 (tests pass a fake one).
+            reap_interval_seconds: Time between two looks for expired holds.
+            reap_batch: Expired holds released per query.
         """
         self._pool = pool
+        self._reap_interval = reap_interval_seconds
+        self._reap_batch = reap_batch
         self._redis = client
         self.accounts = AccountStore(pool)
         self.keys = KeyStore(pool)
@@ -186,16 +193,16 @@ class BudgetApp:
         while True:
             handled = 0
             try:
-                handled = await self.admission.reap(REAP_BATCH)
+                handled = await self.admission.reap(self._reap_batch)
             except OrchestraError as exc:
                 log.warning("hold reaper: %s", exc.message)
             except Exception:  # the reaper must survive and retry
                 log.exception("hold reaper failed")
-            if handled < REAP_BATCH:
-                await asyncio.sleep(REAP_INTERVAL_SECONDS)
+            if handled < self._reap_batch:
+                await asyncio.sleep(self._reap_interval)
 
 
-async def build(settings: Settings, *, clock: Callable[[], float] = time.time) -> BudgetApp:
+async def build(settings: Settings, *, clock: Callable[[], float] = time.time) -> BudgetService:
     """Connects the stores, migrates, applies the config file and rebuilds counters.
 
     ``clock`` (epoch seconds now) drives budget windows and hold expiry.
@@ -205,16 +212,22 @@ async def build(settings: Settings, *, clock: Callable[[], float] = time.time) -
         BootstrapError: The config file's tenants cannot be applied.
         Unavailable: A store does not answer.
     """
-    database_url = require(settings.database_url, "DATABASE_URL", "budget")
-    redis_url = require(settings.redis_url, "REDIS_URL", "budget")
-    pool = await connect_postgres(database_url)
-    client = connect_redis(redis_url)
-    signer = IdentitySigner(settings.internal_key)
-    app = BudgetApp(pool, client, signer, clock=clock)
-    app.auditor = AdminAuditor.connect(settings.addrs["audit"], signer, "budget")
+    config = BudgetConfig.from_settings(settings)
+    pool = await connect_postgres(config.database_url)
+    client = connect_redis(config.redis_url)
+    signer = IdentitySigner(config.internal_key)
+    app = BudgetService(
+        pool,
+        client,
+        signer,
+        clock=clock,
+        reap_interval_seconds=config.reap_interval_seconds,
+        reap_batch=config.reap_batch,
+    )
+    app.auditor = AdminAuditor.connect(config.audit_addr, signer, "budget")
     try:
         await migrate(pool, "budget")
-        report = await app.bootstrap.apply(list(settings.config.tenants))
+        report = await app.bootstrap.apply(list(config.tenants))
         if report.keys:
             await app.invalidations.publish(report.keys)
         await app.admission.ensure_ready()

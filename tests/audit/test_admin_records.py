@@ -182,7 +182,7 @@ class _AuditedAccounts:
         return [SERVICE]
 
     def register(self, server: grpc.aio.Server) -> None:
-        from services.budget.service import AccountServicer
+        from services.budget.account_service import AccountServicer
 
         app = self._app
         servicer = AccountServicer(

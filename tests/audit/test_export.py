@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from orchestra.audit.v1 import audit_service_pb2 as pb
-from services.audit import hashing, records, service
+from services.audit import audit_service, hashing, records
 from services.common import errors
 from tests.audit.conftest import Audit, Metadata
 from tests.audit.factory import admin, chat
@@ -101,7 +101,7 @@ async def test_long_exports_continue_across_batches(
     reader: Callable[[str], Metadata],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(service, "_EXPORT_BATCH", 2)
+    monkeypatch.setattr(audit_service, "_EXPORT_BATCH", 2)
     await _seed(audit, internal)
 
     assert await _export(audit, operator, 1, 0) == [f"c{i}" for i in range(1, 12)]

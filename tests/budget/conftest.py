@@ -19,7 +19,7 @@ from orchestra.budget.v1 import (
     budget_service_pb2,
     budget_service_pb2_grpc,
 )
-from services.budget.server import BudgetApp, build
+from services.budget.server import BudgetService, build
 from services.common import settings as settings_mod
 
 Metadata = list[tuple[str, str]]
@@ -29,7 +29,7 @@ Metadata = list[tuple[str, str]]
 class Budget:
     """A running budget service and what the tests reach it with."""
 
-    app: BudgetApp
+    app: BudgetService
     accounts: Any  # account_service_pb2_grpc.AccountServiceStub
     budgets: Any  # budget_service_pb2_grpc.BudgetServiceStub
     authz: Any  # external_auth_pb2_grpc.AuthorizationStub

@@ -16,7 +16,7 @@ from orchestra.budget.v1 import account_service_pb2 as account_pb
 from orchestra.budget.v1 import budget_service_pb2 as pb
 from orchestra.budget.v1 import budget_service_pb2_grpc
 from orchestra.common.v1 import chat_pb2
-from services.budget.server import BudgetApp
+from services.budget.server import BudgetService
 from services.common import errors
 from services.common.identity import IdentitySigner
 from services.common.stores import connect_postgres, connect_redis, migrate
@@ -376,7 +376,7 @@ async def test_redis_down_fails_closed(
     await migrate(pool, "budget")
     await pool.execute("INSERT INTO budget.tenants (tenant_id) VALUES ('acme')")
     # Nothing listens on port 1.
-    app = BudgetApp(pool, connect_redis("redis://127.0.0.1:1/0"), signer)
+    app = BudgetService(pool, connect_redis("redis://127.0.0.1:1/0"), signer)
     running = await serve(app)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         stub = budget_service_pb2_grpc.BudgetServiceStub(channel)

@@ -19,7 +19,7 @@ from orchestra.budget.v1 import account_service_pb2_grpc, budget_service_pb2_grp
 from orchestra.budget.v1 import budget_service_pb2 as pb
 from orchestra.common.v1 import chat_pb2
 from services.budget.budget_service import FAIL_OPEN_HEADER
-from services.budget.server import BudgetApp, build
+from services.budget.server import BudgetService, build
 from services.cli.embedded import RedisServer, Supervisor, free_port, start_redis
 from services.common import settings as settings_mod
 from tests.budget.conftest import Metadata
@@ -60,7 +60,7 @@ async def stub(
     admin: Callable[[str], Metadata],
 ) -> AsyncIterator[Any]:
     url = await own_redis.start()
-    app: BudgetApp = await build(make_settings(DATABASE_URL=pg_url, REDIS_URL=url))
+    app: BudgetService = await build(make_settings(DATABASE_URL=pg_url, REDIS_URL=url))
     running = await serve(app)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
         accounts = account_service_pb2_grpc.AccountServiceStub(channel)
