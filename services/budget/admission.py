@@ -27,7 +27,7 @@ import zoneinfo
 from collections.abc import Callable
 
 from orchestra.budget.v1 import budget_service_pb2 as pb
-from orchestra.common.v1 import identity_pb2
+from orchestra.common.v1 import errors_pb2, identity_pb2
 from services.budget.alerts import Alerts
 from services.budget.budgets import BudgetStore
 from services.budget.catalog import Catalog, TenantContext
@@ -320,7 +320,17 @@ class Admission:
         applicable = [b for b in context.budgets if applies(b, subject)]
         windows = [window_of(b.window, utc(now), context.tz) for b in applicable]
         counters = [counter_of(b, w, subject) for b, w in zip(applicable, windows, strict=True)]
-        values = await self._counters.read([c for c in counters if c])
+        keys = [c for c in counters if c]
+        values = await self._counters.read_if_ready(keys)
+        if values is None:  # Redis lost the counters: rebuild them first
+            await self.ensure_ready()
+            values = await self._counters.read_if_ready(keys)
+            if values is None:
+                raise Unavailable(
+                    errors_pb2.ERROR_REASON_STORE_UNAVAILABLE,
+                    "the budget counters are being rebuilt",
+                    retry_after=1.0,
+                )
         readings = iter(values)
         statuses = []
         for budget, window, counter in zip(applicable, windows, counters, strict=True):

@@ -283,6 +283,23 @@ class Counters:
         return [(int(s or 0), int(r or 0)) for s, r in replies]
 
     @redis_outage
+    async def read_if_ready(self, counters: Sequence[str]) -> list[tuple[int, int]] | None:
+        """(spent, reserved) of each counter, or None if Redis lost them since the last rebuild.
+
+        The readiness check and the reads are one pipeline, so a reading taken
+        after Redis was flushed (and before any replica noticed) is never
+        mistaken for zero spend.
+        """
+        pipe = self._redis.pipeline(transaction=True)
+        pipe.exists(READY)
+        for key in counters:
+            pipe.hmget(key, ["spent", "reserved"])
+        ready, *replies = await pipe.execute()
+        if not ready:
+            return None
+        return [(int(s or 0), int(r or 0)) for s, r in replies]
+
+    @redis_outage
     async def raise_spent(self, spent: Mapping[str, tuple[int, int]]) -> None:
         """Sets each counter's spent to at least the ledger's value.
 
