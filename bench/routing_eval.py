@@ -12,8 +12,8 @@ Data: one JSON object a line with ``id``, ``prompt``, ``weak_correct`` and
 each ``id`` (SHA-256, even: train, odd: eval), so no prompt is both learned
 from and reported on.
 
-What is learned, with the router's own code (services/router/learning.py and
-policy.py, no separate model): the same features as in production (task
+What is learned, with the router's own code (services/router/features.py,
+bandit.py, learning.py and policy.py, no separate model): the same features as in production (task
 analysis + WordLlama embedding prefix), and for each of the two models ("weak",
 "strong") the Bayesian linear regression of answer quality (1 = correct) that
 SubmitFeedback feeds, trained on every train prompt (both answers are logged,

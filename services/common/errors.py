@@ -63,6 +63,11 @@ class OrchestraError(Exception):
         if field is not None:
             self.metadata.setdefault("field", field)
 
+    @property
+    def status_number(self) -> int:
+        """The status code's number on the wire (``google.rpc.Status.code``)."""
+        return _CODE_NUMBERS[self.code]
+
     def to_status(self) -> grpc.Status:
         """Builds the ``grpc.Status`` (with rich details) for this error."""
         if self.forwarded_status is not None:
@@ -101,9 +106,7 @@ class OrchestraError(Exception):
             delay = duration_pb2.Duration()
             delay.FromMilliseconds(int(self.retry_after * 1000))
             details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-        status = status_pb2.Status(
-            code=_CODE_NUMBERS[self.code], message=self.message, details=details
-        )
+        status = status_pb2.Status(code=self.status_number, message=self.message, details=details)
         result: grpc.Status = rpc_status.to_status(status)
         return result
 

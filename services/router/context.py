@@ -16,7 +16,7 @@ import time
 from orchestra.budget.v1 import account_service_pb2 as account_pb2
 from orchestra.common.v1 import chat_pb2, identity_pb2
 from orchestra.router.v1 import chat_service_pb2 as chat_api
-from services.router import cost, learning, tasks
+from services.router import cost, features, learning, tasks
 from services.router.decision import Decision
 
 
@@ -38,7 +38,7 @@ class PromptFeatures:
     wants_images: bool
     # The learned policy's feature vector, made on first use (an embedding:
     # the one costly feature). Keyed by the learner that made it.
-    _vector: list[tuple[learning.Learner, learning.Vector]] = dataclasses.field(
+    _vector: list[tuple[learning.Learner, features.Vector]] = dataclasses.field(
         default_factory=list, repr=False, compare=False
     )
 
@@ -57,7 +57,7 @@ class PromptFeatures:
             ),
         )
 
-    def vector(self, learner: learning.Learner) -> learning.Vector:
+    def vector(self, learner: learning.Learner) -> features.Vector:
         """The learned policy's features ``x`` of this prompt (computed once)."""
         for owner, x in self._vector:
             if owner is learner:

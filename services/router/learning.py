@@ -2,33 +2,18 @@
 
 The question the router learns to answer is "how good will model M's answer be
 for this prompt?". For each (tenant, model) it keeps a Bayesian linear
-regression (linear Thompson sampling) of answer quality on the prompt's
-features:
-
-* Features ``x``: the task analysis (:mod:`services.router.tasks`: one-hot
-  task type, complexity, length, numbers, …), the first
-  :data:`EMBEDDING_DIMS` dimensions of the prompt's WordLlama embedding
-  (Matryoshka-trained, so a prefix is itself an embedding; renormalised and
-  scaled by :data:`EMBEDDING_SCALE`), the prompt's words hashed into
-  :data:`WORD_BUCKETS` buckets (present or not, normalised, scaled by
-  :data:`WORD_SCALE`: they pick up subject and difficulty words the small
-  embedding blurs), and a constant. The sizes and scales were chosen by
-  cross-validation on the train half of the routing data only.
-* Quality ``q(x) = prior + θ·x``: the prior is the catalog's quality for the
-  model, so with no data the learned policy ranks exactly as the static one;
-  ``θ ~ N(0, NOISE_SD² I / PRIOR_PRECISION)`` a priori; every observation (feature
-  vector, quality score) updates ``A = λI + Σ xxᵀ`` and ``b = Σ (q - prior) x``.
-  The posterior mean is ``A⁻¹b``; the predictive spread for a prompt is
-  ``NOISE_SD · sqrt(xᵀA⁻¹x)`` — drawing from it for the prompt at hand is
-  exactly Thompson sampling for that prompt.
-* Success, time to first token and cost are counted per (tenant, model).
+regression of answer quality on the prompt's features (linear Thompson
+sampling): the features are in :mod:`services.router.features`, the
+regression in :mod:`services.router.bandit`. This module keeps that state for
+every tenant, shares it between replicas through Redis, and bounds exploration.
 
 The reward is the tenant's balanced weights applied to expected quality
 (learned quality times observed success rate), cheapness (from prices) and speed
 (probed or observed time to first token). Because the weights are the tenant's
 and may change, each term's expectation is learned separately and the weighted
-sum is taken at decision time; for a linear reward that is the same as learning
-the sum, and a change of weights takes effect at once without relearning.
+sum is taken at decision time (:mod:`services.router.scoring`); for a linear
+reward that is the same as learning the sum, and a change of weights takes
+effect at once without relearning.
 
 Exploration is bounded per tenant: a decision may follow the posterior sample
 instead of the posterior mean only while ``explored + 1 <= rate * decisions``
@@ -57,189 +42,27 @@ microseconds plus the embedding (about 0.1-0.5 ms).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import io
 import logging
-import math
-import re
 import time
-import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from orchestra.router.v1 import chat_service_pb2 as chat_api
-from services.common.embeddings import Embedder, load_embedder
 from services.common.stores import lua_script
-from services.router import tasks
+from services.router import bandit, tasks
+from services.router.bandit import ArmCounts, Estimate, TenantState
+from services.router.features import FEATURE_DIM, FEATURE_VERSION, Featurizer, Vector
 
 log = logging.getLogger(__name__)
 
-EMBEDDING_MODEL = "wordllama"
-EMBEDDING_DIMS = 64
-EMBEDDING_SCALE = 0.35
-EMBED_MAX_CHARS = 2_000
-WORD_BUCKETS = 128
-WORD_SCALE = 0.5
-PRIOR_PRECISION = 10.0
-NOISE_SD = 0.5
 DEFAULT_EXPLORATION_RATE = 0.05
 REFRESH_SECONDS = 2.0
 COMPACT_EVERY = 5_000
 FEEDBACK_TTL_SECONDS = 7 * 24 * 3600
-# Bump when the feature layout changes: old state is then ignored, not misread.
-FEATURE_VERSION = 1
-
-FEATURE_DIM = len(tasks.FEATURE_NAMES) + EMBEDDING_DIMS + WORD_BUCKETS + 1
-_WORD = re.compile(r"[a-z]{3,}")
-Vector = npt.NDArray[np.float64]
-
-
-class Featurizer:
-    """Turns a prompt into the learned policy's feature vector."""
-
-    def __init__(self, embedder: Embedder | None = None) -> None:
-        self._embedder = embedder or load_embedder(EMBEDDING_MODEL)
-
-    def __call__(self, text: str, analysis: tasks.TaskAnalysis) -> Vector:
-        """The features of one prompt (length :data:`FEATURE_DIM`)."""
-        row: Vector = self.many([text], [analysis])[0]
-        return row
-
-    def many(self, texts: Sequence[str], analyses: Sequence[tasks.TaskAnalysis]) -> Vector:
-        """The features of many prompts, one row each."""
-        embedded = self._embedder.embed([t[:EMBED_MAX_CHARS] for t in texts])
-        vectors: Vector = embedded[:, :EMBEDDING_DIMS].astype(np.float64)
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        vectors = EMBEDDING_SCALE * vectors / np.where(norms > 0, norms, 1.0)
-        task = np.asarray([a.features for a in analyses], dtype=np.float64)
-        words = np.zeros((len(texts), WORD_BUCKETS))
-        for row, text in enumerate(texts):
-            for word in set(_WORD.findall(text[:EMBED_MAX_CHARS].lower())):
-                words[row, zlib.crc32(word.encode()) % WORD_BUCKETS] = 1.0
-        counts = np.sqrt(words.sum(axis=1, keepdims=True))
-        words = WORD_SCALE * words / np.where(counts > 0, counts, 1.0)
-        ones = np.ones((len(texts), 1))
-        features: Vector = np.hstack([task.reshape(len(texts), -1), vectors, words, ones])
-        return features
-
-
-class ArmModel:
-    """Bayesian linear regression of one model's quality residual for one tenant."""
-
-    __slots__ = ("_posterior", "a", "b", "n")
-
-    def __init__(self, dim: int = FEATURE_DIM) -> None:
-        self.a: Vector = PRIOR_PRECISION * np.eye(dim)
-        self.b: Vector = np.zeros(dim)
-        self.n = 0.0
-        # (covariance / noise², as float32 for speed; mean), replaced as one
-        # value so a reader never pairs a new covariance with an old mean.
-        self._posterior: tuple[npt.NDArray[np.float32], Vector] | None = None
-
-    def observe(self, x: Vector, residual: float, weight: float = 1.0) -> None:
-        """Adds (or, with weight -1, removes) one observation."""
-        self.a += weight * np.outer(x, x)
-        self.b += weight * residual * x
-        self.n += weight
-
-    def observe_many(self, xs: Vector, residuals: Vector) -> None:
-        """Adds many observations at once (same result as one by one)."""
-        self.a += xs.T @ xs
-        self.b += xs.T @ residuals
-        self.n += len(residuals)
-
-    def solve(self) -> None:
-        """Refreshes the posterior from the observations so far.
-
-        Predictions use the posterior of the last solve (the first predict
-        solves), so observations take effect when the owner calls this.
-        """
-        cov: Vector = np.linalg.inv(self.a).astype(np.float64)
-        self._posterior = (cov.astype(np.float32), cov @ self.b)
-
-    def predict(self, x: Vector) -> tuple[float, float]:
-        """Posterior mean and standard deviation of the residual at ``x``."""
-        if self._posterior is None:
-            self.solve()
-        assert self._posterior is not None
-        cov, mean = self._posterior
-        x32 = x.astype(np.float32)
-        variance = float(x32 @ cov @ x32)
-        return float(mean @ x), NOISE_SD * math.sqrt(max(variance, 0.0))
-
-
-@dataclasses.dataclass
-class ArmCounts:
-    """Outcome counters of one (tenant, model)."""
-
-    calls: float = 0.0
-    ok: float = 0.0
-    ttft_ms: float = 0.0
-    cost_micro_usd: float = 0.0
-
-    @property
-    def success_rate(self) -> float:
-        """Observed success share, starting from one success in one call."""
-        return (self.ok + 1.0) / (self.calls + 1.0)
-
-    @property
-    def mean_ttft_ms(self) -> float:
-        """Mean observed time to first token, 0 when nothing was observed."""
-        return self.ttft_ms / self.ok if self.ok else 0.0
-
-
-@dataclasses.dataclass(frozen=True)
-class Estimate:
-    """What the learned policy expects of one model for one prompt.
-
-    Attributes:
-        quality: Posterior mean answer quality (prior + learned residual), 0-1.
-        spread: Posterior standard deviation of ``quality``.
-        success_rate: Observed share of requests answered without error.
-        mean_ttft_ms: Observed mean time to first token, 0 if none.
-        observations: Quality observations behind the estimate.
-    """
-
-    quality: float
-    spread: float
-    success_rate: float
-    mean_ttft_ms: float
-    observations: float
-
-    def expected_quality(self, sample: float | None = None) -> float:
-        """Quality (or a posterior ``sample`` of it) times the success rate.
-
-        Not clipped to 0-1: the linear estimate may stray a little outside, and
-        clipping would tie exactly the prompts whose order matters most.
-        """
-        value = self.quality if sample is None else sample
-        return value * self.success_rate
-
-
-@dataclasses.dataclass
-class TenantState:
-    """One tenant's learned state, as folded on this replica."""
-
-    arms: dict[str, ArmModel] = dataclasses.field(default_factory=dict)
-    counts: dict[str, ArmCounts] = dataclasses.field(default_factory=dict)
-    last_id: str = ""
-    loaded: bool = False
-    folded_since_snapshot: int = 0
-    refreshed_at: float = 0.0
-    decisions: int = 0
-    explored: int = 0
-
-    def arm(self, name: str) -> ArmModel:
-        """The model's regression, created at the prior."""
-        model = self.arms.get(name)
-        if model is None:
-            model = self.arms[name] = ArmModel()
-        return model
 
 
 def _keys(tenant: str) -> tuple[str, str, str, str]:
@@ -305,8 +128,7 @@ class Learner:
             arm = state.arms.get(name)
             if arm is None:
                 # The prior alone: residual 0, spread from the prior precision.
-                spread = NOISE_SD * float(np.linalg.norm(x)) / math.sqrt(PRIOR_PRECISION)
-                mean, observations = 0.0, 0.0
+                mean, spread, observations = 0.0, bandit.prior_spread(x), 0.0
             else:
                 mean, spread = arm.predict(x)
                 observations = arm.n
@@ -435,7 +257,7 @@ class Learner:
         if not state.loaded:
             snapshot: Any = await redis.hgetall(snapshot_key)
             if snapshot:
-                _load_snapshot(state, snapshot[b"blob"])
+                bandit.load_snapshot(state, snapshot[b"blob"])
                 state.last_id = snapshot[b"id"].decode()
             state.loaded = True
         touched: set[str] = set()
@@ -472,32 +294,9 @@ class Learner:
         state.counts = counts
         if state.folded_since_snapshot >= COMPACT_EVERY and state.last_id and self._snapshot:
             await self._snapshot(
-                keys=[snapshot_key, log_key], args=[state.last_id, _dump_snapshot(state)]
+                keys=[snapshot_key, log_key], args=[state.last_id, bandit.dump_snapshot(state)]
             )
             state.folded_since_snapshot = 0
-
-
-def _dump_snapshot(state: TenantState) -> bytes:
-    names = sorted(state.arms)
-    buffer = io.BytesIO()
-    np.savez(
-        buffer,
-        names=np.asarray(names),
-        a=np.stack([state.arms[n].a for n in names]),
-        b=np.stack([state.arms[n].b for n in names]),
-        n=np.asarray([state.arms[n].n for n in names]),
-    )
-    return buffer.getvalue()
-
-
-def _load_snapshot(state: TenantState, blob: bytes) -> None:
-    with np.load(io.BytesIO(blob), allow_pickle=False) as data:
-        if data["a"].shape[1:] != (FEATURE_DIM, FEATURE_DIM):
-            return
-        for i, name in enumerate(data["names"]):
-            arm = state.arm(str(name))
-            arm.a, arm.b, arm.n = data["a"][i].copy(), data["b"][i].copy(), float(data["n"][i])
-            arm.solve()
 
 
 async def record_outcome(

@@ -10,17 +10,17 @@ import math
 from typing import Any
 
 import grpc
-from redis.exceptions import RedisError
 
 from orchestra.common.v1 import errors_pb2, identity_pb2
 from orchestra.router.v1 import chat_service_pb2 as chat_api
 from orchestra.router.v1 import router_service_pb2 as router_api
 from orchestra.router.v1 import router_service_pb2_grpc as router_grpc
 from services.common import paging
-from services.common.errors import InvalidArgument, NotFound, Unavailable
+from services.common.errors import InvalidArgument, NotFound
 from services.common.identity import IdentitySigner, caller
+from services.common.outages import redis_outage
 from services.router import cost, learning, validation
-from services.router.batches import BatchRunner
+from services.router.batch_runner import BatchRunner
 from services.router.breakers import State
 from services.router.decision import Decision
 from services.router.engine import Engine
@@ -123,14 +123,8 @@ class RouterServicer(router_grpc.RouterServiceServicer):
         identity = caller(context, self._signer, identity_pb2.SCOPE_CHAT)
         _check_feedback(request)
         rid = request.request_id
-        try:
+        with redis_outage:
             found = await self._learner.feedback(identity.tenant_id, rid, float(request.score))
-        except (RedisError, OSError) as exc:
-            raise Unavailable(
-                errors_pb2.ERROR_REASON_STORE_UNAVAILABLE,
-                f"feedback could not be stored: {exc}",
-                retry_after=1.0,
-            ) from exc
         if not found:
             raise NotFound(
                 errors_pb2.ERROR_REASON_FEEDBACK_REQUEST_UNKNOWN,

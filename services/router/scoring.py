@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from orchestra.budget.v1 import account_service_pb2 as account_pb2
 from orchestra.common.v1 import identity_pb2
 from orchestra.discovery.v1 import discovery_service_pb2 as discovery_pb2
-from services.router import learning
+from services.router import bandit, learning
 from services.router.context import PromptFeatures
 
 UNKNOWN_LATENCY_MS = 5_000
@@ -66,7 +66,7 @@ class Learned:
             decision explores; None otherwise.
     """
 
-    estimates: Mapping[str, learning.Estimate]
+    estimates: Mapping[str, bandit.Estimate]
     sampled: Mapping[str, float] | None
 
 

@@ -28,7 +28,8 @@ from services.common.stores import connect_redis
 from services.providers import adapter_for
 from services.providers.base import ProviderAdapter
 from services.router import learning
-from services.router.batches import BatchRunner, BatchStore
+from services.router.batch_runner import BatchRunner
+from services.router.batch_store import BatchStore
 from services.router.breakers import Breakers
 from services.router.chat_service import ChatServicer
 from services.router.config import RouterConfig

@@ -20,7 +20,7 @@ Metadata = list[tuple[str, str]]
 class Audit:
     """A running audit service and what the tests reach it with."""
 
-    stub: Any  # audit_service_pb2_grpc.AuditServiceAsyncStub
+    stub: audit_service_pb2_grpc.AuditServiceAsyncStub
     service: AuditService
     pg_url: str
     port: int

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import datetime
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
+from google.protobuf import struct_pb2
 
 from orchestra.audit.v1 import audit_service_pb2 as pb
 from orchestra.budget.v1 import account_service_pb2 as account_pb2
@@ -61,9 +62,14 @@ def test_secrets_never_reach_the_details() -> None:
     assert details["credential"] == REDACTED
     assert details["api_key"] == REDACTED
     assert details["api_key_id"] == "k7"
-    assert dict(details["created"]["api_key"]) == {"key_id": "k9", "secret": REDACTED}
-    assert dict(details["headers"]) == {"Authorization": REDACTED, "X-Org": "acme"}
-    assert dict(details["rotated"][0]) == {"new_secret": REDACTED, "key_id": "k1"}
+    created = cast(struct_pb2.Struct, details["created"])
+    assert dict(cast(struct_pb2.Struct, created["api_key"])) == {"key_id": "k9", "secret": REDACTED}
+    assert dict(cast(struct_pb2.Struct, details["headers"])) == {
+        "Authorization": REDACTED,
+        "X-Org": "acme",
+    }
+    rotated = cast(struct_pb2.ListValue, details["rotated"])
+    assert dict(cast(struct_pb2.Struct, rotated[0])) == {"new_secret": REDACTED, "key_id": "k1"}
     assert "sk-" not in record.SerializeToString().decode("utf-8", "replace")
     assert record.kind == pb.RECORD_KIND_ADMIN
     assert record.event_id.startswith("admin:")
@@ -255,6 +261,6 @@ async def test_audited_changes_of_a_real_service_are_logged_without_secrets(
     ]
     create_key = listed.records[1].admin
     assert create_key.resource == f"key_id={key_id},tenant_id=initech"
-    assert create_key.details["response"]["secret"] == REDACTED
+    assert cast(struct_pb2.Struct, create_key.details["response"])["secret"] == REDACTED
     assert created.secret not in str(listed)
     assert await verify(audit.service.store) is None

@@ -81,6 +81,7 @@ async def _cut_tail(conn: asyncpg.Connection) -> None:
 async def _resign_with_wrong_key(conn: asyncpg.Connection) -> None:
     wrong = signing.Signer.of(Ed25519PrivateKey.generate())
     row = await conn.fetchrow("SELECT * FROM audit.checkpoints WHERE tree_size = 7")
+    assert row is not None
     await conn.execute(
         "UPDATE audit.checkpoints SET signature = $1, key_id = $2 WHERE tree_size = 7",
         wrong.sign(7, bytes(row["root_hash"]), row["unix_time"]),
@@ -98,6 +99,7 @@ async def _delete_latest_checkpoint(conn: asyncpg.Connection) -> None:
 
 async def _insert_a_record(conn: asyncpg.Connection) -> None:
     row = await conn.fetchrow("SELECT * FROM audit.records WHERE index = 11")
+    assert row is not None
     record = pb.AuditRecord.FromString(row["record"])
     record.event_id = "forged"
     data = record.SerializeToString(deterministic=True)

@@ -30,8 +30,8 @@ class Budget:
     """A running budget service and what the tests reach it with."""
 
     app: BudgetService
-    accounts: Any  # account_service_pb2_grpc.AccountServiceStub
-    budgets: Any  # budget_service_pb2_grpc.BudgetServiceStub
+    accounts: account_service_pb2_grpc.AccountServiceAsyncStub
+    budgets: budget_service_pb2_grpc.BudgetServiceAsyncStub
     authz: Any  # external_auth_pb2_grpc.AuthorizationStub
     port: int
     pg_url: str
@@ -148,9 +148,9 @@ async def make_budget(
     tenant_id: str,
     limit: int,
     *,
-    level: int = budget_service_pb2.BUDGET_LEVEL_TENANT,
+    level: budget_service_pb2.BudgetLevel.ValueType = budget_service_pb2.BUDGET_LEVEL_TENANT,
     subject: str = "",
-    window: int = budget_service_pb2.BUDGET_WINDOW_MONTH,
+    window: budget_service_pb2.BudgetWindow.ValueType = budget_service_pb2.BUDGET_WINDOW_MONTH,
     soft: bool = False,
 ) -> budget_service_pb2.Budget:
     """Creates a budget through the API."""
@@ -158,9 +158,9 @@ async def make_budget(
         budget_service_pb2.CreateBudgetRequest(
             budget=budget_service_pb2.Budget(
                 tenant_id=tenant_id,
-                level=level,  # type: ignore[arg-type]
+                level=level,
                 subject=subject,
-                window=window,  # type: ignore[arg-type]
+                window=window,
                 limit_micro_usd=limit,
                 soft=soft,
             )

@@ -49,7 +49,7 @@ async def test_a_thousand_concurrent_reservations_never_overspend(
     }
     requests = {f"req-{i}": (KEYS[i % len(KEYS)], rng.randint(500, 1_500)) for i in range(REQUESTS)}
 
-    def reserve(request_id: str) -> grpc.aio.UnaryUnaryCall:  # type: ignore[type-arg]
+    def reserve(request_id: str) -> grpc.aio.UnaryUnaryCall[pb.ReserveRequest, pb.ReserveResponse]:
         key, amount = requests[request_id]
         return budget.budgets.Reserve(
             pb.ReserveRequest(
@@ -99,7 +99,7 @@ async def test_a_thousand_concurrent_reservations_never_overspend(
     costs = {r: rng.randint(0, amount) for r, amount in admitted.items()}
     broken = set(rng.sample(sorted(admitted), len(admitted) // 5))
 
-    def settle(request_id: str) -> grpc.aio.UnaryUnaryCall:  # type: ignore[type-arg]
+    def settle(request_id: str) -> grpc.aio.UnaryUnaryCall[pb.SettleRequest, pb.SettleResponse]:
         return budget.budgets.Settle(
             pb.SettleRequest(
                 request_id=request_id,

@@ -81,6 +81,13 @@ def _counter(name: str) -> str:
     return f"{ratelimits.PREFIX}{name}:{ratelimits.minute_of(time.time())}"
 
 
+async def _count(redis_client: aioredis.Redis, name: str) -> int:
+    """This minute's value of the counter ``name`` (which must exist)."""
+    value = await redis_client.get(_counter(name))
+    assert value is not None, name
+    return int(value)
+
+
 async def test_tenant_requests_per_minute(
     budget: Budget,
     operator: Metadata,
@@ -102,7 +109,7 @@ async def test_tenant_requests_per_minute(
     assert details.retry_after is not None and 0 < details.retry_after <= 60
     # Nothing written for the refused request.
     assert not await redis_client.exists("budget:hold:r3")
-    assert int(await redis_client.get(_counter(f"tenants/acme/{RPM}"))) == 3
+    assert await _count(redis_client, f"tenants/acme/{RPM}") == 3
     assert (await status(budget, admin("acme")))[limit.budget_id].reserved_micro_usd == 300
 
 
@@ -123,8 +130,8 @@ async def test_key_tokens_per_minute_and_all_or_nothing(
     assert details.reason == "RATE_LIMITED"
     assert _quota_subjects(error) == [f"tenants/acme/apiKeys/{limited}/{TPM}"]
     # The tenant's counters did not count the refused request either.
-    assert int(await redis_client.get(_counter(f"tenants/acme/{RPM}"))) == 2
-    assert int(await redis_client.get(_counter(f"tenants/acme/{TPM}"))) == 1_000
+    assert await _count(redis_client, f"tenants/acme/{RPM}") == 2
+    assert await _count(redis_client, f"tenants/acme/{TPM}") == 1_000
     # Another key of the tenant is not limited by that key's limit.
     await _reserve(budget, internal, "d", key_id=free, tokens=5_000)
 
@@ -142,7 +149,7 @@ async def test_a_budget_refusal_counts_nothing(
     await _reserve(budget, internal, "a")
     details, _ = await _fails(_reserve(budget, internal, "b"))
     assert details.reason == "BUDGET_EXHAUSTED"
-    assert int(await redis_client.get(_counter(f"tenants/acme/{RPM}"))) == 1
+    assert await _count(redis_client, f"tenants/acme/{RPM}") == 1
 
 
 async def test_concurrent_requests_never_exceed_the_rate(
@@ -198,7 +205,7 @@ async def test_settle_gives_back_unused_tokens(
         ),
         metadata=internal,
     )
-    assert int(await redis_client.get(_counter(f"tenants/acme/{TPM}"))) == 150
+    assert await _count(redis_client, f"tenants/acme/{TPM}") == 150
     await _reserve(budget, internal, "b", tokens=800)
     # A repeated settle gives nothing back twice.
     await budget.budgets.Settle(
@@ -209,7 +216,7 @@ async def test_settle_gives_back_unused_tokens(
         ),
         metadata=internal,
     )
-    assert int(await redis_client.get(_counter(f"tenants/acme/{TPM}"))) == 950
+    assert await _count(redis_client, f"tenants/acme/{TPM}") == 950
 
 
 async def test_provider_limits_are_shared_by_all_tenants(
@@ -229,7 +236,7 @@ async def test_provider_limits_are_shared_by_all_tenants(
 
     def reserve(
         request_id: str, tenant: str, model: str, tokens: int = 100
-    ) -> grpc.aio.UnaryUnaryCall:  # type: ignore[type-arg]
+    ) -> grpc.aio.UnaryUnaryCall[pb.ReserveRequest, pb.ReserveResponse]:
         return budget.budgets.Reserve(
             pb.ReserveRequest(
                 request_id=request_id,

@@ -8,8 +8,10 @@ settle, and spent + reserved never falls below the ledger.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
@@ -27,7 +29,7 @@ KEYS = ["k0", "k1", "k2", "k3"]
 LONG_STREAMS = 20  # held across the loss, settled after it
 
 
-async def _retrying(call: Callable[[], grpc.aio.UnaryUnaryCall]) -> object:  # type: ignore[type-arg]
+async def _retrying(call: Callable[[], grpc.aio.UnaryUnaryCall[Any, Any]]) -> object:
     """The call's response, retried while the service answers UNAVAILABLE."""
     for _ in range(200):
         try:
@@ -63,7 +65,7 @@ async def test_redis_flushed_mid_run_loses_nothing_and_overspends_nothing(
     amounts = {f"req-{i}": rng.randint(500, 1_500) for i in range(REQUESTS + LONG_STREAMS)}
     key_of = {r: KEYS[i % len(KEYS)] for i, r in enumerate(amounts)}
 
-    def reserve(request_id: str) -> grpc.aio.UnaryUnaryCall:  # type: ignore[type-arg]
+    def reserve(request_id: str) -> grpc.aio.UnaryUnaryCall[pb.ReserveRequest, pb.ReserveResponse]:
         return budget.budgets.Reserve(
             pb.ReserveRequest(
                 request_id=request_id,
@@ -75,7 +77,7 @@ async def test_redis_flushed_mid_run_loses_nothing_and_overspends_nothing(
             metadata=internal,
         )
 
-    def settle(request_id: str) -> grpc.aio.UnaryUnaryCall:  # type: ignore[type-arg]
+    def settle(request_id: str) -> grpc.aio.UnaryUnaryCall[pb.SettleRequest, pb.SettleResponse]:
         # Every admitted request costs exactly its hold, so spent + reserved
         # only grows and the admitted total must stay within the limits.
         return budget.budgets.Settle(
@@ -87,7 +89,7 @@ async def test_redis_flushed_mid_run_loses_nothing_and_overspends_nothing(
             metadata=internal,
         )
 
-    def release(request_id: str) -> grpc.aio.UnaryUnaryCall:  # type: ignore[type-arg]
+    def release(request_id: str) -> grpc.aio.UnaryUnaryCall[pb.ReleaseRequest, pb.ReleaseResponse]:
         return budget.budgets.Release(pb.ReleaseRequest(request_id=request_id), metadata=internal)
 
     admitted: set[str] = set()
@@ -109,7 +111,9 @@ async def test_redis_flushed_mid_run_loses_nothing_and_overspends_nothing(
     ids = list(amounts)
     long_streams, short = ids[:LONG_STREAMS], ids[LONG_STREAMS:]
     for request_id in long_streams:
-        assert isinstance(await _retrying(lambda r=request_id: reserve(r)), pb.ReserveResponse)
+        assert isinstance(
+            await _retrying(functools.partial(reserve, request_id)), pb.ReserveResponse
+        )
         admitted.add(request_id)
 
     async def lose_redis_mid_run() -> None:
@@ -139,11 +143,11 @@ async def test_redis_flushed_mid_run_loses_nothing_and_overspends_nothing(
     released = set(long_streams[::2])
     for request_id in long_streams:
         if request_id in released:
-            freed = await _retrying(lambda r=request_id: release(r))
+            freed = await _retrying(functools.partial(release, request_id))
             assert isinstance(freed, pb.ReleaseResponse), freed
             assert freed.released_micro_usd == amounts[request_id]
             continue
-        settled = await _retrying(lambda r=request_id: settle(r))
+        settled = await _retrying(functools.partial(settle, request_id))
         assert isinstance(settled, pb.SettleResponse), settled
         assert (settled.charged_micro_usd, settled.released_micro_usd) == (amounts[request_id], 0)
 

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from orchestra.common.v1 import chat_pb2
+from orchestra.common.v1 import chat_pb2, errors_pb2, identity_pb2
 from orchestra.router.v1 import chat_service_pb2 as chat_api
 from orchestra.router.v1 import router_service_pb2 as router_api
+from services.cli.embedded import free_port
 from services.common import errors
 from services.common.server import start
-from services.router.batches import LEASE_SECONDS, BatchRunner, BatchStore, Claimed
+from services.router.batch_runner import BatchRunner
+from services.router.batch_store import LEASE_SECONDS, BatchStore, Claimed
 from services.router.server import RouterService
 from services.router.server import build as build_router
 from tests.router.conftest import TENANT, Suite
@@ -274,3 +276,25 @@ async def test_a_tenant_sees_only_its_own_batches(
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await suite.router.GetBatch(router_api.GetBatchRequest(batch_id="mine"), metadata=other)
     assert errors.decode(raised.value).code == grpc.StatusCode.NOT_FOUND
+
+
+async def test_redis_down_is_unavailable_for_every_batch_call() -> None:
+    # Nothing listens on a port the OS just handed out and took back.
+    redis = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=2)
+    store = BatchStore(redis)
+    identity = identity_pb2.Identity(tenant_id=TENANT)
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: store.create(identity, _batch("down", 1), 1_000_000),
+        lambda: store.get(TENANT, "down"),
+        lambda: store.results(TENANT, router_api.ListBatchResultsRequest(batch_id="down")),
+        lambda: store.cancel(TENANT, "down"),
+    ]
+    try:
+        for call in calls:
+            with pytest.raises(errors.Unavailable) as raised:
+                await call()
+            assert raised.value.reason == errors_pb2.ERROR_REASON_STORE_UNAVAILABLE
+            assert raised.value.metadata["store"] == "redis"
+            assert raised.value.retry_after is not None and raised.value.retry_after > 0
+    finally:
+        await redis.aclose()

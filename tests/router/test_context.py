@@ -8,19 +8,19 @@ from orchestra.budget.v1 import account_service_pb2 as account_pb2
 from orchestra.common.v1 import chat_pb2, identity_pb2
 from orchestra.discovery.v1 import discovery_service_pb2 as discovery_pb2
 from orchestra.router.v1 import chat_service_pb2 as chat_api
-from services.router import cost, learning, policy, tasks
+from services.router import bandit, cost, features, learning, policy, tasks
 from services.router.context import PromptFeatures, cacheable
 
 
-class _CountingFeaturizer(learning.Featurizer):
+class _CountingFeaturizer(features.Featurizer):
     """Zero features, counting the calls (no embedding model loaded)."""
 
     def __init__(self) -> None:  # no super().__init__: it would load the embedder
         self.calls = 0
 
-    def __call__(self, text: str, analysis: tasks.TaskAnalysis) -> learning.Vector:
+    def __call__(self, text: str, analysis: tasks.TaskAnalysis) -> features.Vector:
         self.calls += 1
-        return np.zeros(learning.FEATURE_DIM)
+        return np.zeros(features.FEATURE_DIM)
 
 
 def _request(*parts: chat_pb2.ContentPart) -> chat_api.ChatRequest:
@@ -30,24 +30,24 @@ def _request(*parts: chat_pb2.ContentPart) -> chat_api.ChatRequest:
 def test_features_are_those_the_policy_computed_before() -> None:
     request = _request(chat_pb2.ContentPart(text="What is 12 times 7?"))
     request.routing.task_type = chat_api.TASK_TYPE_MATH
-    features = PromptFeatures.of(request)
-    assert features.text == tasks.prompt_text(request.messages)
-    assert features.task == tasks.analyze(features.text, chat_api.TASK_TYPE_MATH)
-    assert features.prompt_tokens == cost.estimate_prompt_tokens(request.messages, request.tools)
-    assert not features.wants_images
+    prompt = PromptFeatures.of(request)
+    assert prompt.text == tasks.prompt_text(request.messages)
+    assert prompt.task == tasks.analyze(prompt.text, chat_api.TASK_TYPE_MATH)
+    assert prompt.prompt_tokens == cost.estimate_prompt_tokens(request.messages, request.tools)
+    assert not prompt.wants_images
     image = chat_pb2.ContentPart(image_url=chat_pb2.ImageUrl(url="https://x/y.png"))
     assert PromptFeatures.of(_request(chat_pb2.ContentPart(text="this?"), image)).wants_images
 
 
 def test_the_feature_vector_is_computed_once_per_learner() -> None:
-    features = PromptFeatures.of(_request(chat_pb2.ContentPart(text="Hi")))
+    prompt = PromptFeatures.of(_request(chat_pb2.ContentPart(text="Hi")))
     featurizer = _CountingFeaturizer()
     learner = learning.Learner(None, featurizer)
-    first = features.vector(learner)
-    assert features.vector(learner) is first
+    first = prompt.vector(learner)
+    assert prompt.vector(learner) is first
     assert featurizer.calls == 1
     other = _CountingFeaturizer()
-    features.vector(learning.Learner(None, other))
+    prompt.vector(learning.Learner(None, other))
     assert other.calls == 1
 
 
@@ -75,8 +75,8 @@ def test_max_latency_uses_the_learned_time_to_first_token() -> None:
     ]
     learner = learning.Learner(None, _CountingFeaturizer(), seed=0)
     counts = learner.state("acme").counts
-    counts["p/good"] = learning.ArmCounts(calls=2, ok=2, ttft_ms=6_000)  # 3 s each
-    counts["p/quick"] = learning.ArmCounts(calls=2, ok=2, ttft_ms=200)
+    counts["p/good"] = bandit.ArmCounts(calls=2, ok=2, ttft_ms=6_000)  # 3 s each
+    counts["p/quick"] = bandit.ArmCounts(calls=2, ok=2, ttft_ms=200)
     tenant = account_pb2.TenantPolicy(
         routing_strategy=identity_pb2.ROUTING_STRATEGY_QUALITY, max_exploration_rate=1e-9
     )

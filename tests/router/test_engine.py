@@ -19,7 +19,7 @@ from orchestra.common.v1 import chat_pb2, identity_pb2
 from orchestra.discovery.v1 import discovery_service_pb2 as discovery_pb2
 from orchestra.router.v1 import chat_service_pb2 as chat_api
 from services.providers.base import Event, Finish, TextDelta, UpstreamRequest, UsageReport
-from services.router import learning, tasks
+from services.router import features, learning, tasks
 from services.router.engine import Engine, EngineConfig
 from services.router.outbox import Outbox
 from services.router.peers import Peers
@@ -27,15 +27,15 @@ from services.router.peers import Peers
 TENANT = "acme"
 
 
-class _CountingFeaturizer(learning.Featurizer):
+class _CountingFeaturizer(features.Featurizer):
     """Zero features, counting the calls (no embedding model loaded)."""
 
     def __init__(self) -> None:  # no super().__init__: it would load the embedder
         self.calls = 0
 
-    def __call__(self, text: str, analysis: tasks.TaskAnalysis) -> learning.Vector:
+    def __call__(self, text: str, analysis: tasks.TaskAnalysis) -> features.Vector:
         self.calls += 1
-        return np.zeros(learning.FEATURE_DIM)
+        return np.zeros(features.FEATURE_DIM)
 
 
 class _Peers:

@@ -13,7 +13,7 @@ from orchestra.budget.v1 import account_service_pb2 as account_pb2
 from orchestra.common.v1 import chat_pb2, identity_pb2
 from orchestra.discovery.v1 import discovery_service_pb2 as discovery_pb2
 from orchestra.router.v1 import chat_service_pb2 as chat_api
-from services.router import learning, policy, tasks
+from services.router import features, learning, policy, tasks
 
 TENANT = "acme"
 CHEAP, DEAR = "p/cheap", "p/dear"
@@ -169,7 +169,7 @@ async def test_a_new_replica_starts_from_the_snapshot_and_the_log_is_trimmed(
     monkeypatch.setattr(learning, "COMPACT_EVERY", 3)
     writer = learning.Learner(clients[0])
     await _teach(writer, 3)  # 6 observations: a snapshot is written and the log trimmed
-    log_key = f"orchestra:router:learn:v{learning.FEATURE_VERSION}:{{{TENANT}}}:log"
+    log_key = f"orchestra:router:learn:v{features.FEATURE_VERSION}:{{{TENANT}}}:log"
     assert await clients[0].xlen(log_key) < 6
     fresh = learning.Learner(clients[1])
     await fresh.refresh(TENANT)

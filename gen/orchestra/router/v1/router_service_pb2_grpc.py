@@ -116,7 +116,9 @@ class RouterServiceServicer:
         Errors: INVALID_ARGUMENT (INVALID_FIELD: malformed batch_id or
         max_concurrency, no items or more than 10,000, a malformed or repeated
         custom_id, a bad item request with the item's field named), ALREADY_EXISTS
-        (RESOURCE_EXISTS: the batch_id holds other items), UNIMPLEMENTED (this
+        (RESOURCE_EXISTS: the batch_id holds other items), UNAVAILABLE
+        (STORE_UNAVAILABLE: the router's Redis, which holds batches, is out of
+        reach; with RetryInfo; as for every batch RPC), UNIMPLEMENTED (this
         router runs without batches; as for every batch RPC).
         Idempotent per batch_id. Deadline: 5 s.
         """
@@ -126,8 +128,8 @@ class RouterServiceServicer:
 
     def GetBatch(self, request, context):
         """Reads a batch's state and counts. Needs SCOPE_CHAT.
-        Errors: NOT_FOUND (RESOURCE_NOT_FOUND), UNIMPLEMENTED. Idempotent.
-        Deadline: 1 s.
+        Errors: NOT_FOUND (RESOURCE_NOT_FOUND), UNAVAILABLE (STORE_UNAVAILABLE),
+        UNIMPLEMENTED. Idempotent. Deadline: 1 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -136,7 +138,8 @@ class RouterServiceServicer:
     def ListBatchResults(self, request, context):
         """Pages through a batch's finished items. Needs SCOPE_CHAT.
         Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
-        negative page_size; INVALID_PAGE_TOKEN), UNIMPLEMENTED.
+        negative page_size; INVALID_PAGE_TOKEN), UNAVAILABLE (STORE_UNAVAILABLE),
+        UNIMPLEMENTED.
         Idempotent. Deadline: 5 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -145,8 +148,8 @@ class RouterServiceServicer:
 
     def CancelBatch(self, request, context):
         """Stops a batch: queued items are not run; running ones finish.
-        Needs SCOPE_CHAT. Errors: NOT_FOUND (RESOURCE_NOT_FOUND), UNIMPLEMENTED.
-        Idempotent. Deadline: 1 s.
+        Needs SCOPE_CHAT. Errors: NOT_FOUND (RESOURCE_NOT_FOUND), UNAVAILABLE
+        (STORE_UNAVAILABLE), UNIMPLEMENTED. Idempotent. Deadline: 1 s.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -64,25 +64,28 @@ class RouterServiceStub:
     Errors: INVALID_ARGUMENT (INVALID_FIELD: malformed batch_id or
     max_concurrency, no items or more than 10,000, a malformed or repeated
     custom_id, a bad item request with the item's field named), ALREADY_EXISTS
-    (RESOURCE_EXISTS: the batch_id holds other items), UNIMPLEMENTED (this
+    (RESOURCE_EXISTS: the batch_id holds other items), UNAVAILABLE
+    (STORE_UNAVAILABLE: the router's Redis, which holds batches, is out of
+    reach; with RetryInfo; as for every batch RPC), UNIMPLEMENTED (this
     router runs without batches; as for every batch RPC).
     Idempotent per batch_id. Deadline: 5 s.
     """
     GetBatch: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.GetBatchRequest, _router_service_pb2.GetBatchResponse]
     """Reads a batch's state and counts. Needs SCOPE_CHAT.
-    Errors: NOT_FOUND (RESOURCE_NOT_FOUND), UNIMPLEMENTED. Idempotent.
-    Deadline: 1 s.
+    Errors: NOT_FOUND (RESOURCE_NOT_FOUND), UNAVAILABLE (STORE_UNAVAILABLE),
+    UNIMPLEMENTED. Idempotent. Deadline: 1 s.
     """
     ListBatchResults: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.ListBatchResultsRequest, _router_service_pb2.ListBatchResultsResponse]
     """Pages through a batch's finished items. Needs SCOPE_CHAT.
     Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
-    negative page_size; INVALID_PAGE_TOKEN), UNIMPLEMENTED.
+    negative page_size; INVALID_PAGE_TOKEN), UNAVAILABLE (STORE_UNAVAILABLE),
+    UNIMPLEMENTED.
     Idempotent. Deadline: 5 s.
     """
     CancelBatch: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.CancelBatchRequest, _router_service_pb2.CancelBatchResponse]
     """Stops a batch: queued items are not run; running ones finish.
-    Needs SCOPE_CHAT. Errors: NOT_FOUND (RESOURCE_NOT_FOUND), UNIMPLEMENTED.
-    Idempotent. Deadline: 1 s.
+    Needs SCOPE_CHAT. Errors: NOT_FOUND (RESOURCE_NOT_FOUND), UNAVAILABLE
+    (STORE_UNAVAILABLE), UNIMPLEMENTED. Idempotent. Deadline: 1 s.
     """
     ListCircuitBreakers: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.ListCircuitBreakersRequest, _router_service_pb2.ListCircuitBreakersResponse]
     """Lists the circuit breaker of every routable model (shared by all router
@@ -127,25 +130,28 @@ class RouterServiceAsyncStub(RouterServiceStub):
     Errors: INVALID_ARGUMENT (INVALID_FIELD: malformed batch_id or
     max_concurrency, no items or more than 10,000, a malformed or repeated
     custom_id, a bad item request with the item's field named), ALREADY_EXISTS
-    (RESOURCE_EXISTS: the batch_id holds other items), UNIMPLEMENTED (this
+    (RESOURCE_EXISTS: the batch_id holds other items), UNAVAILABLE
+    (STORE_UNAVAILABLE: the router's Redis, which holds batches, is out of
+    reach; with RetryInfo; as for every batch RPC), UNIMPLEMENTED (this
     router runs without batches; as for every batch RPC).
     Idempotent per batch_id. Deadline: 5 s.
     """
     GetBatch: _aio.UnaryUnaryMultiCallable[_router_service_pb2.GetBatchRequest, _router_service_pb2.GetBatchResponse]  # type: ignore[assignment]
     """Reads a batch's state and counts. Needs SCOPE_CHAT.
-    Errors: NOT_FOUND (RESOURCE_NOT_FOUND), UNIMPLEMENTED. Idempotent.
-    Deadline: 1 s.
+    Errors: NOT_FOUND (RESOURCE_NOT_FOUND), UNAVAILABLE (STORE_UNAVAILABLE),
+    UNIMPLEMENTED. Idempotent. Deadline: 1 s.
     """
     ListBatchResults: _aio.UnaryUnaryMultiCallable[_router_service_pb2.ListBatchResultsRequest, _router_service_pb2.ListBatchResultsResponse]  # type: ignore[assignment]
     """Pages through a batch's finished items. Needs SCOPE_CHAT.
     Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
-    negative page_size; INVALID_PAGE_TOKEN), UNIMPLEMENTED.
+    negative page_size; INVALID_PAGE_TOKEN), UNAVAILABLE (STORE_UNAVAILABLE),
+    UNIMPLEMENTED.
     Idempotent. Deadline: 5 s.
     """
     CancelBatch: _aio.UnaryUnaryMultiCallable[_router_service_pb2.CancelBatchRequest, _router_service_pb2.CancelBatchResponse]  # type: ignore[assignment]
     """Stops a batch: queued items are not run; running ones finish.
-    Needs SCOPE_CHAT. Errors: NOT_FOUND (RESOURCE_NOT_FOUND), UNIMPLEMENTED.
-    Idempotent. Deadline: 1 s.
+    Needs SCOPE_CHAT. Errors: NOT_FOUND (RESOURCE_NOT_FOUND), UNAVAILABLE
+    (STORE_UNAVAILABLE), UNIMPLEMENTED. Idempotent. Deadline: 1 s.
     """
     ListCircuitBreakers: _aio.UnaryUnaryMultiCallable[_router_service_pb2.ListCircuitBreakersRequest, _router_service_pb2.ListCircuitBreakersResponse]  # type: ignore[assignment]
     """Lists the circuit breaker of every routable model (shared by all router
@@ -205,7 +211,9 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: INVALID_ARGUMENT (INVALID_FIELD: malformed batch_id or
         max_concurrency, no items or more than 10,000, a malformed or repeated
         custom_id, a bad item request with the item's field named), ALREADY_EXISTS
-        (RESOURCE_EXISTS: the batch_id holds other items), UNIMPLEMENTED (this
+        (RESOURCE_EXISTS: the batch_id holds other items), UNAVAILABLE
+        (STORE_UNAVAILABLE: the router's Redis, which holds batches, is out of
+        reach; with RetryInfo; as for every batch RPC), UNIMPLEMENTED (this
         router runs without batches; as for every batch RPC).
         Idempotent per batch_id. Deadline: 5 s.
         """
@@ -217,8 +225,8 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_router_service_pb2.GetBatchResponse, _abc.Awaitable[_router_service_pb2.GetBatchResponse]]:
         """Reads a batch's state and counts. Needs SCOPE_CHAT.
-        Errors: NOT_FOUND (RESOURCE_NOT_FOUND), UNIMPLEMENTED. Idempotent.
-        Deadline: 1 s.
+        Errors: NOT_FOUND (RESOURCE_NOT_FOUND), UNAVAILABLE (STORE_UNAVAILABLE),
+        UNIMPLEMENTED. Idempotent. Deadline: 1 s.
         """
 
     @_abc_1.abstractmethod
@@ -229,7 +237,8 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_router_service_pb2.ListBatchResultsResponse, _abc.Awaitable[_router_service_pb2.ListBatchResultsResponse]]:
         """Pages through a batch's finished items. Needs SCOPE_CHAT.
         Errors: NOT_FOUND (RESOURCE_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
-        negative page_size; INVALID_PAGE_TOKEN), UNIMPLEMENTED.
+        negative page_size; INVALID_PAGE_TOKEN), UNAVAILABLE (STORE_UNAVAILABLE),
+        UNIMPLEMENTED.
         Idempotent. Deadline: 5 s.
         """
 
@@ -240,8 +249,8 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_router_service_pb2.CancelBatchResponse, _abc.Awaitable[_router_service_pb2.CancelBatchResponse]]:
         """Stops a batch: queued items are not run; running ones finish.
-        Needs SCOPE_CHAT. Errors: NOT_FOUND (RESOURCE_NOT_FOUND), UNIMPLEMENTED.
-        Idempotent. Deadline: 1 s.
+        Needs SCOPE_CHAT. Errors: NOT_FOUND (RESOURCE_NOT_FOUND), UNAVAILABLE
+        (STORE_UNAVAILABLE), UNIMPLEMENTED. Idempotent. Deadline: 1 s.
         """
 
     @_abc_1.abstractmethod

@@ -1,12 +1,12 @@
-"""Batches: many chats queued as one, run in the background, results kept in Redis.
+"""Batches in Redis: many chats queued as one, their results kept for paging.
 
 A batch is a few Redis keys (under ``router:batch:<tenant>/<batch_id>``): its
 meta hash (state, counts, priority, concurrency limit, the creator's identity),
 the items, a queue of item ids still to run, the leases of running items, and
 the results (a hash, with a sorted set of ids for paging in custom_id order).
 Because everything is in Redis, results and the remaining queue survive a
-router restart, and every replica's :class:`BatchRunner` works on the same
-queues.
+router restart, and every replica's runner
+(:class:`services.router.batch_runner.BatchRunner`) works on the same queues.
 
 Claiming an item, finishing it and cancelling are Lua scripts, so replicas
 never run more than ``max_concurrency`` items of a batch at once and never
@@ -19,8 +19,6 @@ Finished batches are kept for ``RETENTION_SECONDS``.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -29,25 +27,18 @@ import time
 import uuid
 from collections.abc import Callable
 
-import grpc
 import redis.asyncio as aioredis
 from google.protobuf import timestamp_pb2
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import WatchError
 
 from orchestra.common.v1 import errors_pb2, identity_pb2
 from orchestra.router.v1 import chat_service_pb2 as chat_api
 from orchestra.router.v1 import router_service_pb2 as router_api
 from services.common import paging
-from services.common.errors import (
-    AlreadyExists,
-    InvalidArgument,
-    NotFound,
-    OrchestraError,
-    reason_name,
-)
+from services.common.errors import AlreadyExists, InvalidArgument, NotFound
+from services.common.outages import redis_outage
 from services.common.stores import lua_script, text
 from services.router import validation
-from services.router.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +108,12 @@ def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
 
 
 class BatchStore:
-    """The Redis side of batches: create, read, claim, finish, cancel."""
+    """The Redis side of batches: create, read, claim, finish, cancel.
+
+    The methods the RPCs call (create, get, results, cancel) answer a Redis
+    outage with UNAVAILABLE STORE_UNAVAILABLE; the runner's methods raise the
+    Redis error, and the runner retries.
+    """
 
     def __init__(self, redis: aioredis.Redis, *, clock: Callable[[], float] = time.time) -> None:
         self._redis = redis
@@ -127,6 +123,7 @@ class BatchStore:
         self._release = redis.register_script(lua_script("services.router", "batch_release"))
         self._cancel = redis.register_script(lua_script("services.router", "batch_cancel"))
 
+    @redis_outage
     async def create(
         self,
         identity: identity_pb2.Identity,
@@ -138,6 +135,7 @@ class BatchStore:
         Raises:
             InvalidArgument: INVALID_FIELD naming the bad field or item.
             AlreadyExists: RESOURCE_EXISTS: the batch_id holds other items.
+            Unavailable: STORE_UNAVAILABLE: Redis cannot be reached.
         """
         batch_id = request.batch_id or f"batch_{uuid.uuid4().hex[:16]}"
         if not _ID.match(batch_id):
@@ -191,11 +189,13 @@ class BatchStore:
             )
         return await self.get(identity.tenant_id, batch_id)
 
+    @redis_outage
     async def get(self, tenant_id: str, batch_id: str) -> router_api.Batch:
         """The batch as the API shows it.
 
         Raises:
             NotFound: RESOURCE_NOT_FOUND.
+            Unavailable: STORE_UNAVAILABLE: Redis cannot be reached.
         """
         raw = await self._redis.hgetall(_Keys.of(_ref(tenant_id, batch_id)).meta)
         if not raw:
@@ -219,6 +219,7 @@ class BatchStore:
             batch.end_time.CopyFrom(_timestamp(float(row["end_time"])))
         return batch
 
+    @redis_outage
     async def results(
         self, tenant_id: str, request: router_api.ListBatchResultsRequest
     ) -> router_api.ListBatchResultsResponse:
@@ -227,6 +228,7 @@ class BatchStore:
         Raises:
             NotFound: RESOURCE_NOT_FOUND.
             InvalidArgument: INVALID_PAGE_TOKEN, INVALID_FIELD (page_size).
+            Unavailable: STORE_UNAVAILABLE: Redis cannot be reached.
         """
         await self.get(tenant_id, request.batch_id)
         size = paging.page_size(request.page_size)
@@ -244,11 +246,13 @@ class BatchStore:
             response.next_page_token = paging.encode(page[-1], request.batch_id)
         return response
 
+    @redis_outage
     async def cancel(self, tenant_id: str, batch_id: str) -> router_api.Batch:
         """Cancels a batch (idempotent); running items finish.
 
         Raises:
             NotFound: RESOURCE_NOT_FOUND.
+            Unavailable: STORE_UNAVAILABLE: Redis cannot be reached.
         """
         ref = _ref(tenant_id, batch_id)
         keys = _Keys.of(ref)
@@ -335,120 +339,3 @@ def _validated_items(
             raise _invalid(f"{field}.request.{inner}".rstrip("."), exc.message) from None
         items[item.custom_id] = chat
     return items
-
-
-class BatchRunner:
-    """Runs queued batch items through the engine, in the background of a router.
-
-    Args:
-        store: The batches.
-        engine: Answers each item as a unary chat would.
-        slots: Items this replica runs at once, over all batches.
-        poll: Seconds between looks for work when there was none.
-    """
-
-    def __init__(
-        self, store: BatchStore, engine: Engine, *, slots: int = 8, poll: float = 1.0
-    ) -> None:
-        self.store = store
-        self._engine = engine
-        self._slots = slots
-        self._poll = poll
-        self._wake = asyncio.Event()
-        self._running: dict[asyncio.Task[None], Claimed] = {}
-        self._loop_task: asyncio.Task[None] | None = None
-        self._stopping = False
-
-    def start(self) -> None:
-        """Starts looking for work."""
-        self._stopping = False
-        self._loop_task = asyncio.create_task(self._loop())
-
-    async def create(
-        self, identity: identity_pb2.Identity, request: router_api.CreateBatchRequest
-    ) -> router_api.Batch:
-        """Queues a batch (see :meth:`BatchStore.create`) and starts on it."""
-        batch = await self.store.create(identity, request, self._engine.max_request_bytes)
-        self._wake.set()
-        return batch
-
-    async def stop(self, grace: float = 5.0) -> None:
-        """Stops claiming; lets running items finish for ``grace`` seconds, then re-queues them."""
-        # The loop is asked to stop rather than cancelled: a Redis call cancelled
-        # while its connection is being set up can leave the client waiting.
-        self._stopping = True
-        self._wake.set()
-        if self._loop_task is not None:
-            done, _ = await asyncio.wait({self._loop_task}, timeout=grace)
-            if not done:
-                self._loop_task.cancel()
-        if self._running:
-            await asyncio.wait(list(self._running), timeout=grace)
-        for task, item in list(self._running.items()):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-            with contextlib.suppress(RedisError):
-                await self.store.release(item)
-
-    async def _loop(self) -> None:
-        while not self._stopping:
-            try:
-                claimed = await self._fill()
-            except RedisError as exc:
-                log.warning("batch runner: Redis unavailable (%s); retrying", exc)
-                claimed = False
-            if self._stopping:
-                return
-            if not claimed or len(self._running) >= self._slots:
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._poll)
-
-    async def _fill(self) -> bool:
-        """Claims items into free slots, best batches first; True if any was claimed."""
-        claimed = False
-        for ref in await self.store.ready():
-            while len(self._running) < self._slots and not self._stopping:
-                item = await self.store.claim(ref)
-                if isinstance(item, str):
-                    break
-                task = asyncio.create_task(self._run(item))
-                self._running[task] = item
-                task.add_done_callback(self._done)
-                claimed = True
-            if len(self._running) >= self._slots:
-                break
-        return claimed
-
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._running.pop(task, None)
-        self._wake.set()  # a slot is free
-
-    async def _run(self, item: Claimed) -> None:
-        identity = await self.store.identity(item.ref)
-        request = item.request
-        if item.attempts:
-            request.request_id = f"{request.request_id}.r{item.attempts}"
-        result = router_api.BatchResult(custom_id=item.custom_id)
-        cost = 0
-        try:
-            response = await self._engine.chat(identity, request, ITEM_DEADLINE_SECONDS)
-            result.response.CopyFrom(response)
-            cost = response.cost_micro_usd
-        except OrchestraError as exc:
-            result.error.CopyFrom(_item_error(exc.code, reason_name(exc.reason), exc.message))
-        except Exception:
-            log.exception("batch %s item %s failed", item.ref, item.custom_id)
-            result.error.CopyFrom(
-                _item_error(
-                    grpc.StatusCode.INTERNAL,
-                    reason_name(errors_pb2.ERROR_REASON_INTERNAL),
-                    "internal error",
-                )
-            )
-        await self.store.finish(item, result, cost)
-
-
-def _item_error(code: grpc.StatusCode, reason: str, message: str) -> router_api.BatchItemError:
-    return router_api.BatchItemError(code=code.value[0], reason=reason, message=message)
