@@ -125,21 +125,55 @@ def decode_object(text: str, what: str) -> dict[str, Any]:
     return value
 
 
+MAX_TRAILING_LINES = 64
+"""Lines read after a parser's end marker to finish the body (more: the connection is dropped)."""
+
+_LINES = "orchestra.lines"
+
+
+def body_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """The lines of ``response``'s body: one iterator per response, however often asked.
+
+    httpx reads a streamed body once. Parsers stop at their end marker
+    (``[DONE]``, ``message_stop``, ``"done": true``); sharing the one iterator
+    lets :func:`post_stream` read the rest of the body afterwards (the chunked
+    terminator, a trailing blank line), so the connection goes back to the pool
+    instead of being closed: no new TCP (and TLS) handshake on the next chat.
+    """
+    lines = response.extensions.get(_LINES)
+    if lines is None:
+        lines = response.extensions[_LINES] = response.aiter_lines()
+    result: AsyncIterator[str] = lines
+    return result
+
+
 async def sse_data(response: httpx.Response) -> AsyncIterator[str]:
     """The payload of each ``data:`` line of a server-sent event stream.
 
     Event names, comments (``: ping``) and blank separators are skipped.
     """
-    async for line in response.aiter_lines():
+    async for line in body_lines(response):
         if line.startswith("data:"):
             yield line[5:].strip()
 
 
 async def ndjson_lines(response: httpx.Response) -> AsyncIterator[str]:
     """The non-blank lines of a newline-delimited JSON stream."""
-    async for line in response.aiter_lines():
+    async for line in body_lines(response):
         if line.strip():
             yield line
+
+
+async def _finish_body(response: httpx.Response) -> None:
+    """Reads what is left of a body its parser stopped reading (at most a few lines)."""
+    lines = response.extensions.get(_LINES)
+    if lines is None or response.is_closed:
+        return
+    left = MAX_TRAILING_LINES
+    async for _ in lines:
+        left -= 1
+        if left <= 0:
+            return  # not a short tail: let the connection close rather than read on
 
 
 class TransportErrors:
@@ -188,6 +222,7 @@ async def post_stream(
                 raise error_of(response.status_code, body, response.headers)
             async for event in parse(response):
                 yield event
+            await _finish_body(response)
 
 
 class HttpAdapter(abc.ABC):

@@ -213,6 +213,7 @@ class RecordedRequest:
     completed: bool = False  # the response was written to its normal end
     client_disconnected: bool = False  # the client went away before the end
     closed_at: float | None = None
+    peer: tuple[str, int] | None = None  # the client's (address, port): one per TCP connection
 
 
 RECORD_KEY = web.RequestKey("fake_upstream_record", RecordedRequest)
@@ -519,6 +520,8 @@ class FakeUpstream(abc.ABC):
         transport = request.transport
         if transport is not None:
             self._inflight.add(transport)
+            peer = transport.get_extra_info("peername")
+            rec.peer = (str(peer[0]), int(peer[1])) if peer else None
         try:
             response: web.StreamResponse = await handler(request)
             if transport is not None and not transport.is_closing():
