@@ -21,6 +21,17 @@ _HNSW_M = 32
 _HNSW_EF_SEARCH = 128  # bench/cache_scale.py at 1M: recall@1 0.79 vs 0.72 at 64, p99 1.1 ms
 
 
+def use_one_thread() -> None:
+    """Makes FAISS search on the calling thread only (call once, at start).
+
+    A query searches one small scope at a time; FAISS's default OpenMP pool
+    (a thread per core) costs more in wake-ups and spinning than it saves:
+    about a quarter of the cache's CPU per chat in ``bench/overhead.py
+    --profile``. The service's other replicas, not threads, are how it scales.
+    """
+    faiss.omp_set_num_threads(1)
+
+
 @dataclasses.dataclass
 class IndexedEntry:
     """An entry as its scope's index knows it: its id, compared text and expiry."""

@@ -12,6 +12,7 @@ from services.cache.cache_service import CacheServicer
 from services.cache.changes import ChangeStream
 from services.cache.config import CacheConfig
 from services.cache.core import Cache
+from services.cache.scope_index import use_one_thread
 from services.cache.semantic import SemanticLayer, judge_for
 from services.cache.stats import StatsStore
 from services.cache.store import EntryStore
@@ -80,6 +81,7 @@ async def build(settings: Settings, env: Mapping[str, str] | None = None) -> Cac
             names an unknown embedding model.
     """
     config = CacheConfig.from_env(env)
+    use_one_thread()
     redis = connect_redis(require(settings.redis_url, "REDIS_URL", "cache"))
     store = EntryStore(redis)
     semantic = None

@@ -31,6 +31,7 @@ import importlib
 import importlib.util
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -145,6 +146,57 @@ class MiniLMInt8Embedder:
         return _normalise(out)
 
 
+MEMO_ENTRIES = 8_192
+MEMO_MAX_CHARS = 4_096
+
+
+class MemoEmbedder:
+    """An embedder that remembers the rows of recent texts (an LRU, thread-safe).
+
+    A chat's prompt is embedded for the cache lookup, again by the verifier
+    beside each candidate, and again when its answer is stored; a candidate's
+    text and its words come up on every lookup near it. Rows depend only on
+    the text (see :meth:`Embedder.embed`), so a remembered row is exact. At
+    most :data:`MEMO_ENTRIES` texts of up to :data:`MEMO_MAX_CHARS` characters
+    are kept (longer ones are embedded every time), a few MB at most.
+
+    Args:
+        inner: The model.
+        entries: How many texts to remember.
+    """
+
+    def __init__(self, inner: Embedder, entries: int = MEMO_ENTRIES) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.dim = inner.dim
+        self._entries = entries
+        self._rows: OrderedDict[str, Vectors] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def embed(self, texts: Sequence[str]) -> Vectors:
+        """See :meth:`Embedder.embed`; only texts not remembered reach the model."""
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        missing: dict[str, list[int]] = {}
+        with self._lock:
+            for i, text in enumerate(texts):
+                row = self._rows.get(text)
+                if row is None:
+                    missing.setdefault(text, []).append(i)
+                else:
+                    self._rows.move_to_end(text)
+                    out[i] = row
+        if missing:
+            fresh = self.inner.embed(list(missing))
+            with self._lock:
+                for (text, rows), vector in zip(missing.items(), fresh, strict=True):
+                    out[rows] = vector
+                    if len(text) <= MEMO_MAX_CHARS:
+                        self._rows[text] = vector.copy()
+                while len(self._rows) > self._entries:
+                    self._rows.popitem(last=False)
+        return out
+
+
 _FACTORIES: dict[str, Callable[[], Embedder]] = {
     WordLlamaEmbedder.name: WordLlamaEmbedder,
     MiniLMInt8Embedder.name: MiniLMInt8Embedder,
@@ -161,6 +213,9 @@ def known_models() -> tuple[str, ...]:
 def load_embedder(name: str = DEFAULT_MODEL) -> Embedder:
     """Returns the model called ``name``, loading it on first use (once per process).
 
+    The model comes wrapped in a :class:`MemoEmbedder`, shared by every caller
+    in the process.
+
     Raises:
         ValueError: ``name`` is not a known model (the message lists them).
         ModuleNotFoundError: an optional model's packages are not installed.
@@ -173,5 +228,5 @@ def load_embedder(name: str = DEFAULT_MODEL) -> Embedder:
     with _LOCK:
         embedder = _LOADED.get(name)
         if embedder is None:
-            embedder = _LOADED[name] = factory()
+            embedder = _LOADED[name] = MemoEmbedder(factory())
         return embedder
