@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from importlib import resources
+from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -18,6 +19,30 @@ from orchestra.common.v1 import errors_pb2
 from services.common.errors import Unavailable
 
 log = logging.getLogger(__name__)
+
+
+class _Connection(asyncpg.Connection):
+    """A pooled connection released without asyncpg's reset query, unless it listened.
+
+    On every release asyncpg runs ``pg_advisory_unlock_all(); CLOSE ALL;
+    UNLISTEN *; RESET ALL`` (a round trip and some server CPU per query). The
+    services hold only transaction-scoped state: advisory locks are
+    ``pg_advisory_xact_lock``, cursors live inside a transaction, no session
+    ``SET``. So there is nothing to reset, except a LISTEN (discovery's catalog
+    fan-out), which this class remembers and undoes.
+    """
+
+    _listened = False
+
+    async def add_listener(self, channel: str, callback: Any) -> None:
+        self._listened = True
+        await super().add_listener(channel, callback)
+
+    def get_reset_query(self) -> str:
+        if self._listened:
+            self._listened = False
+            return "UNLISTEN *;"
+        return ""
 
 
 async def connect_postgres(
@@ -31,7 +56,9 @@ async def connect_postgres(
     deadline = asyncio.get_running_loop().time() + wait_seconds
     while True:
         try:
-            pool = await asyncpg.create_pool(url, min_size=min_size, max_size=max_size)
+            pool = await asyncpg.create_pool(
+                url, min_size=min_size, max_size=max_size, connection_class=_Connection
+            )
             assert pool is not None
             return pool
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
