@@ -18,7 +18,7 @@ import json
 import logging
 import socket
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -33,6 +33,10 @@ DEAD = "router:outbox:dead"
 GROUP = "routers"
 
 Handler = Callable[[bytes], Awaitable[None]]
+BatchHandler = Callable[[Sequence[bytes]], Awaitable[Sequence[BaseException | None]]]
+"""Delivers several jobs of one kind in one call; one outcome per job, in order:
+None (delivered), :class:`PermanentFailure` (dead-letter it) or another
+exception (leave it pending, to retry)."""
 
 
 class PermanentFailure(Exception):
@@ -47,11 +51,23 @@ class Outbox:
         redis: aioredis.Redis,
         handlers: Mapping[str, Handler],
         *,
+        batch_handlers: Mapping[str, BatchHandler] | None = None,
         claim_idle: float = 30.0,
         batch: int = 64,
     ) -> None:
+        """
+        Args:
+            redis: The router's Redis (the stream and the consumer group).
+            handlers: Delivers one job of each kind.
+            batch_handlers: For kinds whose target takes many jobs in one
+                call: used when a read brings more than one job of the kind.
+            claim_idle: Seconds after which another consumer's pending job
+                is taken over.
+            batch: Jobs read at a time.
+        """
         self._redis = redis
         self._handlers = dict(handlers)
+        self._batch_handlers = dict(batch_handlers or {})
         self._claim_idle_ms = int(claim_idle * 1000)
         self._batch = batch
         self._consumer = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
@@ -130,9 +146,15 @@ class Outbox:
 
     async def _run(self) -> None:
         backoff = 0.1
+        reclaimed_at = -float("inf")
+        loop = asyncio.get_running_loop()
         while not self._stopping:
             try:
-                await self._reclaim()
+                # Jobs of a dead consumer are only claimable after claim_idle:
+                # looking a few times per claim_idle is enough, not every wake.
+                if loop.time() - reclaimed_at >= self._claim_idle_ms / 4000:
+                    await self._reclaim()
+                    reclaimed_at = loop.time()
                 delivered = await self._read_new()
                 backoff = 0.1
                 if not delivered:
@@ -151,34 +173,76 @@ class Outbox:
             GROUP, self._consumer, {STREAM: ">"}, count=self._batch
         )
         entries = reply[0][1] if reply else []
-        await asyncio.gather(*(self._handle(entry_id, fields) for entry_id, fields in entries))
+        await self._handle_all(entries)
         return len(entries)
 
     async def _reclaim(self) -> None:
         reply: Any = await self._redis.xautoclaim(
             STREAM, GROUP, self._consumer, self._claim_idle_ms, start_id="0-0", count=self._batch
         )
-        entries = reply[1]
-        await asyncio.gather(*(self._handle(entry_id, fields) for entry_id, fields in entries))
+        await self._handle_all(reply[1])
 
-    async def _handle(self, entry_id: Any, fields: Mapping[Any, Any]) -> None:
-        if fields is None:  # deleted while pending
-            await self._redis.xack(STREAM, GROUP, entry_id)
+    async def _handle_all(self, entries: Sequence[tuple[Any, Mapping[Any, Any] | None]]) -> None:
+        """Delivers a batch of entries; acks what is finished in one round trip.
+
+        Jobs of a kind with a batch handler go in one call; the others, one
+        call each; all concurrently.
+        """
+        if not entries:
             return
-        kind = text(fields[b"kind"])
-        payload = base64.b64decode(fields[b"payload"])
+        by_kind: dict[str, list[tuple[Any, Mapping[Any, Any]]]] = {}
+        finished: list[Any] = []
+        for entry_id, fields in entries:
+            if fields is None:  # deleted while pending
+                finished.append(entry_id)
+            else:
+                by_kind.setdefault(text(fields[b"kind"]), []).append((entry_id, fields))
+        calls = []
+        for kind, jobs in by_kind.items():
+            if kind in self._batch_handlers and len(jobs) > 1:
+                calls.append(self._deliver_batch(kind, jobs))
+            else:
+                calls.extend(self._deliver_one(kind, entry_id, fields) for entry_id, fields in jobs)
+        for done in await asyncio.gather(*calls):
+            finished.extend(done)
+        if finished:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.xack(STREAM, GROUP, *finished)
+                pipe.xdel(STREAM, *finished)
+                await pipe.execute()
+
+    async def _deliver_one(self, kind: str, entry_id: Any, fields: Mapping[Any, Any]) -> list[Any]:
+        """Delivers one job; its id when it is finished with (delivered or dead-lettered)."""
         try:
-            await self._handlers[kind](payload)
-        except PermanentFailure as exc:
+            await self._handlers[kind](base64.b64decode(fields[b"payload"]))
+        except Exception as exc:  # noqa: BLE001 - judged by _finished
+            return [entry_id] if await self._finished(kind, fields, exc) else []
+        return [entry_id]
+
+    async def _deliver_batch(
+        self, kind: str, jobs: Sequence[tuple[Any, Mapping[Any, Any]]]
+    ) -> list[Any]:
+        """Delivers jobs of one kind in one call; the ids of those finished with."""
+        payloads = [base64.b64decode(fields[b"payload"]) for _, fields in jobs]
+        try:
+            outcomes = await self._batch_handlers[kind](payloads)
+        except Exception as exc:  # noqa: BLE001 - the whole batch stays pending
+            log.warning("%s batch of %d failed, will retry: %s", kind, len(jobs), exc)
+            return []
+        done = []
+        for (entry_id, fields), outcome in zip(jobs, outcomes, strict=True):
+            if outcome is None or await self._finished(kind, fields, outcome):
+                done.append(entry_id)
+        return done
+
+    async def _finished(self, kind: str, fields: Mapping[Any, Any], exc: BaseException) -> bool:
+        """Dead-letters a job refused for good (True); leaves any other failure pending."""
+        if isinstance(exc, PermanentFailure):
             log.error("%s job dead-lettered: %s", kind, exc)
             await self._redis.xadd(DEAD, {**fields, b"error": str(exc)})
-        except Exception as exc:  # noqa: BLE001 - left pending; reclaimed and retried later
-            log.warning("%s job failed, will retry: %s", kind, exc)
-            return
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.xack(STREAM, GROUP, entry_id)
-            pipe.xdel(STREAM, entry_id)
-            await pipe.execute()
+            return True
+        log.warning("%s job failed, will retry: %s", kind, exc)
+        return False
 
 
 def _preview(payload: bytes) -> str:

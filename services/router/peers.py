@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
@@ -118,6 +119,31 @@ class Peers:
         await self._deliver(
             self.audit.AppendRecord, audit_pb2.AppendRecordRequest.FromString(payload)
         )
+
+    async def deliver_audit_many(self, payloads: Sequence[bytes]) -> list[BaseException | None]:
+        """Appends several audit records in one AppendRecords call (idempotent per event id).
+
+        AppendRecords is atomic: if one record is refused, none is appended,
+        so the records then go one by one and only the refused one is
+        dead-lettered. Any other failure leaves them all to retry.
+        """
+        requests = [audit_pb2.AppendRecordRequest.FromString(p) for p in payloads]
+        batch = audit_pb2.AppendRecordsRequest(
+            records=[r.record for r in requests],
+            bodies=[r.body for r in requests if r.HasField("body")],
+        )
+        try:
+            await self._deliver(self.audit.AppendRecords, batch)
+        except PermanentFailure:
+            outcomes: list[BaseException | None] = []
+            for payload in payloads:  # in order: the log keeps the chats' order
+                try:
+                    await self.deliver_audit(payload)
+                    outcomes.append(None)
+                except Exception as exc:  # noqa: BLE001 - the outbox judges each
+                    outcomes.append(exc)
+            return outcomes
+        return [None] * len(payloads)
 
     async def _deliver(self, method: Any, request: object) -> None:
         try:

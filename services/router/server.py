@@ -61,6 +61,7 @@ class RouterService:
                 "cache_store": self._peers.deliver_cache_store,
                 "audit": self._peers.deliver_audit,
             },
+            batch_handlers={"audit": self._peers.deliver_audit_many},
         )
         self._discovery_channel = channel(settings.addrs["discovery"])
         self.catalog = ModelCatalogView(
