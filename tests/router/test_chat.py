@@ -143,6 +143,18 @@ async def test_cancelling_closes_the_upstream_stream_and_charges_what_was_produc
     assert await suite.spent_micro_usd() > 0
 
 
+async def test_a_cache_hit_is_replayed_in_few_large_messages(suite: Suite) -> None:
+    suite.primary.reply_text = " ".join(f"word{i}" for i in range(600))  # about 4,500 chars
+    generation = chat_pb2.GenerationConfig(temperature=0.0, max_tokens=1024)
+    first = await _events(suite, _request("A long answer, please.", generation=generation))
+    await suite.drain()
+    second = await _events(suite, _request("A long answer, please.", generation=generation))
+    assert second[-1].end.cache_hit and not first[-1].end.cache_hit
+    assert _text(second) == _text(first) == suite.primary.reply_text
+    deltas = [e for e in second if e.WhichOneof("event") == "text_delta"]
+    assert len(deltas) == 1  # the provider sent 16
+
+
 async def test_the_same_question_is_answered_from_the_cache(suite: Suite) -> None:
     first = await suite.chat.Chat(_request("Capital of France?"), metadata=suite.metadata)
     await suite.drain()
