@@ -19,7 +19,9 @@ fake as its only provider. At each concurrency level:
 ``git worktree add /tmp/base <commit>``), so a change is judged against the code
 before it under the same conditions. ``--profile DIR`` runs py-spy on every
 service during the cache-miss runs and writes one flame graph per service and
-level (CPU figures of a profiled run are inflated by the sampling).
+level (CPU figures of a profiled run are inflated by the sampling), and prints
+where each graph's samples went (:mod:`bench.flame`: self time by package and
+by function; native code shows as the Python frame that called it).
 
     .venv/bin/python bench/overhead.py [--requests 200] [--concurrency 1,16,32]
         [--latency-ms 50] [--baseline DIR] [--profile DIR] [--json] [--decision-only]
@@ -50,6 +52,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import flame  # noqa: E402
 from bench.suite import PARTS, SERVICES, Suite, cpu_delta, cpu_seconds, wait_idle_outbox  # noqa: E402
 from orchestra.common.v1 import chat_pb2  # noqa: E402
 from orchestra.router.v1 import chat_service_pb2 as chat_api  # noqa: E402
@@ -465,6 +468,10 @@ def main() -> int:
         _print_latency(result, args.latency_ms, args.requests)
     _print_cpu(results, args.requests)
     _print_decision(decision, args.decisions)
+    if args.profile:
+        print(f"\nWhere the profiled samples went (self time; flame graphs in {args.profile}):")
+        for graph in sorted(args.profile.glob("*.svg")):
+            print(flame.summary(graph, top=8))
     if args.json:
         print(json.dumps({"upstream_latency_ms": args.latency_ms, "suites": results,
                           "decision": decision}))  # fmt: skip
