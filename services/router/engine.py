@@ -9,7 +9,9 @@ The flow (docs/architecture.md has the picture):
    cache (:mod:`services.router.cache_step`);
 3. a hit is replayed as a stream and the hold released; a miss streams from the
    chosen provider, retrying and then falling back to the next model while
-   nothing has been streamed yet (:mod:`services.router.answering`);
+   nothing has been streamed yet (:mod:`services.router.answering`); text
+   deltas that pile up while the client's stream is busy go out as one
+   (:mod:`services.router.coalesce`);
 4. afterwards settle the real cost (what was produced, when the stream broke or
    the client cancelled), store the answer in the cache when eligible, and
    append the audit record — all through the durable outbox
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 from orchestra.common.v1 import chat_pb2, identity_pb2
@@ -34,6 +36,7 @@ from services.providers.base import ProviderAdapter
 from services.router import answering, cache_step, context, learning, policy, records, validation
 from services.router.accounting import Accountant
 from services.router.breakers import Breakers
+from services.router.coalesce import coalesced
 from services.router.config import EngineConfig
 from services.router.context import PromptFeatures, RequestContext
 from services.router.outbox import Outbox
@@ -166,7 +169,8 @@ class Engine:
         # Adaptive cache mode: a near entry not served this time, to be compared
         # with the fresh answer when that is stored.
         explored = hit.explored_entry_id if hit is not None else ""
-        async for event in self._answer(ctx, answering.Run(explored_entry_id=explored)):
+        answer = self._answer(ctx, answering.Run(explored_entry_id=explored))
+        async for event in coalesced(answer):
             yield event
 
     async def chat(
@@ -205,7 +209,7 @@ class Engine:
 
     async def _answer(
         self, ctx: RequestContext, run: answering.Run
-    ) -> AsyncIterator[chat_api.ChatStreamResponse]:
+    ) -> AsyncGenerator[chat_api.ChatStreamResponse, None]:
         caller = answering.Caller(self._adapters, self.breakers, self._spawn)
         try:
             async for event in answering.answer(ctx, run, caller):
