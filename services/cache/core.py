@@ -7,7 +7,9 @@ the rest of the request.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 import math
 import time
 
@@ -19,6 +21,9 @@ from services.cache.layers import ExactLayer, Exploration, Layer, Match
 from services.cache.semantic import SemanticLayer
 from services.cache.stats import Counters, LatencyWindow, StatsStore
 from services.cache.store import Entry, EntryStore
+from services.common.errors import Unavailable
+
+log = logging.getLogger(__name__)
 
 MAX_LABEL_LENGTH = 256  # request ids and end-user ids
 
@@ -84,6 +89,7 @@ class Cache:
         if semantic is not None:
             self._layers.append(semantic)
         self._latency = LatencyWindow(config.latency_window)
+        self._counting: set[asyncio.Task[None]] = set()
 
     async def lookup(
         self, key: cache_service_pb2.CacheKey, *, exact_only: bool, threshold: float
@@ -107,12 +113,17 @@ class Cache:
             if match is not None:
                 break
         hit = match if isinstance(match, Match) else None
-        await self._stats.record_lookup(
-            normalised.tenant,
-            hit.kind if hit else cache_service_pb2.MATCH_KIND_UNSPECIFIED,
-            hit.entry.answer if hit else None,
-            _now_ms(),
+        # Counted off the caller's path (a Redis round trip before the answer
+        # otherwise); stats() and close() wait for what is still being counted.
+        counting = asyncio.create_task(
+            self._count(
+                normalised.tenant,
+                hit.kind if hit else cache_service_pb2.MATCH_KIND_UNSPECIFIED,
+                hit.entry.answer if hit else None,
+            )
         )
+        self._counting.add(counting)
+        counting.add_done_callback(self._counting.discard)
         self._latency.observe(normalised.tenant, (time.perf_counter_ns() - started) // 1000)
         return match
 
@@ -211,12 +222,31 @@ class Cache:
             await layer.removed(tenant, deleted)
         return len(deleted)
 
+    async def _count(
+        self,
+        tenant: str,
+        kind: cache_service_pb2.MatchKind.ValueType,
+        answer: cache_service_pb2.CachedAnswer | None,
+    ) -> None:
+        try:
+            await self._stats.record_lookup(tenant, kind, answer, _now_ms())
+        except Unavailable as exc:
+            log.warning("cache lookup of %s not counted: %s", tenant, exc.message)
+        except Exception:  # counting must not fail a lookup already answered
+            log.exception("cache lookup of %s not counted", tenant)
+
+    async def flush(self) -> None:
+        """Waits until every lookup so far is counted (stats reads, shutdown)."""
+        if self._counting:
+            await asyncio.gather(*self._counting)
+
     async def stats(self, tenant: str) -> Snapshot:
         """The tenant's counters, current size and this replica's latencies.
 
         Raises:
             Unavailable: STORE_UNAVAILABLE when Redis is unreachable.
         """
+        await self.flush()  # this replica's own lookups are in the counters
         counters = await self._stats.read(tenant)
         entries, size = await self._store.usage(tenant)
         return Snapshot(

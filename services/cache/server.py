@@ -59,7 +59,8 @@ class CacheService:
             await self.semantic.start()
 
     async def stop(self) -> None:
-        """Stops following changes and closes the Redis connections."""
+        """Counts the last lookups, stops following changes, closes the Redis connections."""
+        await self.cache.flush()
         if self.semantic is not None:
             await self.semantic.stop()
         await self._redis.aclose()
