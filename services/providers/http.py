@@ -11,6 +11,8 @@ Retry-After, and the framing of SSE and NDJSON streams.
 from __future__ import annotations
 
 import abc
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
@@ -127,6 +129,8 @@ def decode_object(text: str, what: str) -> dict[str, Any]:
 
 MAX_TRAILING_LINES = 64
 """Lines read after a parser's end marker to finish the body (more: the connection is dropped)."""
+MAX_TRAILING_SECONDS = 0.25
+"""How long the rest of a body may take after the end marker (longer: the connection is dropped)."""
 
 _LINES = "orchestra.lines"
 
@@ -170,10 +174,14 @@ async def _finish_body(response: httpx.Response) -> None:
     if lines is None or response.is_closed:
         return
     left = MAX_TRAILING_LINES
-    async for _ in lines:
-        left -= 1
-        if left <= 0:
-            return  # not a short tail: let the connection close rather than read on
+    # The answer is complete; a server that keeps the body open after its end
+    # marker must not hold it back: then the connection is closed instead.
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(MAX_TRAILING_SECONDS):
+            async for _ in lines:
+                left -= 1
+                if left <= 0:
+                    return  # not a short tail: let the connection close rather than read on
 
 
 class TransportErrors:

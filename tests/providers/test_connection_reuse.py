@@ -8,9 +8,12 @@ client's port of each request: one port for several chats means one connection.
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Callable
 
 import pytest
+from aiohttp import web
 
 from services.providers import AnthropicAdapter, GeminiAdapter, OllamaAdapter, OpenAIAdapter
 from services.providers.base import ProviderAdapter
@@ -65,3 +68,43 @@ async def test_consecutive_chats_share_one_connection(provider: str) -> None:
         assert len(fake.requests) == CHATS
         assert None not in peers
         assert len(peers) == 1, peers
+
+
+async def test_a_body_held_open_after_its_end_marker_does_not_hold_the_answer() -> None:
+    """A server that keeps the body open after ``[DONE]``: the stream still ends at once."""
+    chunk = {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "model": "m",
+        "choices": [{"index": 0, "delta": {"content": "held"}, "finish_reason": "stop"}],
+    }
+
+    release, ended = asyncio.Event(), asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode())
+        await release.wait()  # the body stays open until the test is done
+        ended.set()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    adapter = OpenAIAdapter("openai", f"http://127.0.0.1:{port}/v1", credential=KEY)
+    try:
+        # Bounded only so that a regression fails instead of hanging.
+        events, error = await asyncio.wait_for(collect(adapter, request("m")), 30)
+        answered_while_open = not ended.is_set()
+    finally:
+        release.set()
+        await adapter.aclose()
+        await runner.cleanup()
+    assert error is None
+    assert text_of(events) == "held"
+    assert answered_while_open
