@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,19 @@ def cpu_delta(
     return spent
 
 
+def _free_base(start: int, ports: int = 5) -> int:
+    """The first base from ``start`` whose ``ports`` consecutive ports are all free now."""
+    base = start
+    while True:
+        try:
+            for port in range(base, base + ports):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            base = 52000 + (base - 52000 + ports) % 5000
+
+
 class Suite:
     """``orchestra up --no-local-model`` from ``checkout``, on free ports, state in a temp dir."""
 
@@ -114,7 +128,7 @@ class Suite:
         config = work / "orchestra.yaml"
         config.write_text(self._config_text)
         edge_port, redis_port = free_port(), free_port()
-        base = 52000 + (os.getpid() + hash(self.label)) % 1000 * 5
+        base = _free_base(52000 + (os.getpid() + hash(self.label)) % 1000 * 5)
         env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
         # The checkout's own code and contracts come first on the path; its children
         # (started with -m from the same working directory) import it too.
