@@ -5,18 +5,13 @@ flush). A :class:`Batcher` sends the first item at once; items that arrive
 while that write is in flight wait and go together as the next write, one
 statement and one commit for all of them. So a lone request pays no extra
 latency, and under load the commits per second stop being the limit.
-:class:`CoalescedScript` does the same for a Redis Lua script: concurrent
-calls go in one pipeline, one round trip.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Generic, TypeVar
-
-import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, ResponseError
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -70,45 +65,3 @@ class Batcher(Generic[T, R]):
                         future.set_result(result)
         finally:
             self._draining = False
-
-
-_ScriptCall = tuple[Sequence[str], Sequence[str | int]]
-
-
-class CoalescedScript:
-    """One Lua script whose concurrent calls go to Redis together, in one pipeline.
-
-    A call made while others are on their way waits for them and goes with the
-    next group (:class:`Batcher`): a lone call costs one round trip as before,
-    and a thousand concurrent ones a few. Each script still runs atomically, in
-    the order of the calls; a script's error is raised to its own caller only.
-    """
-
-    def __init__(self, client: aioredis.Redis, script: str) -> None:
-        self._client = client
-        self._script = client.register_script(script)
-        self._batcher: Batcher[_ScriptCall, Any] = Batcher(self._run)
-
-    async def __call__(self, keys: Sequence[str], args: Sequence[str | int]) -> Any:
-        """The script's reply to this call (its error, raised)."""
-        reply = await self._batcher.submit((keys, args))
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
-
-    async def _run(self, calls: Sequence[_ScriptCall]) -> list[Any]:
-        if len(calls) == 1:
-            keys, args = calls[0]
-            return [await self._script(keys=keys, args=args)]
-        async with self._client.pipeline(transaction=False) as pipe:
-            for keys, args in calls:
-                pipe.evalsha(self._script.sha, len(keys), *keys, *args)
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
-        for i, reply in enumerate(replies):
-            if isinstance(reply, NoScriptError):  # Redis restarted or flushed its scripts
-                keys, args = calls[i]
-                try:
-                    replies[i] = await self._script(keys=keys, args=args)  # loads it again
-                except ResponseError as exc:  # this call's own error, for its caller
-                    replies[i] = exc
-        return replies

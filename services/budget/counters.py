@@ -35,7 +35,6 @@ from collections.abc import Mapping, Sequence
 
 import redis.asyncio as aioredis
 
-from services.budget.batching import CoalescedScript
 from services.budget.ratelimits import TOKENS_PER_MINUTE, RateCheck
 from services.common.outages import redis_outage
 from services.common.stores import lua_script, text
@@ -111,9 +110,8 @@ class Counters:
 
     def __init__(self, client: aioredis.Redis) -> None:
         self._redis = client
-        # Reserve and settle run once per chat each: coalesced under load.
-        self._reserve = CoalescedScript(client, lua_script(__package__, "reserve"))
-        self._settle = CoalescedScript(client, lua_script(__package__, "settle"))
+        self._reserve = client.register_script(lua_script(__package__, "reserve"))
+        self._settle = client.register_script(lua_script(__package__, "settle"))
         self._release = client.register_script(lua_script(__package__, "release"))
         self._raise_spent = client.register_script(lua_script(__package__, "raise_spent"))
         self._settle_unheld = client.register_script(lua_script(__package__, "settle_unheld"))
