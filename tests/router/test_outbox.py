@@ -69,19 +69,26 @@ def _outbox(redis: aioredis.Redis, target: _Target, claim_idle: float = 30.0) ->
     )
 
 
-async def test_jobs_of_a_batch_kind_go_in_one_call_and_others_one_by_one(
-    redis: aioredis.Redis,
-) -> None:
-    target = _Target()
-    outbox = _outbox(redis, target)
-    # Queued before the consumer starts, so the first read brings all of them.
+async def _deliver_queued(redis: aioredis.Redis, outbox: Outbox, *jobs: tuple[str, bytes]) -> None:
+    """Queues ``jobs`` before the consumer starts (so one read brings them all), then
+    delivers until the stream is empty."""
     await redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
-    await outbox.put(("audit", b"a1"), ("audit", b"a2"), ("settle", b"s1"), ("audit", b"a3"))
+    await outbox.put(*jobs)
     await outbox.start()
     try:
         await outbox.drain()
     finally:
         await outbox.stop()
+
+
+async def test_jobs_of_a_batch_kind_go_in_one_call_and_others_one_by_one(
+    redis: aioredis.Redis,
+) -> None:
+    target = _Target()
+    outbox = _outbox(redis, target)
+    await _deliver_queued(
+        redis, outbox, ("audit", b"a1"), ("audit", b"a2"), ("settle", b"s1"), ("audit", b"a3")
+    )
     assert target.batches == [[b"a1", b"a2", b"a3"]]
     assert target.single == [b"s1"]
     assert await redis.xlen(STREAM) == 0
@@ -94,13 +101,7 @@ async def test_a_refused_job_of_a_batch_is_dead_lettered_and_the_rest_delivered(
     target = _Target()
     target.refuse = {b"bad"}
     outbox = _outbox(redis, target)
-    await redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
-    await outbox.put(("audit", b"ok1"), ("audit", b"bad"), ("audit", b"ok2"))
-    await outbox.start()
-    try:
-        await outbox.drain()
-    finally:
-        await outbox.stop()
+    await _deliver_queued(redis, outbox, ("audit", b"ok1"), ("audit", b"bad"), ("audit", b"ok2"))
     dead = cast(list[tuple[bytes, dict[bytes, bytes]]], await redis.xrange(DEAD))
     assert [fields[b"kind"] for _, fields in dead] == [b"audit"]
     assert b"refused" in dead[0][1][b"error"]
@@ -112,13 +113,7 @@ async def test_failed_deliveries_stay_pending_and_are_retried(redis: aioredis.Re
     target.batch_down = True  # the first batch call fails as a whole
     target.flaky = {b"s1"}
     outbox = _outbox(redis, target, claim_idle=0.05)
-    await redis.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
-    await outbox.put(("audit", b"a1"), ("audit", b"a2"), ("settle", b"s1"))
-    await outbox.start()
-    try:
-        await outbox.drain()
-    finally:
-        await outbox.stop()
+    await _deliver_queued(redis, outbox, ("audit", b"a1"), ("audit", b"a2"), ("settle", b"s1"))
     assert target.batches == [[b"a1", b"a2"]]  # the retry, after the failed call
     assert target.single == [b"s1", b"s1"]
     assert await redis.xlen(DEAD) == 0
