@@ -18,7 +18,7 @@ from services.budget.budgets import BudgetStore
 from services.budget.catalog import Catalog
 from services.budget.ledger import GROUP_KEYS, Ledger
 from services.budget.subjects import Status, Subject
-from services.common import paging
+from services.common import batches, paging
 from services.common.errors import InvalidArgument
 from services.common.identity import IdentitySigner, caller, tenant_of
 
@@ -202,6 +202,24 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
 
     async def Settle(self, request: pb.SettleRequest, context: Context) -> pb.SettleResponse:
         caller(context, self._signer, INTERNAL)
+        return await self._settle(request)
+
+    async def BatchSettle(
+        self, request: pb.BatchSettleRequest, context: Context
+    ) -> pb.BatchSettleResponse:
+        caller(context, self._signer, INTERNAL)
+        batches.check_size(request.requests)
+        outcomes = await batches.each(request.requests, self._settle, "BatchSettle")
+        return pb.BatchSettleResponse(
+            results=[
+                pb.SettleResult(response=o)
+                if isinstance(o, pb.SettleResponse)
+                else pb.SettleResult(error=o)
+                for o in outcomes
+            ]
+        )
+
+    async def _settle(self, request: pb.SettleRequest) -> pb.SettleResponse:
         validation.required_text(request.request_id, "request_id", validation.MAX_REQUEST_ID_CHARS)
         if request.cost_micro_usd < 0:
             raise validation.invalid("cost_micro_usd", "cost_micro_usd must not be negative")
@@ -222,6 +240,24 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
 
     async def Release(self, request: pb.ReleaseRequest, context: Context) -> pb.ReleaseResponse:
         caller(context, self._signer, INTERNAL)
+        return await self._release(request)
+
+    async def BatchRelease(
+        self, request: pb.BatchReleaseRequest, context: Context
+    ) -> pb.BatchReleaseResponse:
+        caller(context, self._signer, INTERNAL)
+        batches.check_size(request.requests)
+        outcomes = await batches.each(request.requests, self._release, "BatchRelease")
+        return pb.BatchReleaseResponse(
+            results=[
+                pb.ReleaseResult(response=o)
+                if isinstance(o, pb.ReleaseResponse)
+                else pb.ReleaseResult(error=o)
+                for o in outcomes
+            ]
+        )
+
+    async def _release(self, request: pb.ReleaseRequest) -> pb.ReleaseResponse:
         validation.required_text(request.request_id, "request_id", validation.MAX_REQUEST_ID_CHARS)
         released = await self._admission.release(request.request_id)
         return pb.ReleaseResponse(released_micro_usd=released)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import grpc
@@ -12,6 +13,7 @@ from orchestra.common.v1 import identity_pb2
 from services.cache.core import Cache
 from services.cache.keys import invalid
 from services.cache.layers import Exploration
+from services.common import batches
 from services.common.identity import IdentitySigner, caller, tenant_of
 
 _Context = grpc.aio.ServicerContext[Any, Any]
@@ -52,6 +54,29 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
     ) -> cache_service_pb2.StoreResponse:
         """See the proto: SCOPE_INTERNAL; ineligible answers say why."""
         identity = caller(context, self._signer, identity_pb2.SCOPE_INTERNAL)
+        return await self._store(identity, request)
+
+    async def BatchStore(
+        self, request: cache_service_pb2.BatchStoreRequest, context: _Context
+    ) -> cache_service_pb2.BatchStoreResponse:
+        """See the proto: SCOPE_INTERNAL; one outcome per item."""
+        identity = caller(context, self._signer, identity_pb2.SCOPE_INTERNAL)
+        batches.check_size(request.requests)
+        outcomes = await batches.each(
+            request.requests, functools.partial(self._store, identity), "BatchStore"
+        )
+        return cache_service_pb2.BatchStoreResponse(
+            results=[
+                cache_service_pb2.StoreResult(response=o)
+                if isinstance(o, cache_service_pb2.StoreResponse)
+                else cache_service_pb2.StoreResult(error=o)
+                for o in outcomes
+            ]
+        )
+
+    async def _store(
+        self, identity: identity_pb2.Identity, request: cache_service_pb2.StoreRequest
+    ) -> cache_service_pb2.StoreResponse:
         tenant_of(identity, request.key.tenant_id)
         outcome = await self._cache.store(
             request.key,

@@ -70,9 +70,14 @@ class OrchestraError(Exception):
 
     def to_status(self) -> grpc.Status:
         """Builds the ``grpc.Status`` (with rich details) for this error."""
+        result: grpc.Status = rpc_status.to_status(self.to_rpc_status())
+        return result
+
+    def to_rpc_status(self) -> status_pb2.Status:
+        """This error as a ``google.rpc.Status``: code, message, ErrorInfo and
+        the other details (what a batch RPC returns for one failed item)."""
         if self.forwarded_status is not None:
-            forwarded: grpc.Status = rpc_status.to_status(self.forwarded_status)
-            return forwarded
+            return self.forwarded_status
         details: list[any_pb2.Any] = []
         info = error_details_pb2.ErrorInfo(
             reason=reason_name(self.reason), domain=DOMAIN, metadata=self.metadata
@@ -106,9 +111,7 @@ class OrchestraError(Exception):
             delay = duration_pb2.Duration()
             delay.FromMilliseconds(int(self.retry_after * 1000))
             details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-        status = status_pb2.Status(code=self.status_number, message=self.message, details=details)
-        result: grpc.Status = rpc_status.to_status(status)
-        return result
+        return status_pb2.Status(code=self.status_number, message=self.message, details=details)
 
 
 def _pack(message: object) -> any_pb2.Any:

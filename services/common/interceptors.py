@@ -27,21 +27,25 @@ _Unary = Callable[[Any, _Context], Awaitable[Any]]
 _Stream = Callable[[Any, _Context], AsyncIterator[Any]]
 
 
+def as_error(exc: BaseException, method: str) -> OrchestraError:
+    """``exc`` itself if it is an OrchestraError; anything else is a bug, logged
+    with an incident id and answered as INTERNAL naming only that id."""
+    if isinstance(exc, OrchestraError):
+        return exc
+    incident = uuid.uuid4().hex[:12]
+    log.exception("unhandled error in %s (incident %s)", method, incident, exc_info=exc)
+    return Internal(
+        errors_pb2.ERROR_REASON_INTERNAL,
+        f"internal error; incident {incident}",
+        metadata={"incident_id": incident},
+    )
+
+
 async def _abort(context: _Context, exc: BaseException, method: str) -> None:
     if isinstance(exc, NotImplementedError):
         # The generated base servicer's answer for an RPC a service does not offer yet.
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented yet")
-    if isinstance(exc, OrchestraError):
-        error = exc
-    else:
-        incident = uuid.uuid4().hex[:12]
-        log.exception("unhandled error in %s (incident %s)", method, incident, exc_info=exc)
-        error = Internal(
-            errors_pb2.ERROR_REASON_INTERNAL,
-            f"internal error; incident {incident}",
-            metadata={"incident_id": incident},
-        )
-    await context.abort_with_status(error.to_status())
+    await context.abort_with_status(as_error(exc, method).to_status())
 
 
 def _wrap_unary(behavior: _Unary, method: str) -> _Unary:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -114,6 +114,35 @@ class Peers:
         """Stores an answer in the cache (idempotent per key)."""
         await self._deliver(self.cache.Store, cache_pb2.StoreRequest.FromString(payload))
 
+    async def deliver_settle_many(self, payloads: Sequence[bytes]) -> list[BaseException | None]:
+        """Settles several reservations in one BatchSettle call."""
+        batch = budget_pb2.BatchSettleRequest(
+            requests=[budget_pb2.SettleRequest.FromString(p) for p in payloads]
+        )
+        return await self._deliver_many(
+            self.budget.BatchSettle, batch, payloads, self.deliver_settle
+        )
+
+    async def deliver_release_many(self, payloads: Sequence[bytes]) -> list[BaseException | None]:
+        """Releases several reservations in one BatchRelease call."""
+        batch = budget_pb2.BatchReleaseRequest(
+            requests=[budget_pb2.ReleaseRequest.FromString(p) for p in payloads]
+        )
+        return await self._deliver_many(
+            self.budget.BatchRelease, batch, payloads, self.deliver_release
+        )
+
+    async def deliver_cache_store_many(
+        self, payloads: Sequence[bytes]
+    ) -> list[BaseException | None]:
+        """Stores several answers in one BatchStore call."""
+        batch = cache_pb2.BatchStoreRequest(
+            requests=[cache_pb2.StoreRequest.FromString(p) for p in payloads]
+        )
+        return await self._deliver_many(
+            self.cache.BatchStore, batch, payloads, self.deliver_cache_store
+        )
+
     async def deliver_audit(self, payload: bytes) -> None:
         """Appends an audit record (idempotent per event id)."""
         await self._deliver(
@@ -145,6 +174,36 @@ class Peers:
             return outcomes
         return [None] * len(payloads)
 
+    async def _deliver_many(
+        self,
+        method: Any,
+        batch: Any,
+        payloads: Sequence[bytes],
+        deliver_one: Callable[[bytes], Awaitable[None]],
+    ) -> list[BaseException | None]:
+        """One batch call; per payload, None (done) or why it is not.
+
+        Each item's own error comes back in its result: PermanentFailure for
+        a refusal no retry can fix, ItemFailed otherwise. A batch the peer
+        refuses as a whole for good (an older peer without the batch RPC, say)
+        goes one by one, so that only a refused item is dead-lettered; any
+        other failure of the call raises, leaving every job to retry.
+        """
+        try:
+            reply = await method(batch, timeout=DELIVERY_DEADLINE, metadata=self._token.metadata())
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() not in _PERMANENT and exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            outcomes: list[BaseException | None] = []
+            for payload in payloads:
+                try:
+                    await deliver_one(payload)
+                    outcomes.append(None)
+                except Exception as item_exc:  # noqa: BLE001 - the outbox judges each
+                    outcomes.append(item_exc)
+            return outcomes
+        return [_item_outcome(result) for result in reply.results]
+
     async def _deliver(self, method: Any, request: object) -> None:
         try:
             await method(request, timeout=DELIVERY_DEADLINE, metadata=self._token.metadata())
@@ -152,3 +211,21 @@ class Peers:
             if exc.code() in _PERMANENT:
                 raise PermanentFailure(f"{exc.code().name}: {exc.details()}") from exc
             raise
+
+
+class ItemFailed(Exception):
+    """One item of a batch call failed in a way that a retry may fix."""
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+_PERMANENT_NUMBERS = {code.value[0] for code in _PERMANENT}
+
+
+def _item_outcome(result: Any) -> BaseException | None:
+    """None for an item that succeeded; else the exception the outbox judges."""
+    if result.WhichOneof("outcome") != "error":
+        return None
+    status = result.error
+    code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
+    text = f"{code.name}: {status.message}"
+    return PermanentFailure(text) if status.code in _PERMANENT_NUMBERS else ItemFailed(text)

@@ -61,7 +61,12 @@ class RouterService:
                 "cache_store": self._peers.deliver_cache_store,
                 "audit": self._peers.deliver_audit,
             },
-            batch_handlers={"audit": self._peers.deliver_audit_many},
+            batch_handlers={
+                "settle": self._peers.deliver_settle_many,
+                "release": self._peers.deliver_release_many,
+                "cache_store": self._peers.deliver_cache_store_many,
+                "audit": self._peers.deliver_audit_many,
+            },
         )
         self._discovery_channel = channel(settings.addrs["discovery"])
         self.catalog = ModelCatalogView(

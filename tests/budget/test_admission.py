@@ -323,9 +323,11 @@ async def test_expired_holds_are_charged_in_full_by_the_reaper(
         ("Reserve", pb.ReserveRequest(request_id="r", subject=_subject(), amount_micro_usd=1)),
         ("Settle", pb.SettleRequest(request_id="r", cost_micro_usd=1)),
         ("Release", pb.ReleaseRequest(request_id="r")),
+        ("BatchSettle", pb.BatchSettleRequest(requests=[pb.SettleRequest(request_id="r")])),
+        ("BatchRelease", pb.BatchReleaseRequest(requests=[pb.ReleaseRequest(request_id="r")])),
         ("Authenticate", account_pb.AuthenticateRequest(api_key="ok_a_bcdefghijklmnopqrstuvwxyz")),
     ],
-    ids=["reserve", "settle", "release", "authenticate"],
+    ids=["reserve", "settle", "release", "batch-settle", "batch-release", "authenticate"],
 )
 async def test_internal_rpcs_refuse_tenant_keys(
     acme: Budget, as_caller: Any, method: str, request_: Any

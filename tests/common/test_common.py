@@ -34,6 +34,9 @@ class _Broken(cache_grpc.CacheServiceServicer):
     async def Invalidate(self, request: Any, context: Any) -> Any:
         raise NotImplementedError  # what the generated base raises for an RPC not written yet
 
+    async def BatchStore(self, request: Any, context: Any) -> Any:
+        raise NotImplementedError
+
     async def GetCacheStats(self, request: Any, context: Any) -> Any:
         raise NotImplementedError
 

@@ -86,6 +86,16 @@ class BudgetServiceStub:
                 request_serializer=orchestra_dot_budget_dot_v1_dot_budget__service__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=orchestra_dot_budget_dot_v1_dot_budget__service__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.BatchSettle = channel.unary_unary(
+                '/orchestra.budget.v1.BudgetService/BatchSettle',
+                request_serializer=orchestra_dot_budget_dot_v1_dot_budget__service__pb2.BatchSettleRequest.SerializeToString,
+                response_deserializer=orchestra_dot_budget_dot_v1_dot_budget__service__pb2.BatchSettleResponse.FromString,
+                _registered_method=True)
+        self.BatchRelease = channel.unary_unary(
+                '/orchestra.budget.v1.BudgetService/BatchRelease',
+                request_serializer=orchestra_dot_budget_dot_v1_dot_budget__service__pb2.BatchReleaseRequest.SerializeToString,
+                response_deserializer=orchestra_dot_budget_dot_v1_dot_budget__service__pb2.BatchReleaseResponse.FromString,
+                _registered_method=True)
         self.GetBudgetStatus = channel.unary_unary(
                 '/orchestra.budget.v1.BudgetService/GetBudgetStatus',
                 request_serializer=orchestra_dot_budget_dot_v1_dot_budget__service__pb2.GetBudgetStatusRequest.SerializeToString,
@@ -226,6 +236,31 @@ class BudgetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchSettle(self, request, context):
+        """Settles several reservations in one call, each exactly as Settle would.
+        Not atomic: every item succeeds or fails on its own, and its result
+        carries either Settle's response or the google.rpc.Status (code,
+        ErrorInfo reason, details) that Settle would have answered for it. The
+        router's outbox sends the settlements of one read this way. Needs
+        SCOPE_INTERNAL. Errors of the whole call: INVALID_ARGUMENT
+        (INVALID_FIELD: no requests, or more than 1000), and those every RPC can
+        return. Idempotent per request_id. Deadline: 5 s; callers retry from a
+        durable outbox.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchRelease(self, request, context):
+        """Releases several holds in one call, each exactly as Release would; not
+        atomic, per-item results as for BatchSettle. Needs SCOPE_INTERNAL.
+        Errors of the whole call: INVALID_ARGUMENT (INVALID_FIELD: no requests,
+        or more than 1000). Idempotent. Deadline: 5 s.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetBudgetStatus(self, request, context):
         """Spend, holds and limits of every budget that applies to a subject.
         Needs SCOPE_READ. Errors: NOT_FOUND (RESOURCE_NOT_FOUND: the tenant),
@@ -292,6 +327,16 @@ def add_BudgetServiceServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=orchestra_dot_budget_dot_v1_dot_budget__service__pb2.ReleaseRequest.FromString,
                     response_serializer=orchestra_dot_budget_dot_v1_dot_budget__service__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'BatchSettle': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchSettle,
+                    request_deserializer=orchestra_dot_budget_dot_v1_dot_budget__service__pb2.BatchSettleRequest.FromString,
+                    response_serializer=orchestra_dot_budget_dot_v1_dot_budget__service__pb2.BatchSettleResponse.SerializeToString,
+            ),
+            'BatchRelease': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchRelease,
+                    request_deserializer=orchestra_dot_budget_dot_v1_dot_budget__service__pb2.BatchReleaseRequest.FromString,
+                    response_serializer=orchestra_dot_budget_dot_v1_dot_budget__service__pb2.BatchReleaseResponse.SerializeToString,
             ),
             'GetBudgetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetBudgetStatus,
@@ -532,6 +577,60 @@ class BudgetService:
             '/orchestra.budget.v1.BudgetService/Release',
             orchestra_dot_budget_dot_v1_dot_budget__service__pb2.ReleaseRequest.SerializeToString,
             orchestra_dot_budget_dot_v1_dot_budget__service__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchSettle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestra.budget.v1.BudgetService/BatchSettle',
+            orchestra_dot_budget_dot_v1_dot_budget__service__pb2.BatchSettleRequest.SerializeToString,
+            orchestra_dot_budget_dot_v1_dot_budget__service__pb2.BatchSettleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchRelease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestra.budget.v1.BudgetService/BatchRelease',
+            orchestra_dot_budget_dot_v1_dot_budget__service__pb2.BatchReleaseRequest.SerializeToString,
+            orchestra_dot_budget_dot_v1_dot_budget__service__pb2.BatchReleaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

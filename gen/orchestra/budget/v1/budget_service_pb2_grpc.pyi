@@ -126,6 +126,23 @@ class BudgetServiceStub:
     request_id missing or too long), UNAVAILABLE (STORE_UNAVAILABLE).
     Idempotent. Deadline: 200 ms.
     """
+    BatchSettle: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.BatchSettleRequest, _budget_service_pb2.BatchSettleResponse]
+    """Settles several reservations in one call, each exactly as Settle would.
+    Not atomic: every item succeeds or fails on its own, and its result
+    carries either Settle's response or the google.rpc.Status (code,
+    ErrorInfo reason, details) that Settle would have answered for it. The
+    router's outbox sends the settlements of one read this way. Needs
+    SCOPE_INTERNAL. Errors of the whole call: INVALID_ARGUMENT
+    (INVALID_FIELD: no requests, or more than 1000), and those every RPC can
+    return. Idempotent per request_id. Deadline: 5 s; callers retry from a
+    durable outbox.
+    """
+    BatchRelease: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.BatchReleaseRequest, _budget_service_pb2.BatchReleaseResponse]
+    """Releases several holds in one call, each exactly as Release would; not
+    atomic, per-item results as for BatchSettle. Needs SCOPE_INTERNAL.
+    Errors of the whole call: INVALID_ARGUMENT (INVALID_FIELD: no requests,
+    or more than 1000). Idempotent. Deadline: 5 s.
+    """
     GetBudgetStatus: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.GetBudgetStatusRequest, _budget_service_pb2.GetBudgetStatusResponse]
     """Spend, holds and limits of every budget that applies to a subject.
     Needs SCOPE_READ. Errors: NOT_FOUND (RESOURCE_NOT_FOUND: the tenant),
@@ -240,6 +257,23 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     Errors: NOT_FOUND (RESERVATION_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
     request_id missing or too long), UNAVAILABLE (STORE_UNAVAILABLE).
     Idempotent. Deadline: 200 ms.
+    """
+    BatchSettle: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.BatchSettleRequest, _budget_service_pb2.BatchSettleResponse]  # type: ignore[assignment]
+    """Settles several reservations in one call, each exactly as Settle would.
+    Not atomic: every item succeeds or fails on its own, and its result
+    carries either Settle's response or the google.rpc.Status (code,
+    ErrorInfo reason, details) that Settle would have answered for it. The
+    router's outbox sends the settlements of one read this way. Needs
+    SCOPE_INTERNAL. Errors of the whole call: INVALID_ARGUMENT
+    (INVALID_FIELD: no requests, or more than 1000), and those every RPC can
+    return. Idempotent per request_id. Deadline: 5 s; callers retry from a
+    durable outbox.
+    """
+    BatchRelease: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.BatchReleaseRequest, _budget_service_pb2.BatchReleaseResponse]  # type: ignore[assignment]
+    """Releases several holds in one call, each exactly as Release would; not
+    atomic, per-item results as for BatchSettle. Needs SCOPE_INTERNAL.
+    Errors of the whole call: INVALID_ARGUMENT (INVALID_FIELD: no requests,
+    or more than 1000). Idempotent. Deadline: 5 s.
     """
     GetBudgetStatus: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.GetBudgetStatusRequest, _budget_service_pb2.GetBudgetStatusResponse]  # type: ignore[assignment]
     """Spend, holds and limits of every budget that applies to a subject.
@@ -400,6 +434,35 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         Errors: NOT_FOUND (RESERVATION_NOT_FOUND), INVALID_ARGUMENT (INVALID_FIELD:
         request_id missing or too long), UNAVAILABLE (STORE_UNAVAILABLE).
         Idempotent. Deadline: 200 ms.
+        """
+
+    @_abc_1.abstractmethod
+    def BatchSettle(
+        self,
+        request: _budget_service_pb2.BatchSettleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_service_pb2.BatchSettleResponse, _abc.Awaitable[_budget_service_pb2.BatchSettleResponse]]:
+        """Settles several reservations in one call, each exactly as Settle would.
+        Not atomic: every item succeeds or fails on its own, and its result
+        carries either Settle's response or the google.rpc.Status (code,
+        ErrorInfo reason, details) that Settle would have answered for it. The
+        router's outbox sends the settlements of one read this way. Needs
+        SCOPE_INTERNAL. Errors of the whole call: INVALID_ARGUMENT
+        (INVALID_FIELD: no requests, or more than 1000), and those every RPC can
+        return. Idempotent per request_id. Deadline: 5 s; callers retry from a
+        durable outbox.
+        """
+
+    @_abc_1.abstractmethod
+    def BatchRelease(
+        self,
+        request: _budget_service_pb2.BatchReleaseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_budget_service_pb2.BatchReleaseResponse, _abc.Awaitable[_budget_service_pb2.BatchReleaseResponse]]:
+        """Releases several holds in one call, each exactly as Release would; not
+        atomic, per-item results as for BatchSettle. Needs SCOPE_INTERNAL.
+        Errors of the whole call: INVALID_ARGUMENT (INVALID_FIELD: no requests,
+        or more than 1000). Idempotent. Deadline: 5 s.
         """
 
     @_abc_1.abstractmethod

@@ -24,10 +24,11 @@ _sym_db = _symbol_database.Default()
 
 from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 from orchestra.common.v1 import chat_pb2 as orchestra_dot_common_dot_v1_dot_chat__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&orchestra/cache/v1/cache_service.proto\x12\x12orchestra.cache.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1eorchestra/common/v1/chat.proto\"\xd3\x01\n\x08\x43\x61\x63heKey\x12\x17\n\ttenant_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05model\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x34\n\x08messages\x18\x03 \x03(\x0b\x32\x1c.orchestra.common.v1.MessageB\x04\xe2\x41\x01\x02\x12\x39\n\ngeneration\x18\x04 \x01(\x0b\x32%.orchestra.common.v1.GenerationConfig\x12(\n\x05tools\x18\x05 \x03(\x0b\x32\x19.orchestra.common.v1.Tool\"\xdb\x01\n\x0c\x43\x61\x63hedAnswer\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x31\n\ntool_calls\x18\x02 \x03(\x0b\x32\x1d.orchestra.common.v1.ToolCall\x12\x38\n\rfinish_reason\x18\x03 \x01(\x0e\x32!.orchestra.common.v1.FinishReason\x12)\n\x05usage\x18\x04 \x01(\x0b\x32\x1a.orchestra.common.v1.Usage\x12\x16\n\x0e\x63ost_micro_usd\x18\x05 \x01(\x03\x12\r\n\x05model\x18\x06 \x01(\t\"r\n\rLookupRequest\x12/\n\x03key\x18\x01 \x01(\x0b\x32\x1c.orchestra.cache.v1.CacheKeyB\x04\xe2\x41\x01\x02\x12\x12\n\nexact_only\x18\x02 \x01(\x08\x12\x1c\n\x14similarity_threshold\x18\x03 \x01(\x02\"\xc3\x01\n\x0eLookupResponse\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12\x31\n\nmatch_kind\x18\x02 \x01(\x0e\x32\x1d.orchestra.cache.v1.MatchKind\x12\x10\n\x08\x65ntry_id\x18\x03 \x01(\t\x12\x30\n\x06\x61nswer\x18\x04 \x01(\x0b\x32 .orchestra.cache.v1.CachedAnswer\x12\x12\n\nsimilarity\x18\x05 \x01(\x02\x12\x19\n\x11\x65xplored_entry_id\x18\x06 \x01(\t\"\xcd\x01\n\x0cStoreRequest\x12/\n\x03key\x18\x01 \x01(\x0b\x32\x1c.orchestra.cache.v1.CacheKeyB\x04\xe2\x41\x01\x02\x12\x36\n\x06\x61nswer\x18\x02 \x01(\x0b\x32 .orchestra.cache.v1.CachedAnswerB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x10\n\x08\x65nd_user\x18\x04 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\x05\x12\x19\n\x11\x65xplored_entry_id\x18\x06 \x01(\t\"F\n\rStoreResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\x12\x10\n\x08\x65ntry_id\x18\x02 \x01(\t\x12\x13\n\x0bskip_reason\x18\x03 \x01(\t\"\x90\x01\n\x11InvalidateRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x03\x61ll\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05model\x18\x03 \x01(\tH\x00\x12\x14\n\nkey_prefix\x18\x04 \x01(\tH\x00\x12\x12\n\x08\x65nd_user\x18\x05 \x01(\tH\x00\x12\x12\n\x08\x65ntry_id\x18\x06 \x01(\tH\x00\x42\n\n\x08selector\"+\n\x12InvalidateResponse\x12\x15\n\rdeleted_count\x18\x01 \x01(\x03\")\n\x14GetCacheStatsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"F\n\x15GetCacheStatsResponse\x12-\n\x05stats\x18\x01 \x01(\x0b\x32\x1e.orchestra.cache.v1.CacheStats\"\x85\x02\n\nCacheStats\x12\x0f\n\x07lookups\x18\x01 \x01(\x03\x12\x12\n\nexact_hits\x18\x02 \x01(\x03\x12\x15\n\rsemantic_hits\x18\x03 \x01(\x03\x12\x0e\n\x06stores\x18\x04 \x01(\x03\x12\x0f\n\x07\x65ntries\x18\x05 \x01(\x03\x12\r\n\x05\x62ytes\x18\x06 \x01(\x03\x12\x14\n\x0ctokens_saved\x18\x07 \x01(\x03\x12\x17\n\x0fsaved_micro_usd\x18\x08 \x01(\x03\x12\x15\n\rlookup_p50_us\x18\t \x01(\x03\x12\x15\n\rlookup_p99_us\x18\n \x01(\x03\x12.\n\nsince_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp*V\n\tMatchKind\x12\x1a\n\x16MATCH_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10MATCH_KIND_EXACT\x10\x01\x12\x17\n\x13MATCH_KIND_SEMANTIC\x10\x02\x32\xf0\x02\n\x0c\x43\x61\x63heService\x12O\n\x06Lookup\x12!.orchestra.cache.v1.LookupRequest\x1a\".orchestra.cache.v1.LookupResponse\x12L\n\x05Store\x12 .orchestra.cache.v1.StoreRequest\x1a!.orchestra.cache.v1.StoreResponse\x12[\n\nInvalidate\x12%.orchestra.cache.v1.InvalidateRequest\x1a&.orchestra.cache.v1.InvalidateResponse\x12\x64\n\rGetCacheStats\x12(.orchestra.cache.v1.GetCacheStatsRequest\x1a).orchestra.cache.v1.GetCacheStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&orchestra/cache/v1/cache_service.proto\x12\x12orchestra.cache.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\x1a\x1eorchestra/common/v1/chat.proto\"\xd3\x01\n\x08\x43\x61\x63heKey\x12\x17\n\ttenant_id\x18\x01 \x01(\tB\x04\xe2\x41\x01\x02\x12\x13\n\x05model\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x34\n\x08messages\x18\x03 \x03(\x0b\x32\x1c.orchestra.common.v1.MessageB\x04\xe2\x41\x01\x02\x12\x39\n\ngeneration\x18\x04 \x01(\x0b\x32%.orchestra.common.v1.GenerationConfig\x12(\n\x05tools\x18\x05 \x03(\x0b\x32\x19.orchestra.common.v1.Tool\"\xdb\x01\n\x0c\x43\x61\x63hedAnswer\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x31\n\ntool_calls\x18\x02 \x03(\x0b\x32\x1d.orchestra.common.v1.ToolCall\x12\x38\n\rfinish_reason\x18\x03 \x01(\x0e\x32!.orchestra.common.v1.FinishReason\x12)\n\x05usage\x18\x04 \x01(\x0b\x32\x1a.orchestra.common.v1.Usage\x12\x16\n\x0e\x63ost_micro_usd\x18\x05 \x01(\x03\x12\r\n\x05model\x18\x06 \x01(\t\"r\n\rLookupRequest\x12/\n\x03key\x18\x01 \x01(\x0b\x32\x1c.orchestra.cache.v1.CacheKeyB\x04\xe2\x41\x01\x02\x12\x12\n\nexact_only\x18\x02 \x01(\x08\x12\x1c\n\x14similarity_threshold\x18\x03 \x01(\x02\"\xc3\x01\n\x0eLookupResponse\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12\x31\n\nmatch_kind\x18\x02 \x01(\x0e\x32\x1d.orchestra.cache.v1.MatchKind\x12\x10\n\x08\x65ntry_id\x18\x03 \x01(\t\x12\x30\n\x06\x61nswer\x18\x04 \x01(\x0b\x32 .orchestra.cache.v1.CachedAnswer\x12\x12\n\nsimilarity\x18\x05 \x01(\x02\x12\x19\n\x11\x65xplored_entry_id\x18\x06 \x01(\t\"\xcd\x01\n\x0cStoreRequest\x12/\n\x03key\x18\x01 \x01(\x0b\x32\x1c.orchestra.cache.v1.CacheKeyB\x04\xe2\x41\x01\x02\x12\x36\n\x06\x61nswer\x18\x02 \x01(\x0b\x32 .orchestra.cache.v1.CachedAnswerB\x04\xe2\x41\x01\x02\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x10\n\x08\x65nd_user\x18\x04 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\x05\x12\x19\n\x11\x65xplored_entry_id\x18\x06 \x01(\t\"F\n\rStoreResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\x12\x10\n\x08\x65ntry_id\x18\x02 \x01(\t\x12\x13\n\x0bskip_reason\x18\x03 \x01(\t\"M\n\x11\x42\x61tchStoreRequest\x12\x38\n\x08requests\x18\x01 \x03(\x0b\x32 .orchestra.cache.v1.StoreRequestB\x04\xe2\x41\x01\x02\"F\n\x12\x42\x61tchStoreResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.orchestra.cache.v1.StoreResult\"t\n\x0bStoreResult\x12\x35\n\x08response\x18\x01 \x01(\x0b\x32!.orchestra.cache.v1.StoreResponseH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\t\n\x07outcome\"\x90\x01\n\x11InvalidateRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\r\n\x03\x61ll\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05model\x18\x03 \x01(\tH\x00\x12\x14\n\nkey_prefix\x18\x04 \x01(\tH\x00\x12\x12\n\x08\x65nd_user\x18\x05 \x01(\tH\x00\x12\x12\n\x08\x65ntry_id\x18\x06 \x01(\tH\x00\x42\n\n\x08selector\"+\n\x12InvalidateResponse\x12\x15\n\rdeleted_count\x18\x01 \x01(\x03\")\n\x14GetCacheStatsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"F\n\x15GetCacheStatsResponse\x12-\n\x05stats\x18\x01 \x01(\x0b\x32\x1e.orchestra.cache.v1.CacheStats\"\x85\x02\n\nCacheStats\x12\x0f\n\x07lookups\x18\x01 \x01(\x03\x12\x12\n\nexact_hits\x18\x02 \x01(\x03\x12\x15\n\rsemantic_hits\x18\x03 \x01(\x03\x12\x0e\n\x06stores\x18\x04 \x01(\x03\x12\x0f\n\x07\x65ntries\x18\x05 \x01(\x03\x12\r\n\x05\x62ytes\x18\x06 \x01(\x03\x12\x14\n\x0ctokens_saved\x18\x07 \x01(\x03\x12\x17\n\x0fsaved_micro_usd\x18\x08 \x01(\x03\x12\x15\n\rlookup_p50_us\x18\t \x01(\x03\x12\x15\n\rlookup_p99_us\x18\n \x01(\x03\x12.\n\nsince_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp*V\n\tMatchKind\x12\x1a\n\x16MATCH_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10MATCH_KIND_EXACT\x10\x01\x12\x17\n\x13MATCH_KIND_SEMANTIC\x10\x02\x32\xcd\x03\n\x0c\x43\x61\x63heService\x12O\n\x06Lookup\x12!.orchestra.cache.v1.LookupRequest\x1a\".orchestra.cache.v1.LookupResponse\x12L\n\x05Store\x12 .orchestra.cache.v1.StoreRequest\x1a!.orchestra.cache.v1.StoreResponse\x12[\n\nBatchStore\x12%.orchestra.cache.v1.BatchStoreRequest\x1a&.orchestra.cache.v1.BatchStoreResponse\x12[\n\nInvalidate\x12%.orchestra.cache.v1.InvalidateRequest\x1a&.orchestra.cache.v1.InvalidateResponse\x12\x64\n\rGetCacheStats\x12(.orchestra.cache.v1.GetCacheStatsRequest\x1a).orchestra.cache.v1.GetCacheStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,30 +47,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STOREREQUEST'].fields_by_name['key']._serialized_options = b'\342A\001\002'
   _globals['_STOREREQUEST'].fields_by_name['answer']._loaded_options = None
   _globals['_STOREREQUEST'].fields_by_name['answer']._serialized_options = b'\342A\001\002'
-  _globals['_MATCHKIND']._serialized_start=1761
-  _globals['_MATCHKIND']._serialized_end=1847
-  _globals['_CACHEKEY']._serialized_start=161
-  _globals['_CACHEKEY']._serialized_end=372
-  _globals['_CACHEDANSWER']._serialized_start=375
-  _globals['_CACHEDANSWER']._serialized_end=594
-  _globals['_LOOKUPREQUEST']._serialized_start=596
-  _globals['_LOOKUPREQUEST']._serialized_end=710
-  _globals['_LOOKUPRESPONSE']._serialized_start=713
-  _globals['_LOOKUPRESPONSE']._serialized_end=908
-  _globals['_STOREREQUEST']._serialized_start=911
-  _globals['_STOREREQUEST']._serialized_end=1116
-  _globals['_STORERESPONSE']._serialized_start=1118
-  _globals['_STORERESPONSE']._serialized_end=1188
-  _globals['_INVALIDATEREQUEST']._serialized_start=1191
-  _globals['_INVALIDATEREQUEST']._serialized_end=1335
-  _globals['_INVALIDATERESPONSE']._serialized_start=1337
-  _globals['_INVALIDATERESPONSE']._serialized_end=1380
-  _globals['_GETCACHESTATSREQUEST']._serialized_start=1382
-  _globals['_GETCACHESTATSREQUEST']._serialized_end=1423
-  _globals['_GETCACHESTATSRESPONSE']._serialized_start=1425
-  _globals['_GETCACHESTATSRESPONSE']._serialized_end=1495
-  _globals['_CACHESTATS']._serialized_start=1498
-  _globals['_CACHESTATS']._serialized_end=1759
-  _globals['_CACHESERVICE']._serialized_start=1850
-  _globals['_CACHESERVICE']._serialized_end=2218
+  _globals['_BATCHSTOREREQUEST'].fields_by_name['requests']._loaded_options = None
+  _globals['_BATCHSTOREREQUEST'].fields_by_name['requests']._serialized_options = b'\342A\001\002'
+  _globals['_MATCHKIND']._serialized_start=2055
+  _globals['_MATCHKIND']._serialized_end=2141
+  _globals['_CACHEKEY']._serialized_start=186
+  _globals['_CACHEKEY']._serialized_end=397
+  _globals['_CACHEDANSWER']._serialized_start=400
+  _globals['_CACHEDANSWER']._serialized_end=619
+  _globals['_LOOKUPREQUEST']._serialized_start=621
+  _globals['_LOOKUPREQUEST']._serialized_end=735
+  _globals['_LOOKUPRESPONSE']._serialized_start=738
+  _globals['_LOOKUPRESPONSE']._serialized_end=933
+  _globals['_STOREREQUEST']._serialized_start=936
+  _globals['_STOREREQUEST']._serialized_end=1141
+  _globals['_STORERESPONSE']._serialized_start=1143
+  _globals['_STORERESPONSE']._serialized_end=1213
+  _globals['_BATCHSTOREREQUEST']._serialized_start=1215
+  _globals['_BATCHSTOREREQUEST']._serialized_end=1292
+  _globals['_BATCHSTORERESPONSE']._serialized_start=1294
+  _globals['_BATCHSTORERESPONSE']._serialized_end=1364
+  _globals['_STORERESULT']._serialized_start=1366
+  _globals['_STORERESULT']._serialized_end=1482
+  _globals['_INVALIDATEREQUEST']._serialized_start=1485
+  _globals['_INVALIDATEREQUEST']._serialized_end=1629
+  _globals['_INVALIDATERESPONSE']._serialized_start=1631
+  _globals['_INVALIDATERESPONSE']._serialized_end=1674
+  _globals['_GETCACHESTATSREQUEST']._serialized_start=1676
+  _globals['_GETCACHESTATSREQUEST']._serialized_end=1717
+  _globals['_GETCACHESTATSRESPONSE']._serialized_start=1719
+  _globals['_GETCACHESTATSRESPONSE']._serialized_end=1789
+  _globals['_CACHESTATS']._serialized_start=1792
+  _globals['_CACHESTATS']._serialized_end=2053
+  _globals['_CACHESERVICE']._serialized_start=2144
+  _globals['_CACHESERVICE']._serialized_end=2605
 # @@protoc_insertion_point(module_scope)

@@ -51,6 +51,11 @@ class CacheServiceStub:
                 request_serializer=orchestra_dot_cache_dot_v1_dot_cache__service__pb2.StoreRequest.SerializeToString,
                 response_deserializer=orchestra_dot_cache_dot_v1_dot_cache__service__pb2.StoreResponse.FromString,
                 _registered_method=True)
+        self.BatchStore = channel.unary_unary(
+                '/orchestra.cache.v1.CacheService/BatchStore',
+                request_serializer=orchestra_dot_cache_dot_v1_dot_cache__service__pb2.BatchStoreRequest.SerializeToString,
+                response_deserializer=orchestra_dot_cache_dot_v1_dot_cache__service__pb2.BatchStoreResponse.FromString,
+                _registered_method=True)
         self.Invalidate = channel.unary_unary(
                 '/orchestra.cache.v1.CacheService/Invalidate',
                 request_serializer=orchestra_dot_cache_dot_v1_dot_cache__service__pb2.InvalidateRequest.SerializeToString,
@@ -99,6 +104,21 @@ class CacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchStore(self, request, context):
+        """Stores several answers in one call, each exactly as Store would. Not
+        atomic: every item succeeds or fails on its own, and its result carries
+        either Store's response or the google.rpc.Status (code, ErrorInfo
+        reason, details) that Store would have answered for it. The router's
+        outbox sends the stores of one read this way. Needs SCOPE_INTERNAL; an
+        item for a tenant other than the caller's fails with PERMISSION_DENIED
+        (SCOPE_DENIED). Errors of the whole call: INVALID_ARGUMENT
+        (INVALID_FIELD: no requests, or more than 1000), and those every RPC can
+        return. Idempotent. Deadline: 5 s; callers retry from a durable outbox.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Invalidate(self, request, context):
         """Deletes entries by tenant, model, key prefix, end user or id. Needs
         SCOPE_ADMIN for the caller's tenant. Errors: INVALID_ARGUMENT
@@ -133,6 +153,11 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.Store,
                     request_deserializer=orchestra_dot_cache_dot_v1_dot_cache__service__pb2.StoreRequest.FromString,
                     response_serializer=orchestra_dot_cache_dot_v1_dot_cache__service__pb2.StoreResponse.SerializeToString,
+            ),
+            'BatchStore': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchStore,
+                    request_deserializer=orchestra_dot_cache_dot_v1_dot_cache__service__pb2.BatchStoreRequest.FromString,
+                    response_serializer=orchestra_dot_cache_dot_v1_dot_cache__service__pb2.BatchStoreResponse.SerializeToString,
             ),
             'Invalidate': grpc.unary_unary_rpc_method_handler(
                     servicer.Invalidate,
@@ -206,6 +231,33 @@ class CacheService:
             '/orchestra.cache.v1.CacheService/Store',
             orchestra_dot_cache_dot_v1_dot_cache__service__pb2.StoreRequest.SerializeToString,
             orchestra_dot_cache_dot_v1_dot_cache__service__pb2.StoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchStore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/orchestra.cache.v1.CacheService/BatchStore',
+            orchestra_dot_cache_dot_v1_dot_cache__service__pb2.BatchStoreRequest.SerializeToString,
+            orchestra_dot_cache_dot_v1_dot_cache__service__pb2.BatchStoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

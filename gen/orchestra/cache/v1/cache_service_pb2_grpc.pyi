@@ -58,6 +58,17 @@ class CacheServiceStub:
     Idempotent (the same request stores one entry).
     Deadline: 500 ms; callers retry from a durable outbox.
     """
+    BatchStore: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.BatchStoreRequest, _cache_service_pb2.BatchStoreResponse]
+    """Stores several answers in one call, each exactly as Store would. Not
+    atomic: every item succeeds or fails on its own, and its result carries
+    either Store's response or the google.rpc.Status (code, ErrorInfo
+    reason, details) that Store would have answered for it. The router's
+    outbox sends the stores of one read this way. Needs SCOPE_INTERNAL; an
+    item for a tenant other than the caller's fails with PERMISSION_DENIED
+    (SCOPE_DENIED). Errors of the whole call: INVALID_ARGUMENT
+    (INVALID_FIELD: no requests, or more than 1000), and those every RPC can
+    return. Idempotent. Deadline: 5 s; callers retry from a durable outbox.
+    """
     Invalidate: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.InvalidateRequest, _cache_service_pb2.InvalidateResponse]
     """Deletes entries by tenant, model, key prefix, end user or id. Needs
     SCOPE_ADMIN for the caller's tenant. Errors: INVALID_ARGUMENT
@@ -102,6 +113,17 @@ class CacheServiceAsyncStub(CacheServiceStub):
     ttl_seconds), UNAVAILABLE (STORE_UNAVAILABLE).
     Idempotent (the same request stores one entry).
     Deadline: 500 ms; callers retry from a durable outbox.
+    """
+    BatchStore: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.BatchStoreRequest, _cache_service_pb2.BatchStoreResponse]  # type: ignore[assignment]
+    """Stores several answers in one call, each exactly as Store would. Not
+    atomic: every item succeeds or fails on its own, and its result carries
+    either Store's response or the google.rpc.Status (code, ErrorInfo
+    reason, details) that Store would have answered for it. The router's
+    outbox sends the stores of one read this way. Needs SCOPE_INTERNAL; an
+    item for a tenant other than the caller's fails with PERMISSION_DENIED
+    (SCOPE_DENIED). Errors of the whole call: INVALID_ARGUMENT
+    (INVALID_FIELD: no requests, or more than 1000), and those every RPC can
+    return. Idempotent. Deadline: 5 s; callers retry from a durable outbox.
     """
     Invalidate: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.InvalidateRequest, _cache_service_pb2.InvalidateResponse]  # type: ignore[assignment]
     """Deletes entries by tenant, model, key prefix, end user or id. Needs
@@ -156,6 +178,23 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         ttl_seconds), UNAVAILABLE (STORE_UNAVAILABLE).
         Idempotent (the same request stores one entry).
         Deadline: 500 ms; callers retry from a durable outbox.
+        """
+
+    @_abc_1.abstractmethod
+    def BatchStore(
+        self,
+        request: _cache_service_pb2.BatchStoreRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cache_service_pb2.BatchStoreResponse, _abc.Awaitable[_cache_service_pb2.BatchStoreResponse]]:
+        """Stores several answers in one call, each exactly as Store would. Not
+        atomic: every item succeeds or fails on its own, and its result carries
+        either Store's response or the google.rpc.Status (code, ErrorInfo
+        reason, details) that Store would have answered for it. The router's
+        outbox sends the stores of one read this way. Needs SCOPE_INTERNAL; an
+        item for a tenant other than the caller's fails with PERMISSION_DENIED
+        (SCOPE_DENIED). Errors of the whole call: INVALID_ARGUMENT
+        (INVALID_FIELD: no requests, or more than 1000), and those every RPC can
+        return. Idempotent. Deadline: 5 s; callers retry from a durable outbox.
         """
 
     @_abc_1.abstractmethod
