@@ -368,7 +368,8 @@ async def test_edge_enforces_the_grpc_timeout_header_for_grpc_web(edge: Edge) ->
             },
         )
     # Envoy's grpc_web filter reports this timeout as HTTP 504 / UNAVAILABLE.
-    assert reply.status_code == 504
+    # (It once answered 200 in CI, not reproduced since: the message says what it was.)
+    assert reply.status_code == 504, (reply.status_code, dict(reply.headers), reply.content)
     assert reply.headers["grpc-message"] == "downstream duration timeout"
 
 
