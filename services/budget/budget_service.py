@@ -209,15 +209,8 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
     ) -> pb.BatchSettleResponse:
         caller(context, self._signer, INTERNAL)
         batches.check_size(request.requests)
-        outcomes = await batches.each(request.requests, self._settle, "BatchSettle")
-        return pb.BatchSettleResponse(
-            results=[
-                pb.SettleResult(response=o)
-                if isinstance(o, pb.SettleResponse)
-                else pb.SettleResult(error=o)
-                for o in outcomes
-            ]
-        )
+        results = await batches.each(request.requests, self._settle, "BatchSettle", pb.SettleResult)
+        return pb.BatchSettleResponse(results=results)
 
     async def _settle(self, request: pb.SettleRequest) -> pb.SettleResponse:
         validation.required_text(request.request_id, "request_id", validation.MAX_REQUEST_ID_CHARS)
@@ -247,15 +240,10 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
     ) -> pb.BatchReleaseResponse:
         caller(context, self._signer, INTERNAL)
         batches.check_size(request.requests)
-        outcomes = await batches.each(request.requests, self._release, "BatchRelease")
-        return pb.BatchReleaseResponse(
-            results=[
-                pb.ReleaseResult(response=o)
-                if isinstance(o, pb.ReleaseResponse)
-                else pb.ReleaseResult(error=o)
-                for o in outcomes
-            ]
+        results = await batches.each(
+            request.requests, self._release, "BatchRelease", pb.ReleaseResult
         )
+        return pb.BatchReleaseResponse(results=results)
 
     async def _release(self, request: pb.ReleaseRequest) -> pb.ReleaseResponse:
         validation.required_text(request.request_id, "request_id", validation.MAX_REQUEST_ID_CHARS)

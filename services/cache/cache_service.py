@@ -62,17 +62,13 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         """See the proto: SCOPE_INTERNAL; one outcome per item."""
         identity = caller(context, self._signer, identity_pb2.SCOPE_INTERNAL)
         batches.check_size(request.requests)
-        outcomes = await batches.each(
-            request.requests, functools.partial(self._store, identity), "BatchStore"
+        results = await batches.each(
+            request.requests,
+            functools.partial(self._store, identity),
+            "BatchStore",
+            cache_service_pb2.StoreResult,
         )
-        return cache_service_pb2.BatchStoreResponse(
-            results=[
-                cache_service_pb2.StoreResult(response=o)
-                if isinstance(o, cache_service_pb2.StoreResponse)
-                else cache_service_pb2.StoreResult(error=o)
-                for o in outcomes
-            ]
-        )
+        return cache_service_pb2.BatchStoreResponse(results=results)
 
     async def _store(
         self, identity: identity_pb2.Identity, request: cache_service_pb2.StoreRequest

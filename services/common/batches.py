@@ -14,14 +14,13 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
-from google.rpc import status_pb2
-
 from orchestra.common.v1 import errors_pb2
 from services.common.errors import InvalidArgument
 from services.common.interceptors import as_error
 
 Q = TypeVar("Q")
 R = TypeVar("R")
+M = TypeVar("M")
 
 MAX_ITEMS = 1000
 
@@ -41,17 +40,21 @@ def check_size(requests: Sequence[object], field: str = "requests") -> None:
 
 
 async def each(
-    requests: Sequence[Q], handle: Callable[[Q], Awaitable[R]], method: str
-) -> list[R | status_pb2.Status]:
-    """Runs ``handle`` on every request concurrently: per request, its response
-    or the status of the error it raised (a non-Orchestra error is logged as
-    a bug and becomes INTERNAL with an incident id, as for a single call)."""
+    requests: Sequence[Q],
+    handle: Callable[[Q], Awaitable[R]],
+    method: str,
+    result: Callable[..., M],
+) -> list[M]:
+    """Runs ``handle`` on every request concurrently; per request, in order,
+    ``result(response=...)`` or ``result(error=...)`` with the status of the
+    error it raised (a non-Orchestra error is logged as a bug and becomes
+    INTERNAL with an incident id, as for a single call)."""
 
-    async def one(request: Q) -> R | status_pb2.Status:
+    async def one(request: Q) -> M:
         try:
-            return await handle(request)
+            return result(response=await handle(request))
         except Exception as exc:  # noqa: BLE001 - the item's own outcome
-            return as_error(exc, method).to_rpc_status()
+            return result(error=as_error(exc, method).to_rpc_status())
 
     return list(await asyncio.gather(*(one(r) for r in requests)))
 

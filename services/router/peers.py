@@ -164,14 +164,8 @@ class Peers:
         try:
             await self._deliver(self.audit.AppendRecords, batch)
         except PermanentFailure:
-            outcomes: list[BaseException | None] = []
-            for payload in payloads:  # in order: the log keeps the chats' order
-                try:
-                    await self.deliver_audit(payload)
-                    outcomes.append(None)
-                except Exception as exc:  # noqa: BLE001 - the outbox judges each
-                    outcomes.append(exc)
-            return outcomes
+            # In order: the log keeps the chats' order.
+            return await _one_by_one(payloads, self.deliver_audit)
         return [None] * len(payloads)
 
     async def _deliver_many(
@@ -194,14 +188,7 @@ class Peers:
         except grpc.aio.AioRpcError as exc:
             if exc.code() not in _PERMANENT and exc.code() != grpc.StatusCode.UNIMPLEMENTED:
                 raise
-            outcomes: list[BaseException | None] = []
-            for payload in payloads:
-                try:
-                    await deliver_one(payload)
-                    outcomes.append(None)
-                except Exception as item_exc:  # noqa: BLE001 - the outbox judges each
-                    outcomes.append(item_exc)
-            return outcomes
+            return await _one_by_one(payloads, deliver_one)
         return [_item_outcome(result) for result in reply.results]
 
     async def _deliver(self, method: Any, request: object) -> None:
@@ -211,6 +198,20 @@ class Peers:
             if exc.code() in _PERMANENT:
                 raise PermanentFailure(f"{exc.code().name}: {exc.details()}") from exc
             raise
+
+
+async def _one_by_one(
+    payloads: Sequence[bytes], deliver_one: Callable[[bytes], Awaitable[None]]
+) -> list[BaseException | None]:
+    """Delivers each payload on its own, in order; per payload, None or its error."""
+    outcomes: list[BaseException | None] = []
+    for payload in payloads:
+        try:
+            await deliver_one(payload)
+            outcomes.append(None)
+        except Exception as exc:  # noqa: BLE001 - the outbox judges each
+            outcomes.append(exc)
+    return outcomes
 
 
 class ItemFailed(Exception):

@@ -109,9 +109,8 @@ class CacheServiceServicer:
         atomic: every item succeeds or fails on its own, and its result carries
         either Store's response or the google.rpc.Status (code, ErrorInfo
         reason, details) that Store would have answered for it. The router's
-        outbox sends the stores of one read this way. Needs SCOPE_INTERNAL; an
-        item for a tenant other than the caller's fails with PERMISSION_DENIED
-        (SCOPE_DENIED). Errors of the whole call: INVALID_ARGUMENT
+        outbox sends the stores of one read this way. Needs SCOPE_INTERNAL (so
+        items may be for different tenants). Errors of the whole call: INVALID_ARGUMENT
         (INVALID_FIELD: no requests, or more than 1000), and those every RPC can
         return. Idempotent. Deadline: 5 s; callers retry from a durable outbox.
         """
