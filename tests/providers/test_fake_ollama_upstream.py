@@ -120,6 +120,7 @@ async def test_stream_faults(client: ollama.AsyncClient, fake: FakeOllama) -> No
 
 async def test_timeout(fake: FakeOllama) -> None:
     fake.set_fault(Fault.timeout(delay=60), times=1)
-    client = ollama.AsyncClient(host=fake.url, timeout=0.3)
+    # Only the read may time out: a connect slowed by a busy CI machine must not.
+    client = ollama.AsyncClient(host=fake.url, timeout=httpx.Timeout(0.3, connect=5.0))
     with pytest.raises(httpx.ReadTimeout):
         await client.chat(model=MODEL, messages=HI)
