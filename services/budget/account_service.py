@@ -20,11 +20,11 @@ from services.budget import keys, validation
 from services.budget.accounts import AccountStore, not_found
 from services.budget.authn import Authenticator
 from services.budget.catalog import Catalog
-from services.budget.invalidation import ALL, Invalidations
 from services.budget.keystore import KeyStore
 from services.common import paging
 from services.common.errors import PermissionDenied
 from services.common.identity import IdentitySigner, caller, has_scope, tenant_of
+from services.common.key_invalidation import ALL, Invalidations
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -278,8 +278,11 @@ class AccountServicer(account_service_pb2_grpc.AccountServiceServicer):
     ) -> pb.AuthenticateResponse:
         caller(context, self._signer, INTERNAL)
         principal = await self._authenticator.authenticate(request.api_key.strip())
-        return pb.AuthenticateResponse(
+        response = pb.AuthenticateResponse(
             identity=principal.identity,
             policy=principal.policy,
             key_rate_limit=principal.key_rate_limit,
         )
+        if principal.expire_at is not None:
+            response.expire_time.FromMicroseconds(round(principal.expire_at * 1e6))
+        return response

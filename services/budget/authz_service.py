@@ -1,6 +1,8 @@
 """Envoy's ext_authz gRPC API (``envoy.service.auth.v3.Authorization/Check``).
 
-The edge calls Check for every request. A valid key gets an OK response that
+The edge calls Check for every request but health, reflection and
+``orchestra.router.v1.ChatService`` (the router authenticates chats itself,
+through ``AccountService.Authenticate``, and keeps the answer). A valid key gets an OK response that
 sets ``x-orchestra-identity`` (overwriting any value) to the signed identity.
 A refusal is a denied response that Envoy turns into the client's reply:
 
@@ -34,6 +36,7 @@ from envoy.type.v3 import http_status_pb2
 from google.rpc import status_pb2
 
 from services.budget.authn import Authenticator
+from services.common import keycache
 from services.common.errors import OrchestraError
 from services.common.identity import HEADER, IdentitySigner
 
@@ -49,17 +52,12 @@ _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 def api_key_of(http: Any) -> str:
     """The API key in a checked request's headers ("" if none).
 
-    ``authorization: Bearer <key>`` wins over ``x-api-key``. Envoy sends
-    lower-cased names in ``headers``, or in ``header_map`` when configured to.
+    Envoy sends lower-cased names in ``headers``, or in ``header_map`` when
+    configured to; `keycache.api_key_of` picks the key from them.
     """
-    headers = {k.lower(): v for k, v in http.headers.items()}
-    for entry in http.header_map.headers:
-        value = entry.value or entry.raw_value.decode(errors="replace")
-        headers.setdefault(entry.key.lower(), value)
-    scheme, _, token = headers.get("authorization", "").strip().partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return str(token).strip()
-    return str(headers.get("x-api-key", "")).strip()
+    pairs: list[tuple[str, str | bytes]] = list(http.headers.items())
+    pairs += [(entry.key, entry.value or entry.raw_value) for entry in http.header_map.headers]
+    return keycache.api_key_of(pairs)
 
 
 def percent_encode(message: str) -> str:

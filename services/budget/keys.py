@@ -9,16 +9,16 @@ constant time.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import re
 import secrets
+
+from services.common import keycache
 
 PREFIX = "ok_"
 _RANDOM_BYTES = 24  # 32 URL-safe base64 characters
 _KEY_ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _KEY_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
-MAX_SECRET_CHARS = 512
 
 
 def new_key_id() -> str:
@@ -46,9 +46,8 @@ def key_id_of(secret: str) -> str | None:
     return key_id
 
 
-def digest(secret: str) -> bytes:
-    """SHA-256 of the secret: what is stored and what caches are keyed by."""
-    return hashlib.sha256(secret.encode()).digest()
+digest = keycache.digest
+"""SHA-256 of the secret: what is stored and what caches are keyed by."""
 
 
 def matches(secret_digest: bytes, stored_digest: bytes) -> bool:

@@ -40,7 +40,6 @@ from services.budget.config import (
 )
 from services.budget.counters import Counters
 from services.budget.holds import HoldStore
-from services.budget.invalidation import Invalidations
 from services.budget.keystore import KeyStore
 from services.budget.ledger import Ledger
 from services.budget.unheld import UnheldStore
@@ -48,6 +47,7 @@ from services.common.admin_audit import AdminAuditInterceptor
 from services.common.audit_client import AdminAuditor
 from services.common.errors import OrchestraError
 from services.common.identity import IdentitySigner
+from services.common.key_invalidation import Invalidations
 from services.common.settings import Settings
 from services.common.stores import connect_postgres, connect_redis, migrate
 

@@ -120,10 +120,20 @@ def caller(
         Unauthenticated: No valid identity header.
         PermissionDenied: SCOPE_DENIED when the caller holds none of ``scopes``.
     """
-    token = _header(context.invocation_metadata() or ())
+    token = signed_identity(context.invocation_metadata() or ())
     if token is None:
         raise _missing("request did not come through the authenticated edge")
     identity = signer.verify(token)
+    require_scope(identity, *scopes)
+    return identity
+
+
+def require_scope(identity: identity_pb2.Identity, *scopes: identity_pb2.Scope.ValueType) -> None:
+    """Checks that ``identity`` holds one of ``scopes`` (none given: any identity).
+
+    Raises:
+        PermissionDenied: SCOPE_DENIED.
+    """
     if scopes and not any(has_scope(identity, s) for s in scopes):
         names = ", ".join(identity_pb2.Scope.Name(s) for s in scopes)
         raise PermissionDenied(
@@ -131,7 +141,6 @@ def caller(
             f"this call needs one of: {names}",
             metadata={"scope": names},
         )
-    return identity
 
 
 def tenant_of(identity: identity_pb2.Identity, requested: str = "") -> str:
@@ -153,7 +162,8 @@ def tenant_of(identity: identity_pb2.Identity, requested: str = "") -> str:
     )
 
 
-def _header(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
+def signed_identity(metadata: Iterable[tuple[str, str | bytes]]) -> str | None:
+    """The identity token in a call's metadata, unverified (None: there is none)."""
     for key, value in metadata:
         if key == HEADER:
             return value.decode() if isinstance(value, bytes) else value

@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 POLICY_TTL_SECONDS = 10.0
 RESERVE_DEADLINE = 2.0
+# As the edge's ext_authz timeout was: a key is resolved from memory or one
+# primary-key read, so a second means budget is in trouble.
+AUTHENTICATE_DEADLINE = 1.0
 LOOKUP_DEADLINE = 0.25
 DELIVERY_DEADLINE = 5.0
 # Refusals that no retry can fix: the job goes to the dead-letter stream.
@@ -77,6 +80,18 @@ class Peers:
             raise from_rpc_error(exc, dependency="budget") from None
         self._policies[tenant_id] = (now + POLICY_TTL_SECONDS, reply.tenant.policy)
         return reply.tenant.policy
+
+    async def authenticate(self, secret: str) -> account_pb2.AuthenticateResponse:
+        """Who an API key belongs to, or the budget service's refusal as ours."""
+        try:
+            reply: account_pb2.AuthenticateResponse = await self.accounts.Authenticate(
+                account_pb2.AuthenticateRequest(api_key=secret),
+                timeout=AUTHENTICATE_DEADLINE,
+                metadata=self._token.metadata(),
+            )
+            return reply
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc, dependency="budget") from None
 
     async def reserve(self, request: budget_pb2.ReserveRequest) -> budget_pb2.ReserveResponse:
         """Holds the worst-case cost, or raises the budget's refusal as ours."""

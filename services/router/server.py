@@ -8,6 +8,7 @@ servicers (:mod:`services.router.chat_service`,
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 
@@ -23,6 +24,7 @@ from orchestra.router.v1 import (
 from services.common.catalog_view import ModelCatalogView
 from services.common.clients import ServiceToken, channel
 from services.common.identity import IdentitySigner
+from services.common.key_invalidation import Invalidations
 from services.common.settings import Settings
 from services.common.stores import connect_redis
 from services.providers import adapter_for
@@ -34,6 +36,7 @@ from services.router.breakers import Breakers
 from services.router.chat_service import ChatServicer
 from services.router.config import RouterConfig
 from services.router.engine import Engine
+from services.router.keyauth import RemoteKeys
 from services.router.outbox import Outbox
 from services.router.peers import Peers
 from services.router.router_service import RouterServicer
@@ -50,22 +53,22 @@ class RouterService:
         config = RouterConfig.from_settings(settings)
         self._config = config
         signer = IdentitySigner(settings.internal_key)
-        self._peers = Peers(settings, signer)
+        self.peers = Peers(settings, signer)
         redis = connect_redis(config.redis_url)
         self._redis = redis
         self.outbox = Outbox(
             redis,
             {
-                "settle": self._peers.deliver_settle,
-                "release": self._peers.deliver_release,
-                "cache_store": self._peers.deliver_cache_store,
-                "audit": self._peers.deliver_audit,
+                "settle": self.peers.deliver_settle,
+                "release": self.peers.deliver_release,
+                "cache_store": self.peers.deliver_cache_store,
+                "audit": self.peers.deliver_audit,
             },
             batch_handlers={
-                "settle": self._peers.deliver_settle_many,
-                "release": self._peers.deliver_release_many,
-                "cache_store": self._peers.deliver_cache_store_many,
-                "audit": self._peers.deliver_audit_many,
+                "settle": self.peers.deliver_settle_many,
+                "release": self.peers.deliver_release_many,
+                "cache_store": self.peers.deliver_cache_store_many,
+                "audit": self.peers.deliver_audit_many,
             },
         )
         self._discovery_channel = channel(settings.addrs["discovery"])
@@ -89,7 +92,7 @@ class RouterService:
         self.learner = learning.Learner(redis)
         self.engine = Engine(
             config.engine,
-            self._peers,
+            self.peers,
             self.outbox,
             self.catalog.all,
             adapters,
@@ -98,6 +101,9 @@ class RouterService:
         )
         self.batches = BatchRunner(BatchStore(redis), self.engine)
         self._signer = signer
+        self.keys = RemoteKeys(self.peers)
+        self._key_invalidations = Invalidations(redis, self.keys)
+        self._key_listener: asyncio.Task[None] | None = None
 
     def full_names(self) -> Sequence[str]:
         """See :class:`services.common.server.Service`."""
@@ -113,7 +119,7 @@ class RouterService:
     def register(self, server: grpc.aio.Server) -> None:
         """See :class:`services.common.server.Service`."""
         chat_service_pb2_grpc.add_ChatServiceServicer_to_server(
-            ChatServicer(self.engine, self._signer), server
+            ChatServicer(self.engine, self._signer, self.keys), server
         )
         router_service_pb2_grpc.add_RouterServiceServicer_to_server(
             RouterServicer(self.engine, self._signer, self.learner, batches=self.batches),
@@ -128,6 +134,9 @@ class RouterService:
         anyway and catches up when discovery answers.
         """
         await self.outbox.start()
+        self._key_listener = asyncio.create_task(
+            self._key_invalidations.listen(), name="router-key-invalidations"
+        )
         self.catalog.start()
         if not await self.catalog.wait_ready(self._config.catalog_wait_seconds):
             log.warning("no model catalog from discovery yet; routing will refuse until it comes")
@@ -136,12 +145,16 @@ class RouterService:
     async def stop(self) -> None:
         """Hands in-flight accounting to the outbox, then closes everything."""
         await self.batches.stop()
+        self._key_invalidations.stop()
+        if self._key_listener is not None:
+            self._key_listener.cancel()  # stop() alone ends it within a second
+            await asyncio.wait([self._key_listener], timeout=2.0)
         await self.engine.aclose()
         await self.outbox.stop()
         await self.catalog.stop()
         for adapter in self._adapters.values():
             await adapter.aclose()
-        await self._peers.close()
+        await self.peers.close()
         await self._discovery_channel.close()
         await self._redis.aclose()
 

@@ -102,6 +102,13 @@ async def echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) 
     return request + b"|" + str(identity).encode()
 
 
+async def chat_echo(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+    """What a ChatService call brings the router: ``identity|authorization``."""
+    metadata = {k: str(v) for k, v in context.invocation_metadata() or ()}
+    identity, key = metadata.get("x-orchestra-identity", ""), metadata.get("authorization", "")
+    return f"{identity}|{key}".encode()
+
+
 async def count(
     request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
 ) -> AsyncIterator[bytes]:
@@ -164,9 +171,13 @@ async def start_upstream() -> tuple[grpc.aio.Server, int]:
         "Count": grpc.unary_stream_rpc_method_handler(count),
         "Slow": grpc.unary_unary_rpc_method_handler(slow),
     }
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("orchestra.router.v1.EchoService", handlers),)
-    )
+    chat: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+        "ChatStream": grpc.unary_unary_rpc_method_handler(chat_echo)
+    }
+    server.add_generic_rpc_handlers((
+        grpc.method_handlers_generic_handler("orchestra.router.v1.EchoService", handlers),
+        grpc.method_handlers_generic_handler("orchestra.router.v1.ChatService", chat),
+    ))  # fmt: skip
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(Authorization(), server)
     names = (
@@ -219,6 +230,20 @@ async def test_unary_call_carries_the_identity_from_check(edge: Edge) -> None:
         # ... and stripped when Check sets none.
         anonymous = (("authorization", "Bearer anonymous"), ("x-orchestra-identity", "admin"))
         assert await call(b"hi", metadata=anonymous, timeout=5) == b"hi|"
+
+
+@live
+async def test_chat_reaches_the_router_without_a_check(edge: Edge) -> None:
+    """ChatService is authenticated by the router: the edge passes the key on,
+    asks Check nothing (no identity is injected, even for a key Check would
+    refuse) and still strips a forged identity."""
+    async with grpc.aio.insecure_channel(edge.target) as channel:
+        chat: UnaryUnary = channel.unary_unary("/orchestra.router.v1.ChatService/ChatStream")
+        forged = (("authorization", "Bearer good"), ("x-orchestra-identity", "admin"))
+        assert await chat(b"", metadata=forged, timeout=5) == b"|Bearer good"
+        assert await chat(b"", metadata=(("authorization", "Bearer wrong"),), timeout=5) == (
+            b"|Bearer wrong"
+        )
 
 
 @live

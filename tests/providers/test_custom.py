@@ -260,7 +260,7 @@ async def test_the_engine_estimates_usage_the_provider_did_not_report(
         router = running["router"].service
         engine = Engine(
             EngineConfig(default_max_tokens=64),
-            router._peers,  # type: ignore[attr-defined]
+            router.peers,  # type: ignore[attr-defined]
             router.outbox,  # type: ignore[attr-defined]
             lambda: [model],
             {"acme": adapter},

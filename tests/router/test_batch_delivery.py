@@ -24,7 +24,7 @@ Metadata = list[tuple[str, str]]
 
 
 def _peers(suite: Suite) -> Peers:
-    peers: Peers = suite.running["router"].service._peers  # type: ignore[attr-defined]
+    peers: Peers = suite.running["router"].service.peers  # type: ignore[attr-defined]
     return peers
 
 

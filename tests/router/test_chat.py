@@ -235,16 +235,6 @@ async def test_bad_requests_are_refused_precisely(
     assert not _chats(suite.primary)
 
 
-async def test_a_call_without_the_edge_identity_is_unauthenticated(suite: Suite) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await suite.chat.Chat(_request())
-    details = errors.decode(raised.value)
-    assert (details.code, details.reason) == (
-        grpc.StatusCode.UNAUTHENTICATED,
-        "IDENTITY_MISSING",
-    )
-
-
 async def test_concurrent_streams_each_get_their_own_answer(suite: Suite) -> None:
     results = await asyncio.gather(*(_events(suite, _request(f"q{i}")) for i in range(8)))
     assert all(_text(events) == suite.primary.reply_text for events in results)

@@ -1038,6 +1038,7 @@ class AuthenticateResponse(_message.Message):
     IDENTITY_FIELD_NUMBER: _builtins.int
     POLICY_FIELD_NUMBER: _builtins.int
     KEY_RATE_LIMIT_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def identity(self) -> _identity_pb2.Identity:
         """Who the key belongs to and what it may do."""
@@ -1050,16 +1051,24 @@ class AuthenticateResponse(_message.Message):
     def key_rate_limit(self) -> _identity_pb2.RateLimit:
         """The key's own rate limit."""
 
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the key stops working; unset: never. A caller that keeps the answer
+        for a while (the router does, for a few seconds) must refuse the key from
+        this instant on.
+        """
+
     def __init__(
         self,
         *,
         identity: _identity_pb2.Identity | None = ...,
         policy: Global___TenantPolicy | None = ...,
         key_rate_limit: _identity_pb2.RateLimit | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity", "key_rate_limit", b"key_rate_limit", "policy", b"policy"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "identity", b"identity", "key_rate_limit", b"key_rate_limit", "policy", b"policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["identity", b"identity", "key_rate_limit", b"key_rate_limit", "policy", b"policy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "identity", b"identity", "key_rate_limit", b"key_rate_limit", "policy", b"policy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

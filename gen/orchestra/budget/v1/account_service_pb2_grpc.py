@@ -265,8 +265,10 @@ class AccountServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Authenticate(self, request, context):
-        """Resolves an API key secret to the caller's identity. Used by the edge's
-        ext_authz check and by services; needs SCOPE_INTERNAL.
+        """Resolves an API key secret to the caller's identity. Used by the router,
+        which authenticates ChatService calls itself (keeping answers for a few
+        seconds and dropping them when a key is revoked), and by other services;
+        needs SCOPE_INTERNAL.
         Errors: UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID: unknown,
         malformed or expired; API_KEY_REVOKED: revoked, or its tenant deleted),
         UNAVAILABLE (STORE_UNAVAILABLE). The edge's ext_authz Check

@@ -130,8 +130,10 @@ class AccountServiceStub:
     tenant's key), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 2 s.
     """
     Authenticate: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.AuthenticateRequest, _account_service_pb2.AuthenticateResponse]
-    """Resolves an API key secret to the caller's identity. Used by the edge's
-    ext_authz check and by services; needs SCOPE_INTERNAL.
+    """Resolves an API key secret to the caller's identity. Used by the router,
+    which authenticates ChatService calls itself (keeping answers for a few
+    seconds and dropping them when a key is revoked), and by other services;
+    needs SCOPE_INTERNAL.
     Errors: UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID: unknown,
     malformed or expired; API_KEY_REVOKED: revoked, or its tenant deleted),
     UNAVAILABLE (STORE_UNAVAILABLE). The edge's ext_authz Check
@@ -242,8 +244,10 @@ class AccountServiceAsyncStub(AccountServiceStub):
     tenant's key), UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 2 s.
     """
     Authenticate: _aio.UnaryUnaryMultiCallable[_account_service_pb2.AuthenticateRequest, _account_service_pb2.AuthenticateResponse]  # type: ignore[assignment]
-    """Resolves an API key secret to the caller's identity. Used by the edge's
-    ext_authz check and by services; needs SCOPE_INTERNAL.
+    """Resolves an API key secret to the caller's identity. Used by the router,
+    which authenticates ChatService calls itself (keeping answers for a few
+    seconds and dropping them when a key is revoked), and by other services;
+    needs SCOPE_INTERNAL.
     Errors: UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID: unknown,
     malformed or expired; API_KEY_REVOKED: revoked, or its tenant deleted),
     UNAVAILABLE (STORE_UNAVAILABLE). The edge's ext_authz Check
@@ -435,8 +439,10 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _account_service_pb2.AuthenticateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_account_service_pb2.AuthenticateResponse, _abc.Awaitable[_account_service_pb2.AuthenticateResponse]]:
-        """Resolves an API key secret to the caller's identity. Used by the edge's
-        ext_authz check and by services; needs SCOPE_INTERNAL.
+        """Resolves an API key secret to the caller's identity. Used by the router,
+        which authenticates ChatService calls itself (keeping answers for a few
+        seconds and dropping them when a key is revoked), and by other services;
+        needs SCOPE_INTERNAL.
         Errors: UNAUTHENTICATED (API_KEY_MISSING, API_KEY_INVALID: unknown,
         malformed or expired; API_KEY_REVOKED: revoked, or its tenant deleted),
         UNAVAILABLE (STORE_UNAVAILABLE). The edge's ext_authz Check

@@ -1,9 +1,11 @@
-"""Telling every replica to forget cached keys (revoke, rotate, tenant changes).
+"""Telling every key cache to forget keys (revoke, rotate, tenant changes).
 
-A change drops the local cache entries at once and is published on a Redis
-channel that every replica listens to. Pub/sub may lose a message while a
-replica is disconnected, so a replica clears its whole cache whenever it
-(re)subscribes, and the cache's short TTL bounds what a lost message costs.
+Budget commits a change, drops its own cache entries at once and publishes the
+key ids on a Redis channel; every budget replica and every router (which keeps
+the ``Authenticate`` answers of its ChatService callers) listens to it.
+Pub/sub may lose a message while a listener is disconnected, so it clears its
+whole cache whenever it (re)subscribes, and the cache's short TTL bounds what
+a lost message costs.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from services.budget.authn import Authenticator
+from services.common.keycache import KeyCache
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +26,9 @@ ALL = "*"
 
 
 class Invalidations:
-    """Publishes and applies key cache invalidations."""
+    """Publishes and applies key cache invalidations for one `KeyCache`."""
 
-    def __init__(self, client: aioredis.Redis, authenticator: Authenticator) -> None:
+    def __init__(self, client: aioredis.Redis, authenticator: KeyCache) -> None:
         self._redis = client
         self._authenticator = authenticator
         self._stopping = False
