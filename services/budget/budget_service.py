@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -18,7 +19,7 @@ from services.budget.budgets import BudgetStore
 from services.budget.catalog import Catalog
 from services.budget.ledger import GROUP_KEYS, Ledger
 from services.budget.subjects import Status, Subject
-from services.common import batches, paging
+from services.common import batches, paging, streams
 from services.common.errors import InvalidArgument
 from services.common.identity import IdentitySigner, caller, tenant_of
 
@@ -150,6 +151,23 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
 
     async def Reserve(self, request: pb.ReserveRequest, context: Context) -> pb.ReserveResponse:
         caller(context, self._signer, INTERNAL)
+        response = await self._reserve(request)
+        if response.unheld:
+            # Admitted without a hold: Redis is unreachable and the tenant fails open.
+            context.set_trailing_metadata(((FAIL_OPEN_HEADER, "redis-unreachable"),))
+        return response
+
+    async def ReserveStream(
+        self, requests: AsyncIterator[pb.ReserveStreamRequest], context: Context
+    ) -> AsyncIterator[pb.ReserveStreamResponse]:
+        """See the proto: Reserve's code path for each item, answered as it finishes."""
+        caller(context, self._signer, INTERNAL)
+        async for answer in streams.serve(
+            requests, self._reserve, "ReserveStream", pb.ReserveStreamResponse
+        ):
+            yield answer
+
+    async def _reserve(self, request: pb.ReserveRequest) -> pb.ReserveResponse:
         validation.required_text(request.request_id, "request_id", validation.MAX_REQUEST_ID_CHARS)
         subject = _subject(request.subject, "subject")
         if len(request.model) > validation.MAX_NAME_CHARS:
@@ -195,9 +213,7 @@ class BudgetServicer(budget_service_pb2_grpc.BudgetServiceServicer):
             ],
         )
         response.expire_time.FromMicroseconds(int(hold.expire_at * 1e6))
-        if hold.unheld:
-            # Admitted without a hold: Redis is unreachable and the tenant fails open.
-            context.set_trailing_metadata(((FAIL_OPEN_HEADER, "redis-unreachable"),))
+        response.unheld = hold.unheld
         return response
 
     async def Settle(self, request: pb.SettleRequest, context: Context) -> pb.SettleResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -13,7 +14,7 @@ from orchestra.common.v1 import identity_pb2
 from services.cache.core import Cache
 from services.cache.keys import invalid
 from services.cache.layers import Exploration
-from services.common import batches
+from services.common import batches, streams
 from services.common.identity import IdentitySigner, caller, tenant_of
 
 _Context = grpc.aio.ServicerContext[Any, Any]
@@ -30,8 +31,23 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         self, request: cache_service_pb2.LookupRequest, context: _Context
     ) -> cache_service_pb2.LookupResponse:
         """See the proto: SCOPE_INTERNAL; a miss is not an error."""
-        identity = caller(context, self._signer, identity_pb2.SCOPE_INTERNAL)
-        tenant_of(identity, request.key.tenant_id)
+        caller(context, self._signer, identity_pb2.SCOPE_INTERNAL)
+        return await self._lookup(request)
+
+    async def LookupStream(
+        self, requests: AsyncIterator[cache_service_pb2.LookupStreamRequest], context: _Context
+    ) -> AsyncIterator[cache_service_pb2.LookupStreamResponse]:
+        """See the proto: Lookup's code path for each item, answered as it finishes."""
+        caller(context, self._signer, identity_pb2.SCOPE_INTERNAL)
+        async for answer in streams.serve(
+            requests, self._lookup, "LookupStream", cache_service_pb2.LookupStreamResponse
+        ):
+            yield answer
+
+    async def _lookup(
+        self, request: cache_service_pb2.LookupRequest
+    ) -> cache_service_pb2.LookupResponse:
+        """One lookup for an internal caller (which may name any tenant)."""
         match = await self._cache.lookup(
             request.key,
             exact_only=request.exact_only,

@@ -121,6 +121,7 @@ def _pack(message: object) -> any_pb2.Any:
 
 
 _CODE_NUMBERS: dict[grpc.StatusCode, int] = {code: code.value[0] for code in grpc.StatusCode}
+_CODES: dict[int, grpc.StatusCode] = {number: code for code, number in _CODE_NUMBERS.items()}
 
 
 class InvalidArgument(OrchestraError):
@@ -222,6 +223,15 @@ def decode(error: grpc.RpcError) -> ErrorDetails:
     status = _status_from_trailers(call)
     if status is None:
         return ErrorDetails(code=code, message=message)
+    return _details(code, message, status)
+
+
+def decode_status(status: status_pb2.Status) -> ErrorDetails:
+    """Decodes a ``google.rpc.Status`` sent as data (a batch or stream item's error)."""
+    return _details(_CODES.get(status.code, grpc.StatusCode.UNKNOWN), status.message, status)
+
+
+def _details(code: grpc.StatusCode, message: str, status: status_pb2.Status) -> ErrorDetails:
     reason, metadata, retry_after, fields = "", {}, None, {}
     for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
@@ -246,7 +256,27 @@ def from_rpc_error(error: grpc.RpcError, *, dependency: str) -> OrchestraError:
     RetryInfo; one without (the peer is down, say) becomes UNAVAILABLE
     DEPENDENCY_UNAVAILABLE naming the peer.
     """
-    details = decode(error)
+    return _forward(decode(error), _status_from_trailers(error), dependency)
+
+
+def from_rpc_status(status: status_pb2.Status, *, dependency: str) -> OrchestraError:
+    """Like `from_rpc_error`, for the status of one item of a batch or stream."""
+    return _forward(decode_status(status), status, dependency)
+
+
+def dependency_unavailable(dependency: str, why: str) -> Unavailable:
+    """UNAVAILABLE DEPENDENCY_UNAVAILABLE: a peer service did not answer."""
+    return Unavailable(
+        errors_pb2.ERROR_REASON_DEPENDENCY_UNAVAILABLE,
+        f"the {dependency} service did not answer: {why}",
+        metadata={"dependency": dependency},
+        retry_after=1.0,
+    )
+
+
+def _forward(
+    details: ErrorDetails, status: status_pb2.Status | None, dependency: str
+) -> OrchestraError:
     if details.reason:
         try:
             reason = errors_pb2.ErrorReason.Value(_REASON_PREFIX + details.reason)
@@ -256,14 +286,9 @@ def from_rpc_error(error: grpc.RpcError, *, dependency: str) -> OrchestraError:
             reason, details.message, metadata=details.metadata, retry_after=details.retry_after
         )
         forwarded.code = details.code
-        forwarded.forwarded_status = _status_from_trailers(error)  # every detail, as sent
+        forwarded.forwarded_status = status  # every detail, as sent
         return forwarded
-    return Unavailable(
-        errors_pb2.ERROR_REASON_DEPENDENCY_UNAVAILABLE,
-        f"the {dependency} service did not answer: {details.code.name} {details.message}",
-        metadata={"dependency": dependency},
-        retry_after=1.0,
-    )
+    return dependency_unavailable(dependency, f"{details.code.name} {details.message}")
 
 
 def _status_from_trailers(call: object) -> status_pb2.Status | None:
@@ -291,6 +316,9 @@ __all__ = [
     "Unauthenticated",
     "Unavailable",
     "decode",
+    "decode_status",
+    "dependency_unavailable",
     "from_rpc_error",
+    "from_rpc_status",
     "reason_name",
 ]

@@ -74,7 +74,8 @@ def _wrap_stream(behavior: _Stream, method: str) -> _Stream:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions raised by unary-unary and unary-stream handlers to statuses."""
+    """Maps exceptions raised by unary-unary, unary-stream and bidirectional
+    handlers to statuses."""
 
     async def intercept_service(
         self,
@@ -99,4 +100,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        return handler  # no client-streaming RPCs in our contracts
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_stream(handler.stream_stream, method),  # type: ignore[arg-type]
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # no client-streaming-only RPCs in our contracts

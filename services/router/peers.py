@@ -8,6 +8,7 @@ handed to the outbox, whose handlers are the ``deliver_*`` methods below.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -24,9 +25,10 @@ from orchestra.budget.v1 import budget_service_pb2_grpc as budget_grpc
 from orchestra.cache.v1 import cache_service_pb2 as cache_pb2
 from orchestra.cache.v1 import cache_service_pb2_grpc as cache_grpc
 from services.common.clients import ServiceToken, channel
-from services.common.errors import from_rpc_error
+from services.common.errors import OrchestraError, decode_status, from_rpc_error, reason_name
 from services.common.identity import IdentitySigner
 from services.common.settings import Settings
+from services.common.streams import Multiplexer, StreamUnusable
 from services.router.outbox import PermanentFailure
 
 log = logging.getLogger(__name__)
@@ -59,9 +61,25 @@ class Peers:
         self.cache = cache_grpc.CacheServiceStub(cache_channel)
         self.audit = audit_grpc.AuditServiceStub(audit_channel)
         self._policies: dict[str, tuple[float, account_pb2.TenantPolicy]] = {}
+        # Reserve and Lookup ride one long-lived stream each (one message per
+        # chat instead of a whole RPC); an item the stream cannot carry goes
+        # unary (see services/common/streams.py).
+        self._reserves: Multiplexer[budget_pb2.ReserveRequest, budget_pb2.ReserveResponse] = (
+            Multiplexer(
+                lambda: self.budget.ReserveStream(metadata=self._token.metadata()),
+                lambda call_id, r: budget_pb2.ReserveStreamRequest(call_id=call_id, request=r),
+                "budget",
+            )
+        )
+        self._lookups: Multiplexer[cache_pb2.LookupRequest, cache_pb2.LookupResponse] = Multiplexer(
+            lambda: self.cache.LookupStream(metadata=self._token.metadata()),
+            lambda call_id, r: cache_pb2.LookupStreamRequest(call_id=call_id, request=r),
+            "cache",
+        )
 
     async def close(self) -> None:
-        """Closes every channel."""
+        """Ends the streams and closes every channel."""
+        await asyncio.gather(self._reserves.aclose(), self._lookups.aclose())
         await asyncio.gather(*(c.close() for c in self._channels))
 
     async def tenant_policy(self, tenant_id: str) -> account_pb2.TenantPolicy:
@@ -95,6 +113,10 @@ class Peers:
 
     async def reserve(self, request: budget_pb2.ReserveRequest) -> budget_pb2.ReserveResponse:
         """Holds the worst-case cost, or raises the budget's refusal as ours."""
+        with contextlib.suppress(StreamUnusable):
+            return await self._reserves.call(request, RESERVE_DEADLINE)
+        # Unary Reserve is idempotent per request_id, so an item whose stream
+        # broke after the budget held it gets the same hold back.
         try:
             reply: budget_pb2.ReserveResponse = await self.budget.Reserve(
                 request, timeout=RESERVE_DEADLINE, metadata=self._token.metadata()
@@ -106,6 +128,13 @@ class Peers:
     async def lookup(self, request: cache_pb2.LookupRequest) -> cache_pb2.LookupResponse | None:
         """The cache's answer (``hit`` false on a miss); None if the cache failed,
         which is a miss too, not an error."""
+        try:
+            return await self._lookups.call(request, LOOKUP_DEADLINE)
+        except StreamUnusable:
+            pass
+        except OrchestraError as exc:
+            log.warning("cache lookup failed, treated as a miss: %s", reason_name(exc.reason))
+            return None
         try:
             reply: cache_pb2.LookupResponse = await self.cache.Lookup(
                 request, timeout=LOOKUP_DEADLINE, metadata=self._token.metadata()
@@ -233,15 +262,10 @@ class ItemFailed(Exception):
     """One item of a batch call failed in a way that a retry may fix."""
 
 
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
-_PERMANENT_NUMBERS = {code.value[0] for code in _PERMANENT}
-
-
 def _item_outcome(result: Any) -> BaseException | None:
     """None for an item that succeeded; else the exception the outbox judges."""
     if result.WhichOneof("outcome") != "error":
         return None
-    status = result.error
-    code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
-    text = f"{code.name}: {status.message}"
-    return PermanentFailure(text) if status.code in _PERMANENT_NUMBERS else ItemFailed(text)
+    details = decode_status(result.error)
+    text = f"{details.code.name}: {details.message}"
+    return PermanentFailure(text) if details.code in _PERMANENT else ItemFailed(text)

@@ -37,6 +37,9 @@ class _Broken(cache_grpc.CacheServiceServicer):
     async def BatchStore(self, request: Any, context: Any) -> Any:
         raise NotImplementedError
 
+    def LookupStream(self, request: Any, context: Any) -> Any:
+        raise NotImplementedError
+
     async def GetCacheStats(self, request: Any, context: Any) -> Any:
         raise NotImplementedError
 

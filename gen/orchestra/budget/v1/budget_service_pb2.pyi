@@ -559,8 +559,15 @@ class ReserveResponse(_message.Message):
     HELD_MICRO_USD_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
+    UNHELD_FIELD_NUMBER: _builtins.int
     held_micro_usd: _builtins.int
     """The amount held."""
+    unheld: _builtins.bool
+    """True when the request was admitted without a hold: Redis is unreachable
+    and the tenant's policy fails open (held_micro_usd is then 0). Unary
+    Reserve also says so in the trailing metadata
+    "orchestra-budget-fail-open: redis-unreachable".
+    """
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
         """When the hold expires."""
@@ -575,14 +582,81 @@ class ReserveResponse(_message.Message):
         held_micro_usd: _builtins.int = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         warnings: _abc.Iterable[Global___BudgetWarning] | None = ...,
+        unheld: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "held_micro_usd", b"held_micro_usd", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "held_micro_usd", b"held_micro_usd", "unheld", b"unheld", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReserveResponse: _TypeAlias = ReserveResponse  # noqa: Y015
+
+@_typing.final
+class ReserveStreamRequest(_message.Message):
+    """One item sent on ReserveStream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.int
+    """Chosen by the caller, unique among its items in flight on this stream;
+    the answer carries it back.
+    """
+    @_builtins.property
+    def request(self) -> Global___ReserveRequest:
+        """The reservation, exactly as for Reserve."""
+
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.int = ...,
+        request: Global___ReserveRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReserveStreamRequest: _TypeAlias = ReserveStreamRequest  # noqa: Y015
+
+@_typing.final
+class ReserveStreamResponse(_message.Message):
+    """One answer on ReserveStream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.int
+    """The call_id of the item answered."""
+    @_builtins.property
+    def response(self) -> Global___ReserveResponse:
+        """The hold, as Reserve answers it."""
+
+    @_builtins.property
+    def error(self) -> _status_pb2.Status:
+        """The status Reserve would have failed with."""
+
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.int = ...,
+        response: Global___ReserveResponse | None = ...,
+        error: _status_pb2.Status | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "response", b"response"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_id", b"call_id", "error", b"error", "outcome", b"outcome", "response", b"response"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["response", "error"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___ReserveStreamResponse: _TypeAlias = ReserveStreamResponse  # noqa: Y015
 
 @_typing.final
 class BudgetWarning(_message.Message):

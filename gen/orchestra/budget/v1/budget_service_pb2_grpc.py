@@ -76,6 +76,11 @@ class BudgetServiceStub:
                 request_serializer=orchestra_dot_budget_dot_v1_dot_budget__service__pb2.ReserveRequest.SerializeToString,
                 response_deserializer=orchestra_dot_budget_dot_v1_dot_budget__service__pb2.ReserveResponse.FromString,
                 _registered_method=True)
+        self.ReserveStream = channel.stream_stream(
+                '/orchestra.budget.v1.BudgetService/ReserveStream',
+                request_serializer=orchestra_dot_budget_dot_v1_dot_budget__service__pb2.ReserveStreamRequest.SerializeToString,
+                response_deserializer=orchestra_dot_budget_dot_v1_dot_budget__service__pb2.ReserveStreamResponse.FromString,
+                _registered_method=True)
         self.Settle = channel.unary_unary(
                 '/orchestra.budget.v1.BudgetService/Settle',
                 request_serializer=orchestra_dot_budget_dot_v1_dot_budget__service__pb2.SettleRequest.SerializeToString,
@@ -201,6 +206,23 @@ class BudgetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReserveStream(self, request_iterator, context):
+        """Reserve over one long-lived stream: each message carries a Reserve
+        request and a call_id chosen by the caller; each answer carries that
+        call_id and either Reserve's response or the google.rpc.Status that
+        Reserve would have answered (code, ErrorInfo reason, QuotaFailure,
+        RetryInfo). Items run concurrently and are answered as they finish, not
+        in order. The router keeps one such stream per budget channel (renewed
+        every minute) so that a chat's admission costs one message instead of a
+        whole RPC. Needs SCOPE_INTERNAL, checked once when the stream opens.
+        Errors of the whole stream: UNAUTHENTICATED, PERMISSION_DENIED (a
+        caller without SCOPE_INTERNAL). Each item is idempotent per request_id,
+        so a caller may repeat over unary Reserve an item whose stream broke.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Settle(self, request, context):
         """Charges the actual cost of a reserved request and releases the rest.
         A cost above the hold is charged in full (the ledger records the
@@ -317,6 +339,11 @@ def add_BudgetServiceServicer_to_server(servicer, server):
                     servicer.Reserve,
                     request_deserializer=orchestra_dot_budget_dot_v1_dot_budget__service__pb2.ReserveRequest.FromString,
                     response_serializer=orchestra_dot_budget_dot_v1_dot_budget__service__pb2.ReserveResponse.SerializeToString,
+            ),
+            'ReserveStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ReserveStream,
+                    request_deserializer=orchestra_dot_budget_dot_v1_dot_budget__service__pb2.ReserveStreamRequest.FromString,
+                    response_serializer=orchestra_dot_budget_dot_v1_dot_budget__service__pb2.ReserveStreamResponse.SerializeToString,
             ),
             'Settle': grpc.unary_unary_rpc_method_handler(
                     servicer.Settle,
@@ -523,6 +550,33 @@ class BudgetService:
             '/orchestra.budget.v1.BudgetService/Reserve',
             orchestra_dot_budget_dot_v1_dot_budget__service__pb2.ReserveRequest.SerializeToString,
             orchestra_dot_budget_dot_v1_dot_budget__service__pb2.ReserveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReserveStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/orchestra.budget.v1.BudgetService/ReserveStream',
+            orchestra_dot_budget_dot_v1_dot_budget__service__pb2.ReserveStreamRequest.SerializeToString,
+            orchestra_dot_budget_dot_v1_dot_budget__service__pb2.ReserveStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -99,6 +99,19 @@ class BudgetServiceStub:
     reaches the ledger. Idempotent per request_id: a retry returns the
     existing hold. Deadline: 100 ms.
     """
+    ReserveStream: _grpc.StreamStreamMultiCallable[_budget_service_pb2.ReserveStreamRequest, _budget_service_pb2.ReserveStreamResponse]
+    """Reserve over one long-lived stream: each message carries a Reserve
+    request and a call_id chosen by the caller; each answer carries that
+    call_id and either Reserve's response or the google.rpc.Status that
+    Reserve would have answered (code, ErrorInfo reason, QuotaFailure,
+    RetryInfo). Items run concurrently and are answered as they finish, not
+    in order. The router keeps one such stream per budget channel (renewed
+    every minute) so that a chat's admission costs one message instead of a
+    whole RPC. Needs SCOPE_INTERNAL, checked once when the stream opens.
+    Errors of the whole stream: UNAUTHENTICATED, PERMISSION_DENIED (a
+    caller without SCOPE_INTERNAL). Each item is idempotent per request_id,
+    so a caller may repeat over unary Reserve an item whose stream broke.
+    """
     Settle: _grpc.UnaryUnaryMultiCallable[_budget_service_pb2.SettleRequest, _budget_service_pb2.SettleResponse]
     """Charges the actual cost of a reserved request and releases the rest.
     A cost above the hold is charged in full (the ledger records the
@@ -230,6 +243,19 @@ class BudgetServiceAsyncStub(BudgetServiceStub):
     redis-unreachable"; its payer is recorded in PostgreSQL so Settle still
     reaches the ledger. Idempotent per request_id: a retry returns the
     existing hold. Deadline: 100 ms.
+    """
+    ReserveStream: _aio.StreamStreamMultiCallable[_budget_service_pb2.ReserveStreamRequest, _budget_service_pb2.ReserveStreamResponse]  # type: ignore[assignment]
+    """Reserve over one long-lived stream: each message carries a Reserve
+    request and a call_id chosen by the caller; each answer carries that
+    call_id and either Reserve's response or the google.rpc.Status that
+    Reserve would have answered (code, ErrorInfo reason, QuotaFailure,
+    RetryInfo). Items run concurrently and are answered as they finish, not
+    in order. The router keeps one such stream per budget channel (renewed
+    every minute) so that a chat's admission costs one message instead of a
+    whole RPC. Needs SCOPE_INTERNAL, checked once when the stream opens.
+    Errors of the whole stream: UNAUTHENTICATED, PERMISSION_DENIED (a
+    caller without SCOPE_INTERNAL). Each item is idempotent per request_id,
+    so a caller may repeat over unary Reserve an item whose stream broke.
     """
     Settle: _aio.UnaryUnaryMultiCallable[_budget_service_pb2.SettleRequest, _budget_service_pb2.SettleResponse]  # type: ignore[assignment]
     """Charges the actual cost of a reserved request and releases the rest.
@@ -395,6 +421,25 @@ class BudgetServiceServicer(metaclass=_abc_1.ABCMeta):
         redis-unreachable"; its payer is recorded in PostgreSQL so Settle still
         reaches the ledger. Idempotent per request_id: a retry returns the
         existing hold. Deadline: 100 ms.
+        """
+
+    @_abc_1.abstractmethod
+    def ReserveStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_budget_service_pb2.ReserveStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_budget_service_pb2.ReserveStreamResponse], _abc.AsyncIterator[_budget_service_pb2.ReserveStreamResponse]]:
+        """Reserve over one long-lived stream: each message carries a Reserve
+        request and a call_id chosen by the caller; each answer carries that
+        call_id and either Reserve's response or the google.rpc.Status that
+        Reserve would have answered (code, ErrorInfo reason, QuotaFailure,
+        RetryInfo). Items run concurrently and are answered as they finish, not
+        in order. The router keeps one such stream per budget channel (renewed
+        every minute) so that a chat's admission costs one message instead of a
+        whole RPC. Needs SCOPE_INTERNAL, checked once when the stream opens.
+        Errors of the whole stream: UNAUTHENTICATED, PERMISSION_DENIED (a
+        caller without SCOPE_INTERNAL). Each item is idempotent per request_id,
+        so a caller may repeat over unary Reserve an item whose stream broke.
         """
 
     @_abc_1.abstractmethod

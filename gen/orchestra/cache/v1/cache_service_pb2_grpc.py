@@ -46,6 +46,11 @@ class CacheServiceStub:
                 request_serializer=orchestra_dot_cache_dot_v1_dot_cache__service__pb2.LookupRequest.SerializeToString,
                 response_deserializer=orchestra_dot_cache_dot_v1_dot_cache__service__pb2.LookupResponse.FromString,
                 _registered_method=True)
+        self.LookupStream = channel.stream_stream(
+                '/orchestra.cache.v1.CacheService/LookupStream',
+                request_serializer=orchestra_dot_cache_dot_v1_dot_cache__service__pb2.LookupStreamRequest.SerializeToString,
+                response_deserializer=orchestra_dot_cache_dot_v1_dot_cache__service__pb2.LookupStreamResponse.FromString,
+                _registered_method=True)
         self.Store = channel.unary_unary(
                 '/orchestra.cache.v1.CacheService/Store',
                 request_serializer=orchestra_dot_cache_dot_v1_dot_cache__service__pb2.StoreRequest.SerializeToString,
@@ -85,6 +90,21 @@ class CacheServiceServicer:
         parameter out of range, similarity_threshold outside 0–1), UNAVAILABLE
         (STORE_UNAVAILABLE). A miss is not an error. Idempotent.
         Deadline: 50 ms (treat a timeout as a miss).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LookupStream(self, request_iterator, context):
+        """Lookup over one long-lived stream: each message carries a Lookup request
+        and a call_id chosen by the caller; each answer carries that call_id and
+        either Lookup's response or the google.rpc.Status that Lookup would have
+        answered. Items run concurrently and are answered as they finish, not in
+        order. The router keeps one such stream per cache channel (renewed every
+        minute) so that a chat's lookup costs one message instead of a whole RPC.
+        Needs SCOPE_INTERNAL, checked once when the stream opens. Errors of the
+        whole stream: UNAUTHENTICATED, PERMISSION_DENIED (a caller without
+        SCOPE_INTERNAL). Idempotent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -148,6 +168,11 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     request_deserializer=orchestra_dot_cache_dot_v1_dot_cache__service__pb2.LookupRequest.FromString,
                     response_serializer=orchestra_dot_cache_dot_v1_dot_cache__service__pb2.LookupResponse.SerializeToString,
             ),
+            'LookupStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.LookupStream,
+                    request_deserializer=orchestra_dot_cache_dot_v1_dot_cache__service__pb2.LookupStreamRequest.FromString,
+                    response_serializer=orchestra_dot_cache_dot_v1_dot_cache__service__pb2.LookupStreamResponse.SerializeToString,
+            ),
             'Store': grpc.unary_unary_rpc_method_handler(
                     servicer.Store,
                     request_deserializer=orchestra_dot_cache_dot_v1_dot_cache__service__pb2.StoreRequest.FromString,
@@ -203,6 +228,33 @@ class CacheService:
             '/orchestra.cache.v1.CacheService/Lookup',
             orchestra_dot_cache_dot_v1_dot_cache__service__pb2.LookupRequest.SerializeToString,
             orchestra_dot_cache_dot_v1_dot_cache__service__pb2.LookupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/orchestra.cache.v1.CacheService/LookupStream',
+            orchestra_dot_cache_dot_v1_dot_cache__service__pb2.LookupStreamRequest.SerializeToString,
+            orchestra_dot_cache_dot_v1_dot_cache__service__pb2.LookupStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

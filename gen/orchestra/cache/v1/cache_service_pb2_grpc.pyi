@@ -48,6 +48,17 @@ class CacheServiceStub:
     (STORE_UNAVAILABLE). A miss is not an error. Idempotent.
     Deadline: 50 ms (treat a timeout as a miss).
     """
+    LookupStream: _grpc.StreamStreamMultiCallable[_cache_service_pb2.LookupStreamRequest, _cache_service_pb2.LookupStreamResponse]
+    """Lookup over one long-lived stream: each message carries a Lookup request
+    and a call_id chosen by the caller; each answer carries that call_id and
+    either Lookup's response or the google.rpc.Status that Lookup would have
+    answered. Items run concurrently and are answered as they finish, not in
+    order. The router keeps one such stream per cache channel (renewed every
+    minute) so that a chat's lookup costs one message instead of a whole RPC.
+    Needs SCOPE_INTERNAL, checked once when the stream opens. Errors of the
+    whole stream: UNAUTHENTICATED, PERMISSION_DENIED (a caller without
+    SCOPE_INTERNAL). Idempotent.
+    """
     Store: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.StoreRequest, _cache_service_pb2.StoreResponse]
     """Stores an answer. Ineligible requests (high temperature, tool calls,
     errors) are not stored and say why. Needs SCOPE_INTERNAL.
@@ -102,6 +113,17 @@ class CacheServiceAsyncStub(CacheServiceStub):
     parameter out of range, similarity_threshold outside 0–1), UNAVAILABLE
     (STORE_UNAVAILABLE). A miss is not an error. Idempotent.
     Deadline: 50 ms (treat a timeout as a miss).
+    """
+    LookupStream: _aio.StreamStreamMultiCallable[_cache_service_pb2.LookupStreamRequest, _cache_service_pb2.LookupStreamResponse]  # type: ignore[assignment]
+    """Lookup over one long-lived stream: each message carries a Lookup request
+    and a call_id chosen by the caller; each answer carries that call_id and
+    either Lookup's response or the google.rpc.Status that Lookup would have
+    answered. Items run concurrently and are answered as they finish, not in
+    order. The router keeps one such stream per cache channel (renewed every
+    minute) so that a chat's lookup costs one message instead of a whole RPC.
+    Needs SCOPE_INTERNAL, checked once when the stream opens. Errors of the
+    whole stream: UNAUTHENTICATED, PERMISSION_DENIED (a caller without
+    SCOPE_INTERNAL). Idempotent.
     """
     Store: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.StoreRequest, _cache_service_pb2.StoreResponse]  # type: ignore[assignment]
     """Stores an answer. Ineligible requests (high temperature, tool calls,
@@ -160,6 +182,23 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         parameter out of range, similarity_threshold outside 0–1), UNAVAILABLE
         (STORE_UNAVAILABLE). A miss is not an error. Idempotent.
         Deadline: 50 ms (treat a timeout as a miss).
+        """
+
+    @_abc_1.abstractmethod
+    def LookupStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_cache_service_pb2.LookupStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_cache_service_pb2.LookupStreamResponse], _abc.AsyncIterator[_cache_service_pb2.LookupStreamResponse]]:
+        """Lookup over one long-lived stream: each message carries a Lookup request
+        and a call_id chosen by the caller; each answer carries that call_id and
+        either Lookup's response or the google.rpc.Status that Lookup would have
+        answered. Items run concurrently and are answered as they finish, not in
+        order. The router keeps one such stream per cache channel (renewed every
+        minute) so that a chat's lookup costs one message instead of a whole RPC.
+        Needs SCOPE_INTERNAL, checked once when the stream opens. Errors of the
+        whole stream: UNAUTHENTICATED, PERMISSION_DENIED (a caller without
+        SCOPE_INTERNAL). Idempotent.
         """
 
     @_abc_1.abstractmethod
