@@ -2,7 +2,7 @@
 
 The upstream is the project's OpenAI-wire fake (tests/fakes/openai_upstream.py)
 in its own process, with a fixed latency before the first token and 16 content
-chunks. The suite is a real ``orchestra up --no-local-model`` (Envoy, ext_authz,
+chunks. The suite is a real ``orchestra up --no-local-model`` (Envoy, ext_authz for all but chat,
 the five services, embedded PostgreSQL and Redis; :mod:`bench.suite`) with that
 fake as its only provider. At each concurrency level:
 

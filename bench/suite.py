@@ -1,6 +1,6 @@
 """A real ``orchestra up`` for benchmarks, and the CPU each of its processes spends.
 
-:class:`Suite` starts the whole suite (Envoy, ext_authz, the five services,
+:class:`Suite` starts the whole suite (Envoy, ext_authz for all but chat, the five services,
 embedded PostgreSQL and Redis) from a checkout, by default this one; another
 checkout (``git worktree add /tmp/base main~3``) gives a baseline measured in
 the same run. :func:`cpu_seconds` reads ``utime + stime`` of every process
