@@ -67,29 +67,35 @@ async def test_items_get_reserves_outcomes_by_call_id(
     acme: Budget, admin: Callable[[str], Metadata], internal: Metadata
 ) -> None:
     limit = await make_budget(acme, admin("acme"), "acme", 10_000)
+    # Items run concurrently, in no set order: each outcome here holds in any.
     answers = [
         a
         async for a in acme.budgets.ReserveStream(
             _items(
                 _reserve("s-1", 4_000),
-                _reserve("s-2", 9_000),  # more than is left
+                _reserve("s-2", 20_000),  # more than the whole budget
                 pb.ReserveRequest(request_id="s-3", subject=_subject(), amount_micro_usd=-1),
-                _reserve("s-1", 4_000),  # the same request again: the same hold
                 _reserve("s-4", 1_000),
             ),
             metadata=internal,
         )
     ]
     by_id = {a.call_id: a for a in answers}
-    assert sorted(by_id) == [1, 2, 3, 4, 5]
-    assert by_id[1].response.held_micro_usd == by_id[4].response.held_micro_usd == 4_000
-    assert by_id[5].response.held_micro_usd == 1_000
+    assert sorted(by_id) == [1, 2, 3, 4]
+    assert by_id[1].response.held_micro_usd == 4_000
+    assert by_id[4].response.held_micro_usd == 1_000
     assert not by_id[1].response.unheld
     refusals = {i: (by_id[i].error.code, _reason(by_id[i].error)) for i in (2, 3)}
     assert refusals == {
         2: (grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], "BUDGET_EXHAUSTED"),
         3: (grpc.StatusCode.INVALID_ARGUMENT.value[0], "INVALID_FIELD"),
     }
+    # The same request again, on a new stream: the same hold, nothing more held.
+    again = [
+        a
+        async for a in acme.budgets.ReserveStream(_items(_reserve("s-1", 4_000)), metadata=internal)
+    ]
+    assert again[0].response == by_id[1].response
     state = (await status(acme, admin("acme")))[limit.budget_id]
     assert state.reserved_micro_usd == 5_000  # s-1 once, s-4; nothing for the refused
 
