@@ -50,13 +50,23 @@ async def each(
     error it raised (a non-Orchestra error is logged as a bug and becomes
     INTERNAL with an incident id, as for a single call)."""
 
-    async def one(request: Q) -> M:
-        try:
-            return result(response=await handle(request))
-        except Exception as exc:  # noqa: BLE001 - the item's own outcome
-            return result(error=as_error(exc, method).to_rpc_status())
-
-    return list(await asyncio.gather(*(one(r) for r in requests)))
+    return list(await asyncio.gather(*(outcome(r, handle, method, result) for r in requests)))
 
 
-__all__ = ["MAX_ITEMS", "check_size", "each"]
+async def outcome(
+    request: Q,
+    handle: Callable[[Q], Awaitable[R]],
+    method: str,
+    result: Callable[..., M],
+    **fields: object,
+) -> M:
+    """One item's result message: ``result(response=..., **fields)``, or
+    ``result(error=..., **fields)`` with the status of what ``handle`` raised
+    (as for `each`; streams pass the item's ``call_id`` in ``fields``)."""
+    try:
+        return result(response=await handle(request), **fields)
+    except Exception as exc:  # noqa: BLE001 - the item's own outcome
+        return result(error=as_error(exc, method).to_rpc_status(), **fields)
+
+
+__all__ = ["MAX_ITEMS", "check_size", "each", "outcome"]

@@ -29,8 +29,8 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 
+from services.common import batches
 from services.common.errors import dependency_unavailable, from_rpc_status
-from services.common.interceptors import as_error
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ async def serve(
         handle: The unary RPC's code path for one request.
         method: The RPC's name, for the log of an unexpected error.
         result: The answer message class, built with ``call_id`` and either
-            ``response`` or ``error`` (a status, as `batches.each` makes it).
+            ``response`` or ``error`` (`batches.outcome`).
 
     Yields:
         One answer per item, in the order they finish. The stream ends once
@@ -70,11 +70,7 @@ async def serve(
     running: set[asyncio.Task[None]] = set()
 
     async def one(call_id: int, request: Any) -> None:
-        try:
-            answer = result(call_id=call_id, response=await handle(request))
-        except Exception as exc:  # noqa: BLE001 - the item's own outcome
-            answer = result(call_id=call_id, error=as_error(exc, method).to_rpc_status())
-        answers.put_nowait(answer)
+        answers.put_nowait(await batches.outcome(request, handle, method, result, call_id=call_id))
 
     async def read() -> None:
         try:
