@@ -24,6 +24,18 @@ Only upstream failures are recorded (see :func:`counts_as_failure`); a client
 cancel or a 4xx caused by the request is neither a success nor a failure. If
 Redis is unreachable the breakers let every call through: a broken breaker
 store must not take the gateway down.
+
+A closed breaker costs no Redis round trip per chat. Once a replica has read
+a breaker as closed, it trusts that for ``BreakerConfig.local_seconds`` (1 s)
+before asking Redis again, and counts that breaker's successes in memory; they
+reach Redis with the next failure (in the same script call, so the
+consecutive count and the failure rate see them first) or when the local view
+is renewed. Failures, probes and every transition still go to Redis at once,
+and after a failure the replica asks Redis on every call until it reads the
+breaker closed again. The price: after other replicas open a breaker, one
+that has seen no failure may send the model calls for up to
+``local_seconds`` more; the first of them to fail learns the breaker is
+open.
 """
 
 from __future__ import annotations
@@ -66,6 +78,9 @@ class BreakerConfig:
         window: Seconds of the failure-rate window.
         cooldown: Seconds an open breaker stays open before probing.
         probes: Probe calls let through at once while half-open.
+        local_seconds: How long a replica trusts a closed state it read, and
+            holds the successes it counts, before asking Redis again (0:
+            every call asks).
     """
 
     failures: int = 5
@@ -74,6 +89,7 @@ class BreakerConfig:
     window: float = 60.0
     cooldown: float = 30.0
     probes: int = 1
+    local_seconds: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +148,10 @@ class Breakers:
         self._acquire = redis.register_script(lua_script("services.router", "breaker_acquire"))
         self._record = redis.register_script(lua_script("services.router", "breaker_record"))
         self._release = redis.register_script(lua_script("services.router", "breaker_release"))
+        # Breakers read as closed: key -> until when (this clock) that is trusted.
+        self._closed_until: dict[str, float] = {}
+        # Successes counted while closed, not yet in Redis: key -> count.
+        self._successes: dict[str, int] = {}
 
     @staticmethod
     def key(provider_id: str, model_id: str) -> str:
@@ -141,48 +161,91 @@ class Breakers:
     async def acquire(self, provider_id: str, model_id: str) -> Permit:
         """Whether the model may be called now; counts a half-open probe.
 
-        Fails open: if Redis does not answer, the call is allowed.
+        Answered from memory while a closed state read less than
+        ``local_seconds`` ago is trusted. Fails open: if Redis does not
+        answer, the call is allowed.
         """
+        key = self.key(provider_id, model_id)
+        now = self._clock()
+        if now < self._closed_until.get(key, 0.0):
+            return Permit(allowed=True)
         c = self.config
         try:
+            await self._flush(key, now)
             decision, state, opened_at = await self._acquire(
-                keys=[self.key(provider_id, model_id)],
-                args=[f"{self._clock():.3f}", c.cooldown, c.probes, STATE_TTL_SECONDS],
+                keys=[key], args=[f"{now:.3f}", c.cooldown, c.probes, STATE_TTL_SECONDS]
             )
         except RedisError as exc:
             log.warning("breaker store unavailable (%s); letting the call through", exc)
             return Permit(allowed=True)
-        return Permit(
+        permit = Permit(
             allowed=int(decision) > 0,
             probe=int(decision) == 2,
             state=State(text(state)),
             opened_at=float(text(opened_at)),
         )
+        if permit.state is State.CLOSED:
+            self._closed_until[key] = now + c.local_seconds
+        return permit
 
     async def record(self, provider_id: str, model_id: str, *, ok: bool) -> State:
-        """Records the outcome of one call; returns the breaker's new state."""
-        c = self.config
+        """Records the outcome of one call; returns the breaker's new state.
+
+        A success on a breaker this replica trusts as closed is only counted
+        in memory (see the module's docstring); anything else goes to Redis
+        with the successes counted so far.
+        """
         key = self.key(provider_id, model_id)
+        now = self._clock()
+        if ok and now < self._closed_until.get(key, 0.0):
+            self._successes[key] = self._successes.get(key, 0) + 1
+            return State.CLOSED
+        successes = self._successes.pop(key, 0)
         try:
-            state, _ = await self._record(
-                keys=[key],
-                args=[
-                    f"{self._clock():.3f}",
-                    "1" if ok else "0",
-                    c.failures,
-                    c.rate,
-                    c.min_calls,
-                    c.window,
-                    STATE_TTL_SECONDS,
-                ],
-            )
+            new = await self._send(key, now, successes + (1 if ok else 0), failed=not ok)
         except RedisError as exc:
             log.warning("breaker store unavailable (%s); outcome not recorded", exc)
+            self._keep(key, successes)
             return State.CLOSED
-        new = State(text(state))
+        if ok and new is State.CLOSED:
+            self._closed_until[key] = now + self.config.local_seconds
+        else:  # after a failure, the next call asks Redis again
+            self._closed_until.pop(key, None)
         if new is State.OPEN and not ok:
             log.warning("circuit breaker for %s/%s is open", provider_id, model_id)
         return new
+
+    async def _flush(self, key: str, now: float) -> None:
+        """Sends the successes counted in memory for ``key``, if any."""
+        successes = self._successes.pop(key, 0)
+        if successes:
+            try:
+                await self._send(key, now, successes, failed=False)
+            except RedisError:
+                self._keep(key, successes)
+                raise
+
+    def _keep(self, key: str, successes: int) -> None:
+        """Counts ``successes`` that could not be sent again, for the next call."""
+        if successes:
+            self._successes[key] = self._successes.get(key, 0) + successes
+
+    async def _send(self, key: str, now: float, successes: int, *, failed: bool) -> State:
+        c = self.config
+        state, _ = await self._record(
+            keys=[key],
+            args=[
+                f"{now:.3f}",
+                successes,
+                "1" if failed else "0",
+                c.failures,
+                c.rate,
+                c.min_calls,
+                c.window,
+                STATE_TTL_SECONDS,
+            ],
+        )
+        return State(text(state))
 
     async def release(self, provider_id: str, model_id: str) -> None:
         """Gives back a probe slot whose call reported no outcome."""
@@ -192,7 +255,13 @@ class Breakers:
             log.warning("breaker store unavailable (%s); probe not released", exc)
 
     async def status(self, models: Sequence[tuple[str, str]]) -> list[BreakerStatus]:
-        """The breakers of ``models`` ((provider_id, model_id) pairs), as stored."""
+        """The breakers of ``models`` ((provider_id, model_id) pairs), as stored.
+
+        This replica's successes counted in memory are sent first.
+        """
+        now = self._clock()
+        for key in list(self._successes):
+            await self._flush(key, now)
         pipe = self._redis.pipeline(transaction=False)
         for provider_id, model_id in models:
             pipe.hgetall(self.key(provider_id, model_id))

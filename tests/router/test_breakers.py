@@ -138,6 +138,78 @@ async def test_a_probe_that_never_reports_is_forgotten_after_a_cooldown(
     assert (await two.acquire(*PRIMARY)).probe
 
 
+async def test_a_closed_breaker_is_trusted_for_local_seconds_then_read_again(
+    redis_pair: tuple[aioredis.Redis, aioredis.Redis],
+) -> None:
+    clock = Clock()
+    config = BreakerConfig(failures=1, cooldown=30, local_seconds=1.0)
+    one, two = _pair(redis_pair, config, clock)
+    assert (await one.acquire(*PRIMARY)).allowed  # read as closed: trusted for 1 s
+    assert await two.record(*PRIMARY, ok=False) is State.OPEN
+    # No round trip: replica one still answers from what it read.
+    assert (await one.acquire(*PRIMARY)).allowed
+    clock.now += 1.01
+    assert not (await one.acquire(*PRIMARY)).allowed
+
+
+async def test_a_failure_on_a_trusted_breaker_is_recorded_at_once(
+    redis_pair: tuple[aioredis.Redis, aioredis.Redis],
+) -> None:
+    clock = Clock()
+    one, two = _pair(redis_pair, BreakerConfig(failures=1, cooldown=30), clock)
+    assert (await one.acquire(*PRIMARY)).allowed
+    assert await one.record(*PRIMARY, ok=False) is State.OPEN
+    assert not (await one.acquire(*PRIMARY)).allowed  # its own view is dropped
+    assert not (await two.acquire(*PRIMARY)).allowed
+
+
+async def test_successes_counted_in_memory_reach_redis(
+    redis_pair: tuple[aioredis.Redis, aioredis.Redis],
+) -> None:
+    clock = Clock()
+    config = BreakerConfig(failures=100, rate=0.5, min_calls=4, window=60)
+    one, two = _pair(redis_pair, config, clock)
+    assert (await one.acquire(*PRIMARY)).allowed
+    for _ in range(5):
+        assert await one.record(*PRIMARY, ok=True) is State.CLOSED
+    [seen] = await two.status([PRIMARY])
+    assert seen.window_calls == 0  # still in replica one's memory
+    [status] = await one.status([PRIMARY])  # sends them first
+    assert status.window_calls == 5 and status.window_failures == 0
+    # Counted before a failure: 3 of 11 calls failed, under the 0.5 rate.
+    for _ in range(3):
+        await one.record(*PRIMARY, ok=True)
+    for _ in range(3):
+        assert await one.record(*PRIMARY, ok=False) is State.CLOSED
+    [status] = await two.status([PRIMARY])
+    assert (status.window_calls, status.window_failures) == (11, 3)
+    # After a failure every call asks Redis, until it reads the breaker closed.
+    assert (await one.acquire(*PRIMARY)).allowed
+    for _ in range(2):
+        await one.record(*PRIMARY, ok=True)
+    [status] = await two.status([PRIMARY])
+    assert status.window_calls == 11
+    # Renewing the local view sends what was counted since.
+    clock.now += 1.5
+    assert (await one.acquire(*PRIMARY)).allowed
+    [status] = await two.status([PRIMARY])
+    assert status.window_calls == 13
+
+
+async def test_local_seconds_zero_asks_redis_every_time(
+    redis_pair: tuple[aioredis.Redis, aioredis.Redis],
+) -> None:
+    clock = Clock()
+    config = BreakerConfig(failures=1, cooldown=30, local_seconds=0)
+    one, two = _pair(redis_pair, config, clock)
+    assert (await one.acquire(*PRIMARY)).allowed
+    await one.record(*PRIMARY, ok=True)
+    [status] = await two.status([PRIMARY])
+    assert status.window_calls == 1
+    assert await two.record(*PRIMARY, ok=False) is State.OPEN
+    assert not (await one.acquire(*PRIMARY)).allowed
+
+
 # -- through the real router ---------------------------------------------------------
 
 
