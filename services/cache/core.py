@@ -7,7 +7,6 @@ the rest of the request.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import math
@@ -89,7 +88,6 @@ class Cache:
         if semantic is not None:
             self._layers.append(semantic)
         self._latency = LatencyWindow(config.latency_window)
-        self._counting: set[asyncio.Task[None]] = set()
 
     async def lookup(
         self, key: cache_service_pb2.CacheKey, *, exact_only: bool, threshold: float
@@ -113,17 +111,13 @@ class Cache:
             if match is not None:
                 break
         hit = match if isinstance(match, Match) else None
-        # Counted off the caller's path (a Redis round trip before the answer
-        # otherwise); stats() and close() wait for what is still being counted.
-        counting = asyncio.create_task(
-            self._count(
-                normalised.tenant,
-                hit.kind if hit else cache_service_pb2.MATCH_KIND_UNSPECIFIED,
-                hit.entry.answer if hit else None,
-            )
+        # Counted in memory and sent to Redis in batches (services.cache.stats).
+        self._stats.count_lookup(
+            normalised.tenant,
+            hit.kind if hit else cache_service_pb2.MATCH_KIND_UNSPECIFIED,
+            hit.entry.answer if hit else None,
+            _now_ms(),
         )
-        self._counting.add(counting)
-        counting.add_done_callback(self._counting.discard)
         self._latency.observe(normalised.tenant, (time.perf_counter_ns() - started) // 1000)
         return match
 
@@ -222,23 +216,12 @@ class Cache:
             await layer.removed(tenant, deleted)
         return len(deleted)
 
-    async def _count(
-        self,
-        tenant: str,
-        kind: cache_service_pb2.MatchKind.ValueType,
-        answer: cache_service_pb2.CachedAnswer | None,
-    ) -> None:
-        try:
-            await self._stats.record_lookup(tenant, kind, answer, _now_ms())
-        except Unavailable as exc:
-            log.warning("cache lookup of %s not counted: %s", tenant, exc.message)
-        except Exception:  # counting must not fail a lookup already answered
-            log.exception("cache lookup of %s not counted", tenant)
-
     async def flush(self) -> None:
-        """Waits until every lookup so far is counted (stats reads, shutdown)."""
-        if self._counting:
-            await asyncio.gather(*self._counting)
+        """Sends the lookups counted in memory (shutdown); logs when Redis refuses."""
+        try:
+            await self._stats.aclose()
+        except Unavailable as exc:
+            log.warning("the last cache lookups were not counted: %s", exc.message)
 
     async def stats(self, tenant: str) -> Snapshot:
         """The tenant's counters, current size and this replica's latencies.
@@ -246,8 +229,7 @@ class Cache:
         Raises:
             Unavailable: STORE_UNAVAILABLE when Redis is unreachable.
         """
-        await self.flush()  # this replica's own lookups are in the counters
-        counters = await self._stats.read(tenant)
+        counters = await self._stats.read(tenant)  # this replica's lookups included
         entries, size = await self._store.usage(tenant)
         return Snapshot(
             counters=counters,

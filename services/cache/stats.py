@@ -6,6 +6,15 @@ same numbers and they survive restarts. ``since_ms`` records when the tenant's
 first counter was written. ``stores`` is incremented by the store script
 itself (:mod:`services.cache.store`), so a retried Store is not counted twice.
 
+A lookup is counted in this replica's memory, not with a Redis write of its
+own: what was counted goes to Redis as one transaction every
+``FLUSH_SECONDS``, before every stats read of this replica and at shutdown.
+So another replica's counts show up to ``FLUSH_SECONDS`` late, and a replica
+that is killed loses at most that much of its counting (counters only: no
+entry, spend or audit record depends on them). When Redis refuses a write,
+the counts are kept for the next one; if the connection fails while the
+transaction runs, that batch can be counted twice.
+
 Lookup latency is different: it is measured in process over a rolling window
 of each tenant's most recent lookups, so the p50/p99 a replica reports are
 that replica's own and restart empty.
@@ -13,8 +22,10 @@ that replica's own and restart empty.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
+import logging
 import math
 
 import redis.asyncio as aioredis
@@ -22,7 +33,13 @@ import redis.asyncio as aioredis
 from orchestra.cache.v1 import cache_service_pb2
 from services.cache.keyspace import stats_key
 from services.cache.store import redis_errors
+from services.common.errors import Unavailable
 from services.common.stores import text
+
+log = logging.getLogger(__name__)
+
+FLUSH_SECONDS = 0.5
+"""Lookups counted in memory reach Redis at most this long after the first of them."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,19 +73,24 @@ _HIT_FIELD = {
 
 
 class StatsStore:
-    """Reads and increments the durable counters."""
+    """Counts lookups in memory, sends them to Redis in batches, reads the counters."""
 
-    def __init__(self, redis: aioredis.Redis) -> None:
+    def __init__(self, redis: aioredis.Redis, flush_seconds: float = FLUSH_SECONDS) -> None:
         self._redis = redis
+        self._flush_seconds = flush_seconds
+        self._pending: dict[str, collections.Counter[str]] = {}
+        self._since_ms: dict[str, int] = {}
+        self._flusher: asyncio.Task[None] | None = None
+        self._sending = asyncio.Lock()
 
-    async def record_lookup(
+    def count_lookup(
         self,
         tenant: str,
         kind: cache_service_pb2.MatchKind.ValueType,
         answer: cache_service_pb2.CachedAnswer | None,
         now_ms: int,
     ) -> None:
-        """Counts one lookup and, for a hit, what it saved.
+        """Counts one lookup and, for a hit, what it saved (sent later, see the module).
 
         Args:
             tenant: The tenant looked up.
@@ -76,19 +98,70 @@ class StatsStore:
             answer: The answer served, for a hit.
             now_ms: The time, Unix milliseconds (starts the counting period).
         """
-        key = stats_key(tenant)
-        pipe = self._redis.pipeline(transaction=True)
-        pipe.hincrby(key, "lookups", 1)
-        pipe.hsetnx(key, "since_ms", now_ms)
+        tally = self._pending.get(tenant)
+        if tally is None:
+            tally = self._pending[tenant] = collections.Counter()
+            self._since_ms.setdefault(tenant, now_ms)
+        tally["lookups"] += 1
         if kind in _HIT_FIELD and answer is not None:
-            pipe.hincrby(key, _HIT_FIELD[kind], 1)
-            pipe.hincrby(key, "tokens_saved", answer.usage.completion_tokens)
-            pipe.hincrby(key, "saved_micro_usd", answer.cost_micro_usd)
-        async with redis_errors():
-            await pipe.execute()
+            tally[_HIT_FIELD[kind]] += 1
+            tally["tokens_saved"] += answer.usage.completion_tokens
+            tally["saved_micro_usd"] += answer.cost_micro_usd
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_later())
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self._flush_seconds)
+        try:
+            await self.flush()
+        except Unavailable as exc:
+            log.warning("cache lookups not counted yet (kept for the next write): %s", exc.message)
+        except Exception:  # counting must never take the service down
+            log.exception("cache lookups not counted yet (kept for the next write)")
+
+    async def flush(self) -> None:
+        """Sends what was counted in memory as one transaction.
+
+        Raises:
+            Unavailable: STORE_UNAVAILABLE; the counts are kept for the next flush.
+        """
+        async with self._sending:  # a stats read waits for a write in flight
+            pending, since = self._pending, self._since_ms
+            if not pending:
+                return
+            self._pending, self._since_ms = {}, {}
+            pipe = self._redis.pipeline(transaction=True)
+            for tenant, tally in pending.items():
+                key = stats_key(tenant)
+                for field, amount in tally.items():
+                    if amount:
+                        pipe.hincrby(key, field, amount)
+                pipe.hsetnx(key, "since_ms", since[tenant])
+            try:
+                async with redis_errors():
+                    await pipe.execute()
+            except BaseException:
+                self._keep(pending, since)
+                raise
+
+    def _keep(self, pending: dict[str, collections.Counter[str]], since: dict[str, int]) -> None:
+        """Puts counts that were not written back, for the next flush."""
+        for tenant, tally in pending.items():
+            self._pending.setdefault(tenant, collections.Counter()).update(tally)
+            self._since_ms[tenant] = min(since[tenant], self._since_ms.get(tenant, since[tenant]))
+
+    async def aclose(self) -> None:
+        """Sends the last counts and stops the timer."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+        await self.flush()
 
     async def read(self, tenant: str) -> Counters:
-        """The tenant's counters (all zero if it never used the cache)."""
+        """The tenant's counters (all zero if it never used the cache).
+
+        This replica's counts still in memory are sent first.
+        """
+        await self.flush()
         async with redis_errors():
             raw = await self._redis.hgetall(stats_key(tenant))
         values = {text(k): int(v) for k, v in raw.items()}

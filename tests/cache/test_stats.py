@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from collections.abc import Callable
 
 import grpc
 import pytest
+import redis.asyncio as aioredis
+from redis import exceptions as redis_exc
 
 from orchestra.cache.v1 import cache_service_pb2
+from services.cache.keyspace import stats_key
+from services.cache.stats import StatsStore
 from services.common import errors
 from tests.cache.builders import answer, conversation, key, lookup_request, store_request
 from tests.cache.conftest import StartCache, Stub
@@ -73,9 +79,47 @@ async def test_counters_are_shared_by_replicas(
     await first.Lookup(lookup_request(key()), metadata=internal)
     await second.Lookup(lookup_request(key()), metadata=internal)
 
-    stats = (await second.GetCacheStats(StatsRequest(), metadata=as_caller("acme", "read"))).stats
+    async def counted() -> tuple[int, int, int]:
+        reply = await second.GetCacheStats(StatsRequest(), metadata=as_caller("acme", "read"))
+        return reply.stats.lookups, reply.stats.exact_hits, reply.stats.stores
 
-    assert (stats.lookups, stats.exact_hits, stats.stores) == (2, 2, 1)
+    # A replica's own lookups count at once; another's within stats.FLUSH_SECONDS.
+    assert (await counted())[0] >= 1
+    for _ in range(200):  # up to 10 s
+        if (seen := await counted()) == (2, 2, 1):
+            break
+        await asyncio.sleep(0.05)
+    assert seen == (2, 2, 1)
+
+
+async def test_counts_that_redis_refused_are_kept_for_the_next_write(redis_url: str) -> None:
+    admin = aioredis.Redis.from_url(redis_url)
+    user = f"stats-{uuid.uuid4().hex[:8]}"
+    # A connection that may not write the counters, then may.
+    await admin.acl_setuser(
+        user, enabled=True, nopass=True, keys=["*"], commands=["+@all", "-hincrby"]
+    )
+    url = redis_url.replace("redis://", f"redis://{user}@", 1)
+    client = aioredis.Redis.from_url(url)
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    stats = StatsStore(client, flush_seconds=3600)
+    try:
+        hit = answer("Paris.", cost_micro_usd=100)
+        stats.count_lookup(tenant, cache_service_pb2.MATCH_KIND_EXACT, hit, 1_000)
+        stats.count_lookup(tenant, cache_service_pb2.MATCH_KIND_UNSPECIFIED, None, 2_000)
+        with pytest.raises(redis_exc.RedisError):
+            await stats.flush()
+        await admin.acl_setuser(user, enabled=True, nopass=True, keys=["*"], commands=["+@all"])
+        counters = await stats.read(tenant)  # sends the kept counts first
+        assert (counters.lookups, counters.exact_hits, counters.saved_micro_usd) == (2, 1, 100)
+        assert counters.since_ms == 1_000
+        await stats.aclose()  # nothing left to send
+        assert (await stats.read(tenant)).lookups == 2
+    finally:
+        await client.aclose()
+        await admin.acl_deluser(user)
+        await admin.delete(stats_key(tenant))
+        await admin.aclose()
 
 
 @pytest.mark.parametrize(

@@ -151,7 +151,10 @@ class CacheServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetCacheStats(self, request, context):
-        """Hit rates, savings and latency for a tenant. Needs SCOPE_READ.
+        """Hit rates, savings and latency for a tenant. Needs SCOPE_READ. The
+        counters include every lookup of the replica that answers; a replica
+        sends its lookups to the shared counters every 0.5 s, so other
+        replicas' lookups show up to 0.5 s late.
         Errors: INVALID_ARGUMENT (INVALID_FIELD: no tenant_id from a key without
         a tenant), PERMISSION_DENIED (SCOPE_DENIED: another tenant), UNAVAILABLE
         (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.

@@ -88,7 +88,10 @@ class CacheServiceStub:
     UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 5 s.
     """
     GetCacheStats: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.GetCacheStatsRequest, _cache_service_pb2.GetCacheStatsResponse]
-    """Hit rates, savings and latency for a tenant. Needs SCOPE_READ.
+    """Hit rates, savings and latency for a tenant. Needs SCOPE_READ. The
+    counters include every lookup of the replica that answers; a replica
+    sends its lookups to the shared counters every 0.5 s, so other
+    replicas' lookups show up to 0.5 s late.
     Errors: INVALID_ARGUMENT (INVALID_FIELD: no tenant_id from a key without
     a tenant), PERMISSION_DENIED (SCOPE_DENIED: another tenant), UNAVAILABLE
     (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.
@@ -154,7 +157,10 @@ class CacheServiceAsyncStub(CacheServiceStub):
     UNAVAILABLE (STORE_UNAVAILABLE). Idempotent. Deadline: 5 s.
     """
     GetCacheStats: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.GetCacheStatsRequest, _cache_service_pb2.GetCacheStatsResponse]  # type: ignore[assignment]
-    """Hit rates, savings and latency for a tenant. Needs SCOPE_READ.
+    """Hit rates, savings and latency for a tenant. Needs SCOPE_READ. The
+    counters include every lookup of the replica that answers; a replica
+    sends its lookups to the shared counters every 0.5 s, so other
+    replicas' lookups show up to 0.5 s late.
     Errors: INVALID_ARGUMENT (INVALID_FIELD: no tenant_id from a key without
     a tenant), PERMISSION_DENIED (SCOPE_DENIED: another tenant), UNAVAILABLE
     (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.
@@ -253,7 +259,10 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _cache_service_pb2.GetCacheStatsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cache_service_pb2.GetCacheStatsResponse, _abc.Awaitable[_cache_service_pb2.GetCacheStatsResponse]]:
-        """Hit rates, savings and latency for a tenant. Needs SCOPE_READ.
+        """Hit rates, savings and latency for a tenant. Needs SCOPE_READ. The
+        counters include every lookup of the replica that answers; a replica
+        sends its lookups to the shared counters every 0.5 s, so other
+        replicas' lookups show up to 0.5 s late.
         Errors: INVALID_ARGUMENT (INVALID_FIELD: no tenant_id from a key without
         a tenant), PERMISSION_DENIED (SCOPE_DENIED: another tenant), UNAVAILABLE
         (STORE_UNAVAILABLE). Idempotent. Deadline: 1 s.
