@@ -10,12 +10,24 @@ REDIS_URL are set, and measures, in the same run:
 * closed loop: reserve+settle pairs per second and pair p50/p99 latency with
   1, 16 and 64 callers each doing reserve then settle back to back;
 * open loop: pair latency when pairs are started at a fixed rate (1,000/s by
-  default), the issue's "p99 under 5 ms at 1,000 pairs/s".
+  default), the issue's "p99 under 5 ms at 1,000 pairs/s";
+* the router's way, against budget replicas in their own processes
+  (``python -m services.budget``, 1 and 2 by default): each reservation goes
+  as one message on a long-lived ``ReserveStream`` per replica
+  (:class:`services.common.streams.Multiplexer`, what the router's peers use)
+  and the settlements go as ``BatchSettle`` calls of up to 64 (what the
+  router's outbox sends from one read); 64 callers at once. It gives pairs per
+  second (all settled), the reservation's p50/p99, and the CPU each budget
+  replica spends per pair (from ``/proc``), so the rate on N cores can be read
+  off. PostgreSQL and Redis run beside them on the same cores.
 
-Each pair reserves on two budgets (tenant and key) and a tenant rate limit,
-then settles. Prints a table; ``--json`` prints one JSON object as the last line.
+The unary runs share one process between client and server; the router's way
+does not. Each pair reserves on two budgets (tenant and key) and a tenant rate
+limit, then settles. Prints a table; ``--json`` prints one JSON object as the
+last line.
 
-Usage: ``.venv/bin/python bench/budget.py [--pairs 3000] [--levels 1,16,64] [--json]``
+Usage: ``.venv/bin/python bench/budget.py [--pairs 3000] [--levels 1,16,64]
+[--replicas 1,2] [--json]``
 """
 
 from __future__ import annotations
@@ -41,19 +53,26 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.suite import proc_cpu  # noqa: E402
 from orchestra.budget.v1 import account_service_pb2 as account_pb  # noqa: E402
 from orchestra.budget.v1 import account_service_pb2_grpc, budget_service_pb2_grpc  # noqa: E402
 from orchestra.budget.v1 import budget_service_pb2 as pb  # noqa: E402
 from orchestra.common.v1 import chat_pb2, identity_pb2  # noqa: E402
 from services.budget.server import build  # noqa: E402
+from services.cli.embedded import free_port  # noqa: E402
 from services.common import settings as settings_mod  # noqa: E402
 from services.common.identity import HEADER, IdentitySigner  # noqa: E402
 from services.common.server import start  # noqa: E402
+from services.common.streams import Multiplexer  # noqa: E402
 
 INTERNAL_KEY = "bench-internal-key-0123456789abcdef"
 # Open loop: at most this many pairs in flight (a gRPC server cancels calls
 # beyond 1,000 pending requests).
 MAX_IN_FLIGHT = 256
+# The router's way: settlements per BatchSettle (the outbox reads 64 jobs at a
+# time) and callers at once.
+SETTLE_BATCH = 64
+ROUTER_CALLERS = 64
 
 
 def _ms(seconds: list[float], q: float) -> float:
@@ -139,23 +158,9 @@ class Pairs:
         request_id = f"bench-{self._run}-{self._n}"
         t0 = time.perf_counter()
         await self._stub.Reserve(
-            pb.ReserveRequest(
-                request_id=request_id,
-                subject=pb.SpendSubject(tenant_id=self._tenant, key_id="bench-key"),
-                model="openai/gpt-4o",
-                amount_micro_usd=2_000,
-                tokens=1_000,
-            ),
-            metadata=self._metadata,
+            _reserve_request(request_id, self._tenant), metadata=self._metadata
         )
-        await self._stub.Settle(
-            pb.SettleRequest(
-                request_id=request_id,
-                cost_micro_usd=1_234,
-                usage=chat_pb2.Usage(prompt_tokens=200, completion_tokens=300),
-            ),
-            metadata=self._metadata,
-        )
+        await self._stub.Settle(_settle_request(request_id), metadata=self._metadata)
         return time.perf_counter() - t0
 
 
@@ -201,6 +206,158 @@ async def _open_loop(pairs: Pairs, rate: float, seconds: float) -> dict[str, flo
     await asyncio.gather(*tasks)
     result = _summary(latencies, time.perf_counter() - began)
     return {"offered_per_second": rate, "skipped": skipped, **result}
+
+
+def _reserve_request(request_id: str, tenant: str) -> pb.ReserveRequest:
+    return pb.ReserveRequest(
+        request_id=request_id,
+        subject=pb.SpendSubject(tenant_id=tenant, key_id="bench-key"),
+        model="openai/gpt-4o",
+        amount_micro_usd=2_000,
+        tokens=1_000,
+    )
+
+
+def _settle_request(request_id: str) -> pb.SettleRequest:
+    return pb.SettleRequest(
+        request_id=request_id,
+        cost_micro_usd=1_234,
+        usage=chat_pb2.Usage(prompt_tokens=200, completion_tokens=300),
+    )
+
+
+@contextlib.asynccontextmanager
+async def _replicas(
+    count: int, database_url: str, redis_url: str, logs: Path
+) -> AsyncIterator[list[tuple[int, str]]]:
+    """``count`` budget service processes; yields (pid, address) of each, once serving."""
+    procs: list[tuple[asyncio.subprocess.Process, str]] = []
+    try:
+        for n in range(count):
+            address = f"127.0.0.1:{free_port()}"
+            env = {
+                **os.environ,
+                "ORCHESTRA_INTERNAL_KEY": INTERNAL_KEY,
+                "DATABASE_URL": database_url,
+                "REDIS_URL": redis_url,
+                "ORCHESTRA_BUDGET_ADDR": address,
+                "ORCHESTRA_LOG_LEVEL": "WARNING",
+            }
+            with (logs / f"budget-{n}.log").open("wb") as log:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable,
+                    "-m",
+                    "services.budget",
+                    cwd=ROOT,
+                    env=env,
+                    stdout=log,
+                    stderr=log,
+                )
+            procs.append((proc, address))
+        for proc, address in procs:
+            await _serving(address, proc)
+        yield [(proc.pid, address) for proc, address in procs]
+    finally:
+        for proc, _ in procs:
+            if proc.returncode is None:
+                proc.terminate()
+        for proc, _ in procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+
+
+async def _serving(address: str, proc: asyncio.subprocess.Process) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(300):
+            if proc.returncode is not None:
+                raise RuntimeError(f"the budget replica on {address} exited ({proc.returncode})")
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"the budget replica on {address} did not start")
+
+
+async def _router_way(
+    replicas: list[tuple[int, str]], metadata: list[tuple[str, str]], tenant: str, total: int
+) -> dict[str, Any]:
+    """Pairs the way the router makes them: reserve on a stream, settle in batches."""
+    channels = [grpc.aio.insecure_channel(address) for _, address in replicas]
+    stubs = [budget_service_pb2_grpc.BudgetServiceStub(c) for c in channels]
+
+    def opener(stub: Any) -> Callable[[], Any]:
+        return lambda: stub.ReserveStream(metadata=metadata)
+
+    def item(call_id: int, request: pb.ReserveRequest) -> pb.ReserveStreamRequest:
+        return pb.ReserveStreamRequest(call_id=call_id, request=request)
+
+    streams: list[Multiplexer[pb.ReserveRequest, pb.ReserveResponse]] = [
+        Multiplexer(opener(stub), item, "budget") for stub in stubs
+    ]
+    run = uuid.uuid4().hex[:8]
+    settles: asyncio.Queue[str] = asyncio.Queue()
+    latencies: list[float] = []
+    failures = 0
+    settled = 0
+    numbers = iter(range(total))
+
+    async def caller(n: int) -> None:
+        for i in numbers:
+            request_id = f"bench-{run}-{i}"
+            t0 = time.perf_counter()
+            await streams[i % len(streams)].call(_reserve_request(request_id, tenant), 5.0)
+            latencies.append(time.perf_counter() - t0)
+            settles.put_nowait(request_id)
+
+    async def settler(stub: Any) -> None:
+        nonlocal failures, settled
+        while True:
+            batch = [await settles.get()]
+            while len(batch) < SETTLE_BATCH and not settles.empty():
+                batch.append(settles.get_nowait())
+            reply = await stub.BatchSettle(
+                pb.BatchSettleRequest(requests=[_settle_request(r) for r in batch]),
+                metadata=metadata,
+                timeout=10,
+            )
+            failures += sum(r.WhichOneof("outcome") == "error" for r in reply.results)
+            settled += len(batch)
+
+    try:
+        # Warm up: streams open, connections and caches filled.
+        for i in range(64):
+            await streams[i % len(streams)].call(_reserve_request(f"warm-{run}-{i}", tenant), 5.0)
+        cpu_before = [proc_cpu(pid) for pid, _ in replicas]
+        began = time.perf_counter()
+        settlers = [asyncio.create_task(settler(stub)) for stub in stubs]
+        await asyncio.gather(*(caller(n) for n in range(ROUTER_CALLERS)))
+        while settled < total:
+            if any(t.done() for t in settlers):
+                [t.result() for t in settlers if t.done()]  # raises the settler's error
+            await asyncio.sleep(0.005)
+        elapsed = time.perf_counter() - began
+        cpu = [
+            proc_cpu(pid) - before for (pid, _), before in zip(replicas, cpu_before, strict=True)
+        ]
+        for task in settlers:
+            task.cancel()
+    finally:
+        for stream in streams:
+            await stream.aclose()
+        for channel in channels:
+            await channel.close()
+    return {
+        "replicas": len(replicas),
+        "failures": failures,
+        "budget_cpu_ms_per_pair": round(sum(cpu) * 1000 / total, 3),
+        **_summary(latencies, elapsed),
+    }
 
 
 async def _setup(
@@ -264,11 +421,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 steady = await _open_loop(pairs, args.rate, args.seconds)
         finally:
             await running.stop(0)
+        router_way = []
+        with tempfile.TemporaryDirectory(prefix="orchestra-bench-logs-") as logs:
+            for count in args.replicas:
+                async with _replicas(count, database_url, redis_url, Path(logs)) as replicas:
+                    internal = sign("", identity_pb2.SCOPE_INTERNAL)
+                    router_way.append(await _router_way(replicas, internal, tenant, args.pairs))
     return {
         "redis_ping": floor,
         "grpc_health_check": grpc_floor,
         "closed_loop": levels,
         "open_loop": steady,
+        "router_way": router_way,
+        "cores": os.cpu_count(),
         "stores": "env" if os.environ.get("DATABASE_URL") else "embedded",
     }
 
@@ -288,6 +453,19 @@ def _table(result: dict[str, Any]) -> str:
     rows.append(row(f"pairs offered {steady['offered_per_second']:g}/s", steady))
     if steady["skipped"]:
         rows.append(f"  (open loop: {steady['skipped']} starts skipped, {MAX_IN_FLIGHT} in flight)")
+    rows.append("")
+    rows.append(
+        f"The router's way ({ROUTER_CALLERS} callers; ReserveStream, BatchSettle of up to "
+        f"{SETTLE_BATCH}; {result['cores']} cores; p50/p99 of the reservation):"
+    )
+    rows.append(
+        f"{'budget replicas':<24}{'pairs/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'CPU ms/pair':>13}"
+    )
+    for level in result["router_way"]:
+        cpu = level["budget_cpu_ms_per_pair"]
+        rows.append(row(f"{level['replicas']}", level) + f"{cpu:>13}")
+        if level["failures"]:
+            rows.append(f"  ({level['failures']} settlements failed)")
     return "\n".join(rows)
 
 
@@ -300,6 +478,12 @@ def main(argv: list[str] | None = None) -> None:
         type=lambda s: [int(x) for x in s.split(",")],
         default=[1, 16, 64],
         help="concurrency levels, comma-separated",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1, 2],
+        help="budget replica counts for the router's way, comma-separated",
     )
     parser.add_argument("--pings", type=int, default=2000, help="Redis PINGs for the floor")
     parser.add_argument("--rate", type=float, default=1000.0, help="open-loop pairs per second")

@@ -48,7 +48,7 @@ def _part(cmdline: list[str], name: str) -> str | None:
     return None
 
 
-def _proc_cpu(pid: int) -> float:
+def proc_cpu(pid: int) -> float:
     """utime + stime of one process, in seconds (fields 14 and 15 of /proc/PID/stat)."""
     with open(f"/proc/{pid}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
@@ -77,7 +77,7 @@ def cpu_seconds(root_pid: int) -> dict[int, tuple[str, float]]:
     out: dict[int, tuple[str, float]] = {}
     for pid, part in processes(root_pid).items():
         try:
-            out[pid] = (part, _proc_cpu(pid))
+            out[pid] = (part, proc_cpu(pid))
         except OSError:
             continue  # exited meanwhile
     return out
