@@ -22,6 +22,7 @@ from orchestra.common.v1 import errors_pb2
 from services.audit import merkle
 from services.audit.signing import Signer
 from services.common.errors import Internal
+from services.common.stores import row
 
 Conn = Any  # an asyncpg connection or pool (both have fetch/execute)
 
@@ -145,7 +146,7 @@ class TreeStore:
         )
         await conn.execute(
             f"INSERT INTO audit.checkpoints ({_CHECKPOINT_COLUMNS}) VALUES ($1, $2, $3, $4, $5)",
-            *dataclasses.astuple(checkpoint),
+            *row(checkpoint),
         )
         return checkpoint
 

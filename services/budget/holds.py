@@ -28,6 +28,7 @@ import asyncpg
 from services.budget.batching import Batcher
 from services.budget.ledger import Db
 from services.common.outages import postgres_outage
+from services.common.stores import row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +98,7 @@ class HoldStore:
     @postgres_outage
     async def _add_many(self, holds: Sequence[StoredHold]) -> list[None]:
         unique = {h.request_id: h for h in holds}  # one row per id and statement
-        values = [dataclasses.astuple(h) for h in unique.values()]
+        values = [row(h) for h in unique.values()]
         columns = [list(c) for c in zip(*values, strict=True)]
         index = _COLUMNS.index("counters")
         # An array of arrays cannot be unnested row by row: counters go as JSON.

@@ -17,6 +17,7 @@ from orchestra.budget.v1 import budget_service_pb2 as pb
 from services.budget.batching import Batcher
 from services.budget.windows import Window
 from services.common.outages import POSTGRES_DOWN, postgres_outage, store_unavailable
+from services.common.stores import row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +116,7 @@ class Ledger:
         first: dict[str, Charge] = {}
         for charge in charges:
             first.setdefault(charge.request_id, charge)
-        columns = list(zip(*(dataclasses.astuple(c) for c in first.values()), strict=True))
+        columns = list(zip(*(row(c) for c in first.values()), strict=True))
         rows = await self._pool.fetch(
             f"INSERT INTO budget.ledger ({', '.join(_COLUMNS)})"
             f" SELECT * FROM unnest({', '.join(f'${i + 1}::{t}[]' for i, t in enumerate(_TYPES))})"

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import asyncpg
 
 from services.common.outages import postgres_outage
+from services.common.stores import row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +64,7 @@ class UnheldStore:
         await self._pool.execute(
             f"INSERT INTO budget.unheld ({', '.join(_COLUMNS)}) VALUES ({placeholders})"
             " ON CONFLICT (request_id) DO NOTHING",
-            *dataclasses.astuple(unheld),
+            *row(unheld),
         )
         stored = await self.find(unheld.request_id)
         assert stored is not None  # rows are never deleted

@@ -8,6 +8,7 @@ new ones in order under an advisory lock, so replicas starting together agree.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from importlib import resources
 from typing import Any
@@ -98,6 +99,15 @@ def connect_redis(url: str) -> aioredis.Redis:
 def text(value: object) -> str:
     """A Redis reply value as text: the clients here read bytes (``decode_responses=False``)."""
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def row(record: Any) -> tuple[Any, ...]:
+    """A dataclass instance's fields, in order, as query parameters.
+
+    Unlike :func:`dataclasses.astuple` it does not deep-copy each value,
+    which cost the budget service a few per cent of its CPU per reservation.
+    """
+    return tuple(getattr(record, field.name) for field in dataclasses.fields(record))
 
 
 def lua_script(package: str | None, name: str) -> str:
