@@ -35,6 +35,7 @@ from collections.abc import Mapping, Sequence
 
 import redis.asyncio as aioredis
 
+from services.budget.batching import Batcher
 from services.budget.ratelimits import TOKENS_PER_MINUTE, RateCheck
 from services.common.outages import redis_outage
 from services.common.stores import lua_script, text
@@ -116,6 +117,9 @@ class Counters:
         self._raise_spent = client.register_script(lua_script(__package__, "raise_spent"))
         self._settle_unheld = client.register_script(lua_script(__package__, "settle_unheld"))
         self._restore = client.register_script(lua_script(__package__, "restore"))
+        # Concurrent reads of hold records go as one pipeline (one round trip).
+        self._holds: Batcher[str, dict[str, str]] = Batcher(self._holds_of)
+        self._existing: Batcher[str, bool] = Batcher(self._exist)
 
     @redis_outage
     async def reserve(
@@ -179,11 +183,20 @@ class Counters:
         reply = [text(v) for v in await self._reserve(keys=keys, args=args)]
         return _reserve_outcome(reply)
 
-    @redis_outage
     async def hold(self, request_id: str) -> dict[str, str]:
-        """The hold record of ``request_id`` ({} if none)."""
-        raw = await self._redis.hgetall(hold_key(request_id))
-        return {text(k): text(v) for k, v in raw.items()}
+        """The hold record of ``request_id`` ({} if none).
+
+        Raises:
+            Unavailable: STORE_UNAVAILABLE.
+        """
+        return await self._holds.submit(request_id)
+
+    @redis_outage
+    async def _holds_of(self, request_ids: Sequence[str]) -> list[dict[str, str]]:
+        pipe = self._redis.pipeline(transaction=False)
+        for request_id in request_ids:
+            pipe.hgetall(hold_key(request_id))
+        return [{text(k): text(v) for k, v in raw.items()} for raw in await pipe.execute()]
 
     @redis_outage
     async def settle(
@@ -347,10 +360,20 @@ class Counters:
         keys = [hold_key(request_id), HOLDS, *counters]
         return bool(await self._restore(keys=keys, args=args))
 
-    @redis_outage
     async def exists(self, request_id: str) -> bool:
-        """Whether a hold record exists for ``request_id``."""
-        return bool(await self._redis.exists(hold_key(request_id)))
+        """Whether a hold record exists for ``request_id``.
+
+        Raises:
+            Unavailable: STORE_UNAVAILABLE.
+        """
+        return await self._existing.submit(request_id)
+
+    @redis_outage
+    async def _exist(self, request_ids: Sequence[str]) -> list[bool]:
+        pipe = self._redis.pipeline(transaction=False)
+        for request_id in request_ids:
+            pipe.exists(hold_key(request_id))
+        return [bool(n) for n in await pipe.execute()]
 
     @redis_outage
     async def try_lock_rebuild(self, seconds: int) -> bool:
