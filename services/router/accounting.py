@@ -10,6 +10,7 @@ the start, the prompt's features) and the :class:`~services.router.answering.Run
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from orchestra.cache.v1 import cache_service_pb2 as cache_pb2
 from orchestra.common.v1 import chat_pb2
@@ -48,6 +49,12 @@ class Accountant:
         if store is not None:
             jobs.append(store)
         jobs.append(("audit", self._audit(ctx, run, end)))
+        if learner is not None and learner.shared:
+            # The learner's counts ride on the jobs' round trip to Redis.
+            await self._outbox.put(
+                *jobs, also=lambda pipe: _learn_into(pipe, learner, ctx, run, end)
+            )
+            return
         await self._outbox.put(*jobs)
         if learner is not None:
             await _learn(learner, ctx, run, end)
@@ -155,6 +162,14 @@ def _store_job(ctx: RequestContext, run: Run, end: chat_api.ChatEnd) -> tuple[st
     return ("cache_store", payload)
 
 
+def _outcome(run: Run) -> bool | None:
+    """Whether the request counts as answered for learning (None: not counted)."""
+    ok = run.outcome is None and run.started
+    if run.finish == chat_pb2.FINISH_REASON_CANCELLED and not ok:
+        return None  # the client gave up: not the model's failure
+    return ok
+
+
 async def _learn(
     learner: learning.Learner, ctx: RequestContext, run: Run, end: chat_api.ChatEnd
 ) -> None:
@@ -163,12 +178,36 @@ async def _learn(
     The same as :func:`services.router.learning.record_outcome`, with the
     prompt's features taken from the context rather than computed again.
     """
-    ok = run.outcome is None and run.started
-    if run.finish == chat_pb2.FINISH_REASON_CANCELLED and not ok:
-        return  # the client gave up: not the model's failure
+    ok = _outcome(run)
+    if ok is None:
+        return
     learned = run.model or ctx.decision.model
     try:
         await learner.record(
+            ctx.tenant_id,
+            ctx.request_id,
+            learned.name,
+            learned.quality,
+            ctx.features.vector(learner),
+            ok=ok,
+            ttft_ms=run.first_token_ms,
+            cost_micro_usd=end.cost_micro_usd,
+        )
+    except Exception as exc:  # noqa: BLE001 - best effort by design, logged
+        log.warning("outcome of %s not recorded for learning: %s", ctx.request_id, exc)
+
+
+def _learn_into(
+    pipe: Any, learner: learning.Learner, ctx: RequestContext, run: Run, end: chat_api.ChatEnd
+) -> None:
+    """:func:`_learn`, queued on the outbox's pipeline; never raises."""
+    ok = _outcome(run)
+    if ok is None:
+        return
+    learned = run.model or ctx.decision.model
+    try:
+        learner.record_into(
+            pipe,
             ctx.tenant_id,
             ctx.request_id,
             learned.name,

@@ -192,21 +192,53 @@ class Learner:
             counts.ttft_ms += ttft_ms if ok else 0
             counts.cost_micro_usd += cost_micro_usd
             return
-        _, _, counts_key, req_prefix = _keys(tenant)
         async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hincrbyfloat(counts_key, f"{arm}|calls", 1)
-            if ok:
-                pipe.hincrbyfloat(counts_key, f"{arm}|ok", 1)
-                pipe.hincrbyfloat(counts_key, f"{arm}|ttft_ms", ttft_ms)
-            pipe.hincrbyfloat(counts_key, f"{arm}|cost", cost_micro_usd)
-            if ok:
-                key = req_prefix + request_id
-                pipe.hset(
-                    key,
-                    mapping={"arm": arm, "x": x.astype(np.float32).tobytes(), "prior": prior},
-                )
-                pipe.expire(key, FEEDBACK_TTL_SECONDS)
+            self.record_into(
+                pipe,
+                tenant,
+                request_id,
+                arm,
+                prior,
+                x,
+                ok=ok,
+                ttft_ms=ttft_ms,
+                cost_micro_usd=cost_micro_usd,
+            )
             await pipe.execute()
+
+    @property
+    def shared(self) -> bool:
+        """Whether outcomes go to Redis (so :meth:`record_into` may be used)."""
+        return self._redis is not None
+
+    def record_into(
+        self,
+        pipe: Any,
+        tenant: str,
+        request_id: str,
+        arm: str,
+        prior: float,
+        x: Vector,
+        *,
+        ok: bool,
+        ttft_ms: int,
+        cost_micro_usd: int,
+    ) -> None:
+        """Queues :meth:`record`'s Redis commands on ``pipe``, a pipeline the
+        caller sends (the accountant's, with the outbox's jobs)."""
+        _, _, counts_key, req_prefix = _keys(tenant)
+        pipe.hincrbyfloat(counts_key, f"{arm}|calls", 1)
+        if ok:
+            pipe.hincrbyfloat(counts_key, f"{arm}|ok", 1)
+            pipe.hincrbyfloat(counts_key, f"{arm}|ttft_ms", ttft_ms)
+        pipe.hincrbyfloat(counts_key, f"{arm}|cost", cost_micro_usd)
+        if ok:
+            key = req_prefix + request_id
+            pipe.hset(
+                key,
+                mapping={"arm": arm, "x": x.astype(np.float32).tobytes(), "prior": prior},
+            )
+            pipe.expire(key, FEEDBACK_TTL_SECONDS)
 
     async def feedback(self, tenant: str, request_id: str, score: float) -> bool:
         """Records quality feedback for an answered request; False if unknown.

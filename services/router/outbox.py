@@ -76,10 +76,18 @@ class Outbox:
         self._stopping = False
         self._fallback: set[asyncio.Task[None]] = set()
 
-    async def put(self, *jobs: tuple[str, bytes]) -> None:
+    async def put(
+        self, *jobs: tuple[str, bytes], also: Callable[[Any], None] | None = None
+    ) -> None:
         """Queues jobs, given as (kind, payload), in one round trip to Redis.
 
         If Redis is down, runs them now (retrying) instead of losing them.
+
+        Args:
+            jobs: The jobs.
+            also: Queues more commands on the same pipeline, after the jobs
+                (best effort: if they fail, or Redis is down, they are lost
+                and logged; the jobs are not affected).
         """
         for kind, _ in jobs:
             if kind not in self._handlers:
@@ -88,7 +96,15 @@ class Outbox:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for kind, payload in jobs:
                     pipe.xadd(STREAM, {"kind": kind, "payload": base64.b64encode(payload)})
-                await pipe.execute()
+                if also is not None:
+                    also(pipe)
+                replies = await pipe.execute(raise_on_error=False)
+            for reply in replies[: len(jobs)]:
+                if isinstance(reply, Exception):
+                    raise reply
+            for reply in replies[len(jobs) :]:
+                if isinstance(reply, Exception):
+                    log.warning("a command sent with the outbox jobs failed: %s", reply)
             self._wake.set()
         except RedisError:
             log.warning("outbox stream unavailable; delivering %d job(s) directly", len(jobs))

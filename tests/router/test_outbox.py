@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from typing import cast
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -133,6 +133,28 @@ async def test_a_single_job_of_a_batch_kind_uses_the_single_handler(
     finally:
         await outbox.stop()
     assert (target.single, target.batches) == ([b"only"], [])
+
+
+async def test_commands_sent_with_the_jobs_cannot_fail_them(redis: aioredis.Redis) -> None:
+    await redis.set("test:outbox:not-a-number", "abc")
+    target = _Target()
+    outbox = _outbox(redis, target)
+    await outbox.start()
+    try:
+
+        def extra(pipe: Any) -> None:
+            pipe.set("test:outbox:extra", "1")
+            pipe.incr("test:outbox:not-a-number")  # fails: not an integer
+
+        await outbox.put(("settle", b"s1"), also=extra)
+        await outbox.drain()
+        await asyncio.sleep(0)
+    finally:
+        await outbox.stop()
+        await redis.delete("test:outbox:not-a-number")
+    assert target.single == [b"s1"]  # delivered once, through the stream, not directly
+    assert await redis.get("test:outbox:extra") == b"1"
+    await redis.delete("test:outbox:extra")
 
 
 async def test_concurrent_chats_are_each_audited_once_through_batched_appends(
