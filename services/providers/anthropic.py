@@ -213,7 +213,7 @@ def _error_detail(body: Any) -> str:
     return f"{error['type']}: {error['message']}"
 
 
-def _http_error(status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
+def _http_error(status: int, body: bytes, headers: http.Headers) -> UpstreamError:
     return http.json_error(status, body, headers, _error_detail)
 
 
@@ -236,13 +236,13 @@ class AnthropicAdapter(http.HttpAdapter):
     def _body(self, request: UpstreamRequest) -> dict[str, Any]:
         return request_body(request)
 
-    def _error(self, status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
+    def _error(self, status: int, body: bytes, headers: http.Headers) -> UpstreamError:
         return _http_error(status, body, headers)
 
-    async def _events(self, response: httpx.Response) -> AsyncIterator[Event]:
+    async def _events(self, answer: http.Answer) -> AsyncIterator[Event]:
         state = _StreamState()
         # "event:" names are skipped: the data's "type" repeats them.
-        async for data in http.sse_data(response):
+        async for data in http.sse_data(answer):
             parsed = http.decode_object(data, "event data")
             if parsed.get("type") == "message_stop":
                 if not state.finished:

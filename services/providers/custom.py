@@ -22,7 +22,6 @@ import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import httpx
 import jmespath
 from jmespath.parser import ParsedResult
 
@@ -238,11 +237,11 @@ class CustomAdapter(http.HttpAdapter):
     def _body(self, request: UpstreamRequest) -> Any:
         return render(self._mapping.request, placeholders(request, stream=self._stream is not None))
 
-    async def _events(self, response: httpx.Response) -> AsyncIterator[Event]:
+    async def _events(self, answer: http.Answer) -> AsyncIterator[Event]:
         finish = self._mapping.finish_reasons
         if self._stream is None or self._mapping.stream is None:
             reader = _Reader(self._answer, finish)
-            data = _json(await response.aread())
+            data = _json(await answer.read())
             for event in reader.read(data):
                 yield event
             if not reader.finished:
@@ -251,7 +250,7 @@ class CustomAdapter(http.HttpAdapter):
         config: CustomStream = self._mapping.stream
         reader = _Reader(self._stream, finish)
         ended = False
-        frames = http.sse_data(response) if config.format == "sse" else http.ndjson_lines(response)
+        frames = http.sse_data(answer) if config.format == "sse" else http.ndjson_lines(answer)
         async for payload in frames:
             if config.done and payload == config.done:
                 ended = True
@@ -266,7 +265,7 @@ class CustomAdapter(http.HttpAdapter):
         if not reader.finished:
             yield Finish(chat_pb2.FINISH_REASON_STOP)
 
-    def _error(self, status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
+    def _error(self, status: int, body: bytes, headers: http.Headers) -> UpstreamError:
         return http.json_error(status, body, headers, _Reader(self._answer, {}).error)
 
 

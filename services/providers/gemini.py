@@ -210,7 +210,7 @@ def _error_detail(body: Any) -> str:
     return f"{error.get('status')}: {error['message']}"
 
 
-def _http_error(status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
+def _http_error(status: int, body: bytes, headers: http.Headers) -> UpstreamError:
     """Retry-After, or else the RetryInfo in the error body, says when to retry."""
     return http.json_error(status, body, headers, _error_detail, _retry_hint)
 
@@ -239,12 +239,12 @@ class GeminiAdapter(http.HttpAdapter):
     def _body(self, request: UpstreamRequest) -> dict[str, Any]:
         return request_body(request)
 
-    def _error(self, status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
+    def _error(self, status: int, body: bytes, headers: http.Headers) -> UpstreamError:
         return _http_error(status, body, headers)
 
-    async def _events(self, response: httpx.Response) -> AsyncIterator[Event]:
+    async def _events(self, answer: http.Answer) -> AsyncIterator[Event]:
         state = _StreamState()
-        async for data in http.sse_data(response):
+        async for data in http.sse_data(answer):
             chunk = http.decode_object(data, "chunk")
             if "error" in chunk:
                 error = chunk["error"] or {}

@@ -148,7 +148,7 @@ def _error_detail(body: Any) -> str:
     return str(body["error"])
 
 
-def _http_error(status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
+def _http_error(status: int, body: bytes, headers: http.Headers) -> UpstreamError:
     return http.json_error(status, body, headers, _error_detail)
 
 
@@ -175,12 +175,12 @@ class OllamaAdapter(http.HttpAdapter):
     def _body(self, request: UpstreamRequest) -> dict[str, Any]:
         return request_body(request)
 
-    def _error(self, status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
+    def _error(self, status: int, body: bytes, headers: http.Headers) -> UpstreamError:
         return _http_error(status, body, headers)
 
-    async def _events(self, response: httpx.Response) -> AsyncIterator[Event]:
+    async def _events(self, answer: http.Answer) -> AsyncIterator[Event]:
         state = _StreamState()
-        async for text in http.ndjson_lines(response):
+        async for text in http.ndjson_lines(answer):
             line = http.decode_object(text, "line")
             if "error" in line:
                 raise UpstreamError(FailureKind.SERVER_ERROR, str(line["error"]))

@@ -181,7 +181,7 @@ def _error_detail(body: Any) -> str:
     return str(body["error"]["message"])
 
 
-def _http_error(status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
+def _http_error(status: int, body: bytes, headers: http.Headers) -> UpstreamError:
     return http.json_error(status, body, headers, _error_detail)
 
 
@@ -223,12 +223,12 @@ class OpenAIAdapter(http.HttpAdapter):
     def _body(self, request: UpstreamRequest) -> dict[str, Any]:
         return request_body(request)
 
-    def _error(self, status: int, body: bytes, headers: httpx.Headers) -> UpstreamError:
+    def _error(self, status: int, body: bytes, headers: http.Headers) -> UpstreamError:
         return _http_error(status, body, headers)
 
-    async def _events(self, response: httpx.Response) -> AsyncIterator[Event]:
+    async def _events(self, answer: http.Answer) -> AsyncIterator[Event]:
         finished = False
-        async for data in http.sse_data(response):
+        async for data in http.sse_data(answer):
             if data == "[DONE]":
                 if not finished:
                     raise UpstreamError(FailureKind.STREAM_BROKEN, "[DONE] before a finish_reason")

@@ -1,7 +1,7 @@
 """Streamed chats reuse the adapter's pooled connection (no new handshake per chat).
 
 Each parser stops reading at its end marker; the adapter then reads the rest
-of the body, so httpx returns the connection to its pool. Against a real
+of the body, so the HTTP client returns the connection to its pool. Against a real
 provider that saves a TCP and TLS handshake per chat. The fakes record the
 client's port of each request: one port for several chats means one connection.
 """
