@@ -151,7 +151,12 @@ def main(name: str, build: Callable[[settings_mod.Settings], Awaitable[Service]]
         running = await start(service, cfg.listen_addr(name), reflection_names=names)
         await serve_forever(running, cfg.grace_seconds)
 
-    asyncio.run(run())
+    if cfg.event_loop == "uvloop":
+        import uvloop
+
+        uvloop.run(run())
+    else:
+        asyncio.run(run())
 
 
 def all_service_names() -> list[str]:

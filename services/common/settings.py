@@ -8,6 +8,7 @@ at start with a message naming the variable.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +24,10 @@ DEFAULT_ADDRS: Mapping[str, str] = {
     "discovery": "127.0.0.1:50055",
 }
 SERVICES = tuple(DEFAULT_ADDRS)
+
+# uvloop (libuv) spends less CPU per chat than asyncio's own loop in every
+# figure of bench/overhead.py (docs/performance.md); it is not built for Windows.
+DEFAULT_EVENT_LOOP = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
 
 
 class SettingsError(ValueError):
@@ -45,6 +50,8 @@ class Settings:
         otel: "" (off), "console" or "otlp" (ORCHESTRA_OTEL).
         grace_seconds: Drain time on SIGTERM (ORCHESTRA_GRACE_SECONDS).
         log_level: Python logging level name (ORCHESTRA_LOG_LEVEL).
+        event_loop: "uvloop" or "asyncio": the event loop a service process
+            runs on (ORCHESTRA_EVENT_LOOP; uvloop wherever it is installed).
     """
 
     internal_key: bytes
@@ -57,6 +64,7 @@ class Settings:
     otel: str
     grace_seconds: float
     log_level: str
+    event_loop: str = "asyncio"
 
     def listen_addr(self, service: str) -> str:
         """The address ``service`` binds to: its port on ``listen_host``."""
@@ -99,6 +107,11 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
     otel = pick("ORCHESTRA_OTEL", server.otel).lower()
     if otel not in ("", "off", "console", "otlp"):
         raise SettingsError(f"ORCHESTRA_OTEL must be off, console or otlp, got {otel!r}")
+    loop = pick("ORCHESTRA_EVENT_LOOP", None, DEFAULT_EVENT_LOOP).lower()
+    if loop not in ("uvloop", "asyncio"):
+        raise SettingsError(f"ORCHESTRA_EVENT_LOOP must be uvloop or asyncio, got {loop!r}")
+    if loop == "uvloop" and DEFAULT_EVENT_LOOP != "uvloop":
+        raise SettingsError("ORCHESTRA_EVENT_LOOP=uvloop, but uvloop is not installed")
     try:
         grace = float(pick("ORCHESTRA_GRACE_SECONDS", None, "5"))
     except ValueError:
@@ -114,6 +127,7 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         otel="" if otel == "off" else otel,
         grace_seconds=grace,
         log_level=pick("ORCHESTRA_LOG_LEVEL", None, "INFO").upper(),
+        event_loop=loop,
     )
 
 
