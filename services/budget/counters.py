@@ -117,9 +117,7 @@ class Counters:
         self._raise_spent = client.register_script(lua_script(__package__, "raise_spent"))
         self._settle_unheld = client.register_script(lua_script(__package__, "settle_unheld"))
         self._restore = client.register_script(lua_script(__package__, "restore"))
-        # Concurrent reads of hold records go as one pipeline (one round trip).
         self._holds: Batcher[str, dict[str, str]] = Batcher(self._holds_of)
-        self._existing: Batcher[str, bool] = Batcher(self._exist)
 
     @redis_outage
     async def reserve(
@@ -184,11 +182,7 @@ class Counters:
         return _reserve_outcome(reply)
 
     async def hold(self, request_id: str) -> dict[str, str]:
-        """The hold record of ``request_id`` ({} if none).
-
-        Raises:
-            Unavailable: STORE_UNAVAILABLE.
-        """
+        """The hold record of ``request_id`` ({} if none); concurrent reads share a pipeline."""
         return await self._holds.submit(request_id)
 
     @redis_outage
@@ -361,19 +355,8 @@ class Counters:
         return bool(await self._restore(keys=keys, args=args))
 
     async def exists(self, request_id: str) -> bool:
-        """Whether a hold record exists for ``request_id``.
-
-        Raises:
-            Unavailable: STORE_UNAVAILABLE.
-        """
-        return await self._existing.submit(request_id)
-
-    @redis_outage
-    async def _exist(self, request_ids: Sequence[str]) -> list[bool]:
-        pipe = self._redis.pipeline(transaction=False)
-        for request_id in request_ids:
-            pipe.exists(hold_key(request_id))
-        return [bool(n) for n in await pipe.execute()]
+        """Whether a hold record exists for ``request_id`` (read with :meth:`hold`'s pipeline)."""
+        return bool(await self.hold(request_id))
 
     @redis_outage
     async def try_lock_rebuild(self, seconds: int) -> bool:

@@ -165,13 +165,23 @@ class Multiplexer(Generic[Q, R]):
         except TimeoutError:
             raise dependency_unavailable(self._dependency, "DEADLINE_EXCEEDED") from None
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+            await self._settled(stream)
             raise StreamUnusable(str(exc)) from None
+        except StreamUnusable:
+            await self._settled(stream)
+            raise
         finally:
             stream.pending.pop(call_id, None)
         if outcome.WhichOneof("outcome") == "error":
             raise from_rpc_status(outcome.error, dependency=self._dependency)
         response: R = outcome.response
         return response
+
+    async def _settled(self, stream: _Stream) -> None:
+        """Lets the reader of an ended stream record how it ended (UNIMPLEMENTED
+        sends the next items unary) before the caller falls back."""
+        if stream.reader is not None and stream.call.done():
+            await asyncio.wait([stream.reader], timeout=1.0)
 
     def _current(self) -> _Stream:
         now = self._clock()

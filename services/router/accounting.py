@@ -162,12 +162,17 @@ def _store_job(ctx: RequestContext, run: Run, end: chat_api.ChatEnd) -> tuple[st
     return ("cache_store", payload)
 
 
-def _outcome(run: Run) -> bool | None:
-    """Whether the request counts as answered for learning (None: not counted)."""
+def _learning(
+    learner: learning.Learner, ctx: RequestContext, run: Run, end: chat_api.ChatEnd
+) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """The arguments of the learner's record for this request (None: not counted)."""
     ok = run.outcome is None and run.started
     if run.finish == chat_pb2.FINISH_REASON_CANCELLED and not ok:
         return None  # the client gave up: not the model's failure
-    return ok
+    learned = run.model or ctx.decision.model
+    x = ctx.features.vector(learner)
+    args = (ctx.tenant_id, ctx.request_id, learned.name, learned.quality, x)
+    return args, {"ok": ok, "ttft_ms": run.first_token_ms, "cost_micro_usd": end.cost_micro_usd}
 
 
 async def _learn(
@@ -178,21 +183,9 @@ async def _learn(
     The same as :func:`services.router.learning.record_outcome`, with the
     prompt's features taken from the context rather than computed again.
     """
-    ok = _outcome(run)
-    if ok is None:
-        return
-    learned = run.model or ctx.decision.model
     try:
-        await learner.record(
-            ctx.tenant_id,
-            ctx.request_id,
-            learned.name,
-            learned.quality,
-            ctx.features.vector(learner),
-            ok=ok,
-            ttft_ms=run.first_token_ms,
-            cost_micro_usd=end.cost_micro_usd,
-        )
+        if (found := _learning(learner, ctx, run, end)) is not None:
+            await learner.record(*found[0], **found[1])
     except Exception as exc:  # noqa: BLE001 - best effort by design, logged
         log.warning("outcome of %s not recorded for learning: %s", ctx.request_id, exc)
 
@@ -201,21 +194,8 @@ def _learn_into(
     pipe: Any, learner: learning.Learner, ctx: RequestContext, run: Run, end: chat_api.ChatEnd
 ) -> None:
     """:func:`_learn`, queued on the outbox's pipeline; never raises."""
-    ok = _outcome(run)
-    if ok is None:
-        return
-    learned = run.model or ctx.decision.model
     try:
-        learner.record_into(
-            pipe,
-            ctx.tenant_id,
-            ctx.request_id,
-            learned.name,
-            learned.quality,
-            ctx.features.vector(learner),
-            ok=ok,
-            ttft_ms=run.first_token_ms,
-            cost_micro_usd=end.cost_micro_usd,
-        )
+        if (found := _learning(learner, ctx, run, end)) is not None:
+            learner.record_into(pipe, *found[0], **found[1])
     except Exception as exc:  # noqa: BLE001 - best effort by design, logged
         log.warning("outcome of %s not recorded for learning: %s", ctx.request_id, exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import urllib.parse
 import uuid
 from collections.abc import Callable
 
@@ -99,7 +100,9 @@ async def test_counts_that_redis_refused_are_kept_for_the_next_write(redis_url: 
     await admin.acl_setuser(
         user, enabled=True, nopass=True, keys=["*"], commands=["+@all", "-hincrby"]
     )
-    url = redis_url.replace("redis://", f"redis://{user}@", 1)
+    parts = urllib.parse.urlsplit(redis_url)  # the embedded server's URL carries a password
+    secret = f":{parts.password}" if parts.password else ""
+    url = parts._replace(netloc=f"{user}{secret}@{parts.hostname}:{parts.port}").geturl()
     client = aioredis.Redis.from_url(url)
     tenant = f"t-{uuid.uuid4().hex[:8]}"
     stats = StatsStore(client, flush_seconds=3600)
