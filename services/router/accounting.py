@@ -12,17 +12,21 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from orchestra.cache.v1 import cache_service_pb2 as cache_pb2
+import grpc
+
 from orchestra.common.v1 import chat_pb2
 from orchestra.router.v1 import chat_service_pb2 as chat_api
 from services.common.errors import reason_name
 from services.router import learning, records
 from services.router.answering import Run
+from services.router.cache_step import Replayed
 from services.router.context import RequestContext
 from services.router.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
+# The status recorded for a request the client cancelled (grpc.StatusCode.CANCELLED).
+_CANCELLED = grpc.StatusCode.CANCELLED.value[0]
 _PARTIAL = (chat_pb2.FINISH_REASON_ERROR, chat_pb2.FINISH_REASON_CANCELLED)
 _STORABLE = (chat_pb2.FINISH_REASON_STOP, chat_pb2.FINISH_REASON_LENGTH)
 _STORE_MODES = (chat_api.CACHE_MODE_UNSPECIFIED, chat_api.CACHE_MODE_REFRESH)
@@ -34,10 +38,6 @@ class Accountant:
     def __init__(self, outbox: Outbox, audit_salt: bytes) -> None:
         self._outbox = outbox
         self._salt = audit_salt
-
-    async def release(self, ctx: RequestContext) -> None:
-        """Releases the whole hold (the answer came from the cache)."""
-        await self._outbox.put(("release", records.release_payload(ctx.request_id)))
 
     async def account(
         self, ctx: RequestContext, run: Run, learner: learning.Learner | None
@@ -59,24 +59,17 @@ class Accountant:
         if learner is not None:
             await _learn(learner, ctx, run, end)
 
-    async def audit_hit(
-        self,
-        ctx: RequestContext,
-        answer: cache_pb2.CachedAnswer,
-        reason: str,
-        usage: chat_pb2.Usage,
-        latency_ms: int,
-    ) -> None:
-        """Audits a request answered from the cache.
+    async def account_hit(self, ctx: RequestContext, played: Replayed, *, held: bool) -> None:
+        """Releases the hold (if one was granted) and audits a request answered
+        from the cache, in one outbox write.
 
         Args:
             ctx: The request.
-            answer: The cached answer.
-            reason: The routing reason sent to the client.
-            usage: The usage sent to the client.
-            latency_ms: The replay's latency.
+            played: What the replay sent (a replay the client cancelled is
+                audited as cancelled, with what it had sent by then).
+            held: Whether budget granted a hold for the request.
         """
-        policy = ctx.tenant_policy
+        policy, answer = ctx.tenant_policy, played.answer
         payload = records.audit_payload(
             ctx.request_id,
             ctx.identity,
@@ -87,17 +80,20 @@ class Accountant:
             tool_calls=list(answer.tool_calls),
             model=answer.model,
             provider="",
-            reason=reason,
+            reason=played.reason,
             cache_hit=True,
-            usage=usage,
+            usage=played.usage,
             cost_micro_usd=0,
-            status_code=0,
+            status_code=0 if played.finished else _CANCELLED,
             error_reason="",
-            latency_ms=latency_ms,
+            latency_ms=played.latency_ms,
             answer_text=answer.text,
             fallbacks=[],
         )
-        await self._outbox.put(("audit", payload))
+        jobs = [("audit", payload)]
+        if held:
+            jobs.insert(0, ("release", records.release_payload(ctx.request_id)))
+        await self._outbox.put(*jobs)
 
     def _audit(self, ctx: RequestContext, run: Run, end: chat_api.ChatEnd) -> bytes:
         """The audit record of an answered (or failed) request."""
@@ -105,7 +101,7 @@ class Accountant:
         status_code = (
             outcome.code.value[0]
             if outcome
-            else (1 if run.finish == chat_pb2.FINISH_REASON_CANCELLED else 0)
+            else (_CANCELLED if run.finish == chat_pb2.FINISH_REASON_CANCELLED else 0)
         )
         return records.audit_payload(
             ctx.request_id,

@@ -2,18 +2,21 @@
 
 The lookup runs beside the budget reservation (see
 :meth:`services.router.engine.Engine.stream`); a hit is replayed to the client
-as a stream, in the same events a provider's answer would produce, and audited.
+as a stream, in the same events a provider's answer would produce; what was
+played (:class:`Replayed`) is then released and audited in one outbox write
+(:meth:`services.router.accounting.Accountant.account_hit`), also when the
+client went away half way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 
 from orchestra.cache.v1 import cache_service_pb2 as cache_pb2
 from orchestra.common.v1 import chat_pb2
 from orchestra.router.v1 import chat_service_pb2 as chat_api
 from services.router import records
-from services.router.accounting import Accountant
 from services.router.context import RequestContext
 
 # A hit's text goes in deltas of this many characters: the whole answer is at
@@ -34,35 +37,67 @@ def lookup_request(ctx: RequestContext) -> cache_pb2.LookupRequest | None:
     return lookup
 
 
-async def replay(
-    ctx: RequestContext, hit: cache_pb2.LookupResponse, accountant: Accountant
-) -> AsyncIterator[chat_api.ChatStreamResponse]:
-    """Streams a cache hit as the events of an answer, then audits it."""
+@dataclasses.dataclass
+class Replayed:
+    """What a hit's replay sent, for its audit record.
+
+    Attributes:
+        answer: The cached answer.
+        reason: The routing reason sent to the client.
+        usage: The usage sent to the client.
+        latency_ms: Milliseconds from the request to the end event (or to the
+            client's cancellation).
+        finished: Whether the end event was sent.
+    """
+
+    answer: cache_pb2.CachedAnswer
+    reason: str
+    usage: chat_pb2.Usage
+    latency_ms: int = 0
+    finished: bool = False
+
+
+def replayed(hit: cache_pb2.LookupResponse) -> Replayed:
+    """The record of ``hit``'s replay, before anything is sent."""
     answer = hit.answer
     kind = cache_pb2.MatchKind.Name(hit.match_kind).removeprefix("MATCH_KIND_").lower()
-    reason = f"cache hit ({kind})"
-    yield chat_api.ChatStreamResponse(
-        start=chat_api.ChatStart(
-            request_id=ctx.request_id, model=answer.model, routing_reason=reason, cache_hit=True
-        )
-    )
-    first_token_ms = ctx.elapsed_ms()
-    text = answer.text
-    for i in range(0, len(text), CACHE_REPLAY_CHUNK_CHARS):
-        yield chat_api.ChatStreamResponse(
-            text_delta=chat_api.TextDelta(text=text[i : i + CACHE_REPLAY_CHUNK_CHARS])
-        )
     usage = chat_pb2.Usage(prompt_tokens=answer.usage.prompt_tokens, completion_tokens=0)
-    yield chat_api.ChatStreamResponse(usage=usage)
-    latency_ms = ctx.elapsed_ms()
-    yield chat_api.ChatStreamResponse(
-        end=chat_api.ChatEnd(
-            finish_reason=answer.finish_reason,
-            usage=usage,
-            cost_micro_usd=0,
-            cache_hit=True,
-            time_to_first_token_ms=first_token_ms,
-            latency_ms=latency_ms,
+    return Replayed(answer=answer, reason=f"cache hit ({kind})", usage=usage)
+
+
+async def replay(
+    ctx: RequestContext, played: Replayed
+) -> AsyncIterator[chat_api.ChatStreamResponse]:
+    """Streams a cache hit as the events of an answer, noting progress in ``played``."""
+    answer = played.answer
+    try:
+        yield chat_api.ChatStreamResponse(
+            start=chat_api.ChatStart(
+                request_id=ctx.request_id,
+                model=answer.model,
+                routing_reason=played.reason,
+                cache_hit=True,
+            )
         )
-    )
-    await accountant.audit_hit(ctx, answer, reason, usage, latency_ms)
+        first_token_ms = ctx.elapsed_ms()
+        text = answer.text
+        for i in range(0, len(text), CACHE_REPLAY_CHUNK_CHARS):
+            yield chat_api.ChatStreamResponse(
+                text_delta=chat_api.TextDelta(text=text[i : i + CACHE_REPLAY_CHUNK_CHARS])
+            )
+        yield chat_api.ChatStreamResponse(usage=played.usage)
+        played.latency_ms = ctx.elapsed_ms()
+        played.finished = True
+        yield chat_api.ChatStreamResponse(
+            end=chat_api.ChatEnd(
+                finish_reason=answer.finish_reason,
+                usage=played.usage,
+                cost_micro_usd=0,
+                cache_hit=True,
+                time_to_first_token_ms=first_token_ms,
+                latency_ms=played.latency_ms,
+            )
+        )
+    finally:
+        if not played.finished:
+            played.latency_ms = ctx.elapsed_ms()

@@ -7,7 +7,8 @@ The flow (docs/architecture.md has the picture):
    chain (:mod:`services.router.policy`);
 2. concurrently reserve the worst case in budget and look the prompt up in the
    cache (:mod:`services.router.cache_step`);
-3. a hit is replayed as a stream and the hold released; a miss streams from the
+3. a hit is replayed as a stream, then its hold released and its record
+   audited in one outbox write, off the client's path; a miss streams from the
    chosen provider, retrying and then falling back to the next model while
    nothing has been streamed yet (:mod:`services.router.answering`); text
    deltas that pile up while the client's stream is busy go out as one
@@ -159,10 +160,14 @@ class Engine:
         if isinstance(hit, BaseException):
             hit = None
         if hit is not None and hit.hit:
-            if not isinstance(reserved, BaseException):
-                await self._accountant.release(ctx)
-            async for event in cache_step.replay(ctx, hit, self._accountant):
-                yield event
+            played = cache_step.replayed(hit)
+            try:
+                async for event in cache_step.replay(ctx, played):
+                    yield event
+            finally:
+                # After the replay (or the client's cancellation), off its path.
+                held = not isinstance(reserved, BaseException)
+                self._spawn(self._accountant.account_hit(ctx, played, held=held))
             return
         if isinstance(reserved, BaseException):
             raise reserved

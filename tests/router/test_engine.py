@@ -7,11 +7,12 @@ from the cache, and the follow-up jobs still go to the outbox.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from typing import cast
 
 import numpy as np
 
+from orchestra.audit.v1 import audit_service_pb2 as audit_pb2
 from orchestra.budget.v1 import account_service_pb2 as account_pb2
 from orchestra.budget.v1 import budget_service_pb2 as budget_pb2
 from orchestra.cache.v1 import cache_service_pb2 as cache_pb2
@@ -62,9 +63,11 @@ class _Peers:
 class _Outbox:
     def __init__(self) -> None:
         self.kinds: list[str] = []
+        self.writes: list[list[tuple[str, bytes]]] = []
 
     async def put(self, *jobs: tuple[str, bytes]) -> None:
         self.kinds.extend(kind for kind, _ in jobs)
+        self.writes.append(list(jobs))
 
 
 class _Adapter:
@@ -108,6 +111,14 @@ def _engine(peers: _Peers, outbox: _Outbox) -> tuple[Engine, _CountingFeaturizer
     return engine, featurizer
 
 
+def _hit() -> cache_pb2.LookupResponse:
+    return cache_pb2.LookupResponse(
+        hit=True,
+        match_kind=cache_pb2.MATCH_KIND_EXACT,
+        answer=cache_pb2.CachedAnswer(text="cached", model="p/small"),
+    )
+
+
 def _request() -> chat_api.ChatRequest:
     return chat_api.ChatRequest(
         messages=[
@@ -131,19 +142,48 @@ async def test_a_provider_answer_reads_the_policy_and_featurises_once() -> None:
 
 
 async def test_a_cache_hit_reads_the_policy_once() -> None:
-    hit = cache_pb2.LookupResponse(
-        hit=True,
-        match_kind=cache_pb2.MATCH_KIND_EXACT,
-        answer=cache_pb2.CachedAnswer(text="cached", model="p/small"),
-    )
-    peers, outbox = _Peers(hit), _Outbox()
+    peers, outbox = _Peers(_hit()), _Outbox()
     engine, _ = _engine(peers, outbox)
     identity = identity_pb2.Identity(tenant_id=TENANT, key_id="app")
     response = await engine.chat(identity, _request(), None)
     await engine.aclose()
     assert response.cache_hit and response.message.content[0].text == "cached"
-    assert outbox.kinds == ["release", "audit"]
+    # The release and the audit record go in one outbox write, after the replay.
+    assert [[kind for kind, _ in jobs] for jobs in outbox.writes] == [["release", "audit"]]
+    record = audit_pb2.AppendRecordRequest.FromString(outbox.writes[0][1][1]).record
+    assert record.chat.cache_hit and record.chat.status_code == 0
     assert peers.policy_reads == 1
+
+
+async def test_a_cache_hit_the_client_cancels_is_released_and_audited_as_cancelled() -> None:
+    peers, outbox = _Peers(_hit()), _Outbox()
+    engine, _ = _engine(peers, outbox)
+    identity = identity_pb2.Identity(tenant_id=TENANT, key_id="app")
+    events = cast(
+        AsyncGenerator[chat_api.ChatStreamResponse, None],
+        engine.stream(identity, _request(), None),
+    )
+    first = await anext(aiter(events))
+    assert first.start.cache_hit
+    await events.aclose()  # what the servicer does when the client goes away
+    await engine.aclose()
+    assert outbox.kinds == ["release", "audit"]
+    record = audit_pb2.AppendRecordRequest.FromString(outbox.writes[0][1][1]).record
+    assert record.chat.cache_hit and record.chat.status_code == 1  # CANCELLED
+
+
+async def test_a_cache_hit_refused_by_budget_is_audited_without_a_release() -> None:
+    peers, outbox = _Peers(_hit()), _Outbox()
+
+    async def refuse(request: budget_pb2.ReserveRequest) -> budget_pb2.ReserveResponse:
+        raise RuntimeError("over budget")
+
+    peers.reserve = refuse  # type: ignore[method-assign]
+    engine, _ = _engine(peers, outbox)
+    response = await engine.chat(identity_pb2.Identity(tenant_id=TENANT), _request(), None)
+    await engine.aclose()
+    assert response.cache_hit
+    assert outbox.kinds == ["audit"]
 
 
 async def test_route_reads_the_policy_once_and_has_no_side_effects() -> None:
