@@ -5,8 +5,10 @@ flush). A :class:`Batcher` sends the first item at once; items that arrive
 while that write is in flight wait and go together as the next write, one
 statement and one commit for all of them. So a lone request pays no extra
 latency, and under load the commits per second stop being the limit. The
-same coalescing sends concurrent reads of Redis hold records as one pipeline
-(:mod:`services.budget.counters`).
+same coalescing sends concurrent releases of hold rows as one UPDATE
+(:mod:`services.budget.holds`), concurrent ledger reads as one SELECT
+(:mod:`services.budget.ledger`) and concurrent reads of Redis hold records as
+one pipeline (:mod:`services.budget.counters`).
 """
 
 from __future__ import annotations

@@ -87,6 +87,7 @@ class HoldStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self._batcher: Batcher[StoredHold, None] = Batcher(self._add_many)
+        self._give_ups: Batcher[str, None] = Batcher(self._give_up_many)
 
     async def add(self, hold: StoredHold) -> None:
         """Records a granted hold (again open, if a failed Reserve had given it up).
@@ -122,14 +123,21 @@ class HoldStore:
         row = await self._pool.fetchrow(f"{_SELECT} WHERE h.request_id = $1", request_id)
         return None if row is None else _hold(row)
 
-    @postgres_outage
     async def give_up(self, request_id: str) -> None:
-        """Marks a hold released: no rebuild restores it, no reaper charges it."""
+        """Marks a hold released: no rebuild restores it, no reaper charges it.
+
+        Concurrent calls are written together, one statement for all of them.
+        """
+        await self._give_ups.submit(request_id)
+
+    @postgres_outage
+    async def _give_up_many(self, request_ids: Sequence[str]) -> list[None]:
         await self._pool.execute(
             f"{_NO_FSYNC} UPDATE budget.holds SET released = true FROM no_fsync"
-            " WHERE request_id = $1",
-            request_id,
+            " WHERE request_id = ANY($1::text[])",
+            list(request_ids),
         )
+        return [None] * len(request_ids)
 
     @postgres_outage
     async def given_up(self, request_ids: Sequence[str]) -> set[str]:

@@ -98,6 +98,7 @@ class Ledger:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self._batcher: Batcher[Charge, tuple[Charge, bool]] = Batcher(self._record_many)
+        self._finder: Batcher[str, Charge | None] = Batcher(self._find_batch)
 
     async def record(self, charge: Charge) -> tuple[Charge, bool]:
         """Writes ``charge`` unless its request id is already recorded.
@@ -172,11 +173,16 @@ class Ledger:
         reaped_cost = int(values.pop("reaped_cost"))
         return Charge(**values), reaped_cost
 
-    @postgres_outage
     async def find(self, request_id: str) -> Charge | None:
-        """The charge recorded for ``request_id``, if any."""
-        row = await self._pool.fetchrow(f"{_SELECT} WHERE request_id = $1", request_id)
-        return None if row is None else Charge(**dict(row))
+        """The charge recorded for ``request_id``, if any.
+
+        Concurrent calls are read together, one statement for all of them.
+        """
+        return await self._finder.submit(request_id)
+
+    async def _find_batch(self, request_ids: Sequence[str]) -> list[Charge | None]:
+        found = await self.find_many(request_ids)
+        return [found.get(r) for r in request_ids]
 
     @postgres_outage
     async def find_many(self, request_ids: Sequence[str]) -> dict[str, Charge]:
