@@ -8,6 +8,7 @@ in the ``authorization`` metadata. The key comes from ``--api-key``,
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 import time
@@ -26,7 +27,7 @@ from orchestra.discovery.v1 import discovery_service_pb2 as discovery_pb2
 from orchestra.discovery.v1 import discovery_service_pb2_grpc as discovery_grpc
 from orchestra.router.v1 import chat_service_pb2 as chat_api
 from orchestra.router.v1 import chat_service_pb2_grpc as chat_grpc
-from services.cli import up
+from services.cli import embedded, up
 from services.common import errors
 
 
@@ -287,4 +288,46 @@ async def status(state_dir: Path, out: TextIO = sys.stdout) -> bool:
     rows.append((f"postgres ({suite['postgres']})", "used by budget, audit, discovery"))
     rows.append((f"redis ({suite['redis']})", "used by budget, cache, router"))
     _table(rows, out)
+    processes = _processes(state_dir)
+    if processes:
+        out.write("\n")
+        _table(processes, out)
     return all(state == "SERVING" for state in results.values())
+
+
+def _processes(state_dir: Path, now: float | None = None) -> list[tuple[str, ...]]:
+    """The supervisor's children: state, restarts and last exit (empty: none recorded)."""
+    try:
+        recorded = json.loads((state_dir / embedded.PROCESSES_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    now = time.time() if now is None else now
+    supervisor = int(recorded.get("supervisor", 0))
+    alive = supervisor > 0 and _pid_exists(supervisor)
+    rows: list[tuple[str, ...]] = [("PROCESS", "PID", "STATE", "RESTARTS", "LAST EXIT")]
+    for child in recorded.get("processes", []):
+        last = child.get("last_exit")
+        exit_text = f"{last['reason']}, {_ago(now - float(last['at']))} ago" if last else "-"
+        state = str(child["state"]) if alive else "not running (supervisor gone)"
+        rows.append(
+            (str(child["name"]), str(child["pid"]), state, str(child["restarts"]), exit_text)
+        )
+    return rows
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    return True
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{max(seconds, 0):.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.0f}h"

@@ -2,8 +2,11 @@
 
 Starts, as supervised children: PostgreSQL and Redis (embedded, unless
 ``DATABASE_URL`` / ``REDIS_URL`` name external servers), the packaged local
-model, the five services and the Envoy edge. Ctrl-C or SIGTERM stops them all;
-a second ``up`` on the same state directory keeps the data.
+model, the five services and the Envoy edge. A child that exits is started
+again with backoff (0.5 s, doubling to 30 s while it keeps failing) while the
+others keep serving; ``orchestra status`` shows each child's restarts and last
+exit. Ctrl-C or SIGTERM stops them all; a second ``up`` on the same state
+directory keeps the data.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ async def run(
     local_model: bool,
     model_threads: int,
 ) -> str:
-    """Starts the suite and serves until a signal or a child exits.
+    """Starts the suite and serves until a signal, restarting children that exit.
 
     Returns:
         Why it stopped.
@@ -93,7 +96,7 @@ async def run(
     }
     os.environ.update(env)  # ${VAR}s in the config file, and the children
     load_config_file(config_path)  # fail here, with the field named, not in five children
-    async with embedded.Supervisor(state_dir) as supervisor:
+    async with embedded.Supervisor(state_dir, restart=embedded.Backoff()) as supervisor:
         database_url = (
             os.environ.get("DATABASE_URL")
             or (await embedded.start_postgres(supervisor, state_dir)).url

@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import psutil
 import pytest
 import redis.asyncio
 
+from services.cli import client
 from services.cli.embedded import (
+    PROCESSES_FILE,
+    Backoff,
     ChildFailed,
     ProcessSpec,
     Supervisor,
@@ -143,6 +149,98 @@ async def test_child_that_exits_while_starting_raises_with_its_log(
 async def test_wait_returns_when_a_child_exits(supervisor: Supervisor) -> None:
     await supervisor.start(ProcessSpec("short", ["sh", "-c", "sleep 0.2; exit 4"]))
     assert await asyncio.wait_for(supervisor.wait(), 10) == "short exited with code 4"
+
+
+async def _until(condition: Callable[[], bool], seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+def _recorded(state_dir: Path) -> dict[str, dict[str, Any]]:
+    data = json.loads((state_dir / PROCESSES_FILE).read_text())
+    return {row["name"]: row for row in data["processes"]}
+
+
+async def test_a_child_that_exits_is_started_again_while_the_others_keep_running(
+    tmp_path: Path,
+) -> None:
+    sup = Supervisor(tmp_path, restart=Backoff(first=0.1, longest=0.4, reset_after=60))
+    try:
+        steady = await sup.start(ProcessSpec("steady", ["sleep", "300"]))
+        flaky = await sup.start(ProcessSpec("flaky", ["sleep", "300"]))
+        steady_pid, first_pid = steady.pid, flaky.pid
+        waiting = asyncio.create_task(sup.wait())
+        os.kill(first_pid, signal.SIGKILL)
+        await _until(lambda: flaky.restarts == 1 and flaky.state == "running")
+        assert flaky.pid != first_pid and alive(flaky.pid)
+        assert flaky.last_exit is not None and flaky.last_exit.reason == "killed by SIGKILL"
+        assert steady.pid == steady_pid and steady.restarts == 0 and alive(steady_pid)
+        recorded = _recorded(tmp_path)
+        assert recorded["flaky"]["restarts"] == 1 and recorded["flaky"]["pid"] == flaky.pid
+        assert recorded["flaky"]["last_exit"]["reason"] == "killed by SIGKILL"
+        assert recorded["steady"]["last_exit"] is None
+
+        # Exits in a row wait longer each time: 0.1 s, then 0.2 s.
+        os.kill(flaky.pid, signal.SIGKILL)
+        await _until(lambda: flaky.restarts == 2 and flaky.state == "running")
+        assert flaky._delay == pytest.approx(0.2)
+        assert not waiting.done()  # only a signal ends the run now
+
+        # `orchestra status` shows it.
+        table = "\n".join("  ".join(row) for row in client._processes(tmp_path))
+        assert "flaky" in table and "killed by SIGKILL" in table
+    finally:
+        await sup.stop()
+    assert wait_gone([steady_pid, flaky.pid]) == []
+
+
+async def test_a_child_that_keeps_failing_backs_off_to_the_longest_delay(tmp_path: Path) -> None:
+    sup = Supervisor(tmp_path, restart=Backoff(first=0.05, longest=0.2, reset_after=60))
+    try:
+        marker = tmp_path / "started"
+        # Runs once, then fails at every start: exits before it is ready.
+        script = f"if [ -e {marker} ]; then echo again; exit 7; fi; touch {marker}; sleep 300"
+        crashing = await sup.start(ProcessSpec("crashing", ["sh", "-c", script]))
+        waiting = asyncio.create_task(sup.wait())
+        await _until(marker.exists)
+        os.kill(crashing.pid, signal.SIGKILL)
+        await _until(lambda: crashing.restarts >= 4)
+        assert crashing._delay == pytest.approx(0.2)
+        assert crashing.last_exit is not None and crashing.last_exit.code == 7
+        assert not waiting.done()
+    finally:
+        await sup.stop()  # also while a restart is pending
+    assert sup.children == ()
+
+
+async def test_status_says_when_the_supervisor_is_gone(tmp_path: Path) -> None:
+    (tmp_path / PROCESSES_FILE).write_text(
+        json.dumps(
+            {
+                "supervisor": 2**22 + 12345,  # above pid_max's default: no such process
+                "processes": [
+                    {
+                        "name": "cache",
+                        "pid": 1,
+                        "state": "running",
+                        "restarts": 2,
+                        "started": 0.0,
+                        "last_exit": {"code": -9, "at": 100.0, "reason": "killed by SIGKILL"},
+                    }
+                ],
+            }
+        )
+    )
+    rows = client._processes(tmp_path, now=160.0)
+    gone = "not running (supervisor gone)"
+    assert rows[1] == ("cache", "1", gone, "2", "killed by SIGKILL, 60s ago")
+    assert client._processes(tmp_path / "nowhere") == []
+    out = io.StringIO()
+    client._table(rows, out)
+    header = out.getvalue().splitlines()[0].split()
+    assert header == ["PROCESS", "PID", "STATE", "RESTARTS", "LAST", "EXIT"]
 
 
 # Runs a supervisor in a separate interpreter so that the test can signal or

@@ -309,3 +309,42 @@ def test_bad_requests_get_precise_statuses(
     stub = chat_grpc.ChatServiceStub(channel)
     details = _status(lambda: list(stub.ChatStream(request_, metadata=metadata, timeout=30)))
     assert (details.code, details.reason) == (code, reason), details
+
+
+def test_a_killed_service_is_started_again_and_chat_goes_on(
+    suite: Suite, channel: grpc.Channel
+) -> None:
+    # Last in the module: it takes the cache down for the tests after it.
+    def cache_row() -> dict[str, object]:
+        recorded = json.loads((suite.state_dir / "processes.json").read_text())
+        return next(p for p in recorded["processes"] if p["name"] == "cache")
+
+    killed = int(str(cache_row()["pid"]))
+    os.kill(killed, signal.SIGKILL)
+    stub = chat_grpc.ChatServiceStub(channel)
+    request = chat_api.ChatRequest(
+        messages=[_user("Say yes, once.")],
+        generation=chat_pb2.GenerationConfig(max_tokens=8, temperature=0.0),
+    )
+    # Chat does not need the cache: while it is down (or starting) a lookup is a miss.
+    first = stub.Chat(request, metadata=suite.auth(), timeout=CHAT_DEADLINE)
+    assert not first.cache_hit and first.message.content[0].text
+    deadline = time.monotonic() + 90
+    while not (cache_row()["state"] == "running" and cache_row()["pid"] != killed):
+        assert time.monotonic() < deadline, cache_row()
+        time.sleep(0.2)
+    assert cache_row()["restarts"] == 1
+    assert suite.process.poll() is None, "up must keep running"
+    status = subprocess.run(
+        [str(BIN / "orchestra"), "status", "--state-dir", str(suite.state_dir)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "killed by SIGKILL" in status.stdout
+    # The restarted cache serves again (the answers stored through the outbox,
+    # retried while it was down, are in Redis): the same request becomes a hit.
+    second = stub.Chat(request, metadata=suite.auth(), timeout=CHAT_DEADLINE)
+    while not second.cache_hit and time.monotonic() < deadline:
+        time.sleep(0.5)
+        second = stub.Chat(request, metadata=suite.auth(), timeout=CHAT_DEADLINE)
+    assert second.cache_hit

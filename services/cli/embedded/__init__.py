@@ -26,6 +26,10 @@ Example::
         redis = await start_redis(sup, state_dir, port=6390)
         await sup.start(ProcessSpec("router", [...], ready=grpc_health_probe("127.0.0.1:50051")))
         reason = await sup.wait()  # Ctrl-C, SIGTERM or a child exiting
+
+``Supervisor(state_dir, restart=Backoff())`` starts a child that exits again
+instead (``orchestra up`` does), and records each child's state, restarts and
+last exit in ``<state_dir>/processes.json``.
 """
 
 from __future__ import annotations
@@ -54,14 +58,24 @@ from services.cli.embedded.probes import (
     tcp_probe,
 )
 from services.cli.embedded.redis import RedisServer, start_redis
-from services.cli.embedded.supervisor import Child, ProcessSpec, Supervisor
+from services.cli.embedded.supervisor import (
+    PROCESSES_FILE,
+    Backoff,
+    Child,
+    Exit,
+    ProcessSpec,
+    Supervisor,
+)
 
 __all__ = [
     "LOCAL_MODEL_ALIAS",
     "POSTGRES_SYSTEM_USER",
+    "PROCESSES_FILE",
+    "Backoff",
     "Child",
     "ChildFailed",
     "EmbeddedError",
+    "Exit",
     "LocalModel",
     "LocalModelUnavailable",
     "Postgres",

@@ -3,12 +3,19 @@
 Each child runs in its own process group, is stopped (group-wide, escalating
 to SIGKILL) in reverse start order, and gets a parent-death signal so that a
 SIGKILLed supervisor leaves no orphans either.
+
+With a :class:`Backoff` (as ``orchestra up`` uses it) a child that exits is
+started again after a delay that doubles with each exit in a row (and starts
+over once the child has run for a while), while the others keep serving;
+without one, a child's exit ends the run. What each child is doing is written
+to ``<state_dir>/processes.json`` for ``orchestra status``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import pwd
@@ -16,8 +23,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
@@ -26,6 +34,8 @@ from services.cli.embedded.probes import Probe
 
 # The package's logger, so that log lines keep the name they had before the split.
 _log = logging.getLogger(__package__)
+
+PROCESSES_FILE = "processes.json"
 
 # Switches to the target user, asks the kernel to signal the process when its
 # parent dies (Linux prctl PR_SET_PDEATHSIG) and exec()s the real command. A
@@ -76,13 +86,62 @@ class ProcessSpec:
     stop_timeout: float = 10.0
 
 
+@dataclass(frozen=True)
+class Backoff:
+    """When a child that exited is started again.
+
+    Attributes:
+        first: Seconds before the first restart after a run of at least
+            ``reset_after`` seconds.
+        longest: The delay doubles with each exit in a row, up to this.
+        reset_after: A child that ran this long before exiting starts again
+            after ``first``.
+    """
+
+    first: float = 0.5
+    longest: float = 30.0
+    reset_after: float = 60.0
+
+
+@dataclass(frozen=True)
+class Exit:
+    """How a child's last run ended.
+
+    Attributes:
+        code: Its exit code (negative: killed by that signal), or None when it
+            was stopped for not getting ready in time.
+        at: When (seconds since the epoch).
+        reason: One line: "exited with code 1", "killed by SIGKILL", …
+    """
+
+    code: int | None
+    at: float
+    reason: str
+
+
 @dataclass(eq=False)
 class Child:
-    """A running child process started by `Supervisor.start`."""
+    """A child process started by `Supervisor.start` (restarted in place).
+
+    Attributes:
+        spec: How it runs.
+        process: Its current process.
+        log_path: Where its output goes (appended to across restarts).
+        state: "running", "restarting" (waiting out its backoff) or "starting".
+        restarts: How many times it was started again.
+        last_exit: How its last run ended (None: it never exited).
+        started: When its current process was started (seconds since the epoch).
+    """
 
     spec: ProcessSpec
     process: asyncio.subprocess.Process
     log_path: Path
+    state: str = "running"
+    restarts: int = 0
+    last_exit: Exit | None = None
+    started: float = field(default_factory=time.time)
+    _delay: float = 0.0
+    _restart_at: float = 0.0
 
     @property
     def pid(self) -> int:
@@ -119,6 +178,15 @@ class Child:
         return self.process.returncode
 
 
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
 async def _probe(ready: Probe) -> bool:
     try:
         return await asyncio.wait_for(ready(), timeout=5.0)
@@ -143,6 +211,10 @@ async def _wait_exit(process: asyncio.subprocess.Process, seconds: float) -> boo
 class Supervisor:
     """Starts child processes, waits until they are ready and stops them all.
 
+    Given a `Backoff`, `wait` also starts a child that exited again (in the
+    same slot of the start order, with the same spec and log), and only a
+    signal ends it.
+
     Used as ``async with``, it turns SIGINT and SIGTERM into an orderly stop:
     during `wait` the signal makes it return; at any other moment the task that
     entered the context is cancelled. Either way, leaving the context stops all
@@ -159,8 +231,17 @@ class Supervisor:
             or None while running.
     """
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, restart: Backoff | None = None) -> None:
+        """Creates the supervisor.
+
+        Args:
+            state_dir: Root of all state.
+            restart: When to start a child that exited again (None: a child's
+                exit ends `wait`).
+        """
         self.state_dir = state_dir
+        self._backoff = restart
+        self._restarting: set[asyncio.Task[None]] = set()
         self.stop_reason: str | None = None
         self._children: list[Child] = []
         self._stop = asyncio.Event()
@@ -237,6 +318,19 @@ class Supervisor:
         log_dir = self.state_dir / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
         log_path = log_dir / f"{spec.name}.log"
+        child = Child(spec, await self._spawn(spec, log_path), log_path)
+        self._children.append(child)
+        _log.info("started %s (pid %d), log %s", spec.name, child.pid, log_path)
+        try:
+            await self._wait_ready(child)
+        except ChildFailed:
+            await child.stop()
+            self._children.remove(child)
+            raise
+        self._write_processes()
+        return child
+
+    async def _spawn(self, spec: ProcessSpec, log_path: Path) -> asyncio.subprocess.Process:
         argv, user = list(spec.argv), spec.user
         if sys.platform == "linux":
             uid, gid = -1, -1
@@ -246,7 +340,7 @@ class Supervisor:
             ids = (int(spec.stop_signal), os.getpid(), uid, gid)
             argv = [sys.executable, "-I", "-S", "-c", _LAUNCHER, *map(str, ids), *argv]
         with log_path.open("ab") as log:
-            process = await asyncio.create_subprocess_exec(
+            return await asyncio.create_subprocess_exec(
                 *argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -256,16 +350,6 @@ class Supervisor:
                 user=user,
                 process_group=0,
             )
-        child = Child(spec, process, log_path)
-        self._children.append(child)
-        _log.info("started %s (pid %d), log %s", spec.name, child.pid, log_path)
-        try:
-            await self._wait_ready(child)
-        except ChildFailed:
-            await child.stop()
-            self._children.remove(child)
-            raise
-        return child
 
     async def _wait_ready(self, child: Child) -> None:
         spec = child.spec
@@ -287,27 +371,115 @@ class Supervisor:
             await asyncio.sleep(0.2)
 
     async def wait(self) -> str:
-        """Waits until a stop is requested (signal) or any child exits.
+        """Waits until a stop is requested (signal), restarting children that exit.
+
+        Without a `Backoff`, the first child to exit ends the wait.
 
         Returns:
             The reason, also kept in `stop_reason`.
         """
         self._waiting = True
+        loop = asyncio.get_running_loop()
         try:
             while not self._stop.is_set():
                 for child in self._children:
-                    if (code := child.process.returncode) is not None:
-                        self.request_stop(f"{child.spec.name} exited with code {code}")
+                    if child.state == "running" and (code := child.process.returncode) is not None:
+                        if self._backoff is None:
+                            self.request_stop(f"{child.spec.name} exited with code {code}")
+                            break
+                        self._exited(child, Exit(code, time.time(), _exit_reason(code)))
+                    elif child.state == "restarting" and loop.time() >= child._restart_at:
+                        child.state = "starting"
+                        task = loop.create_task(self._restart(child))
+                        self._restarting.add(task)
+                        task.add_done_callback(self._restarting.discard)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), timeout=0.5)
+                    await asyncio.wait_for(self._stop.wait(), timeout=0.2)
         finally:
             self._waiting = False
         assert self.stop_reason is not None
         return self.stop_reason
 
+    def _exited(self, child: Child, how: Exit) -> None:
+        """Records ``child``'s exit and schedules its restart after the backoff."""
+        assert self._backoff is not None
+        _killpg(child.pid, signal.SIGKILL)  # what it left behind in its group
+        backoff = self._backoff
+        ran = how.at - child.started
+        child._delay = (
+            backoff.first if ran >= backoff.reset_after or not child._delay else child._delay * 2
+        )
+        child._delay = min(child._delay, backoff.longest)
+        child._restart_at = asyncio.get_running_loop().time() + child._delay
+        child.state, child.last_exit = "restarting", how
+        _log.warning(
+            "%s %s after %.1fs; starting it again in %.1fs",
+            child.spec.name,
+            how.reason,
+            ran,
+            child._delay,
+        )
+        self._write_processes()
+
+    async def _restart(self, child: Child) -> None:
+        """Starts ``child`` again; a start that fails counts as another exit."""
+        spec = child.spec
+        try:
+            child.process = await self._spawn(spec, child.log_path)
+        except OSError as exc:
+            self._exited(child, Exit(None, time.time(), f"could not start: {exc}"))
+            return
+        child.started, child.restarts = time.time(), child.restarts + 1
+        _log.info("started %s again (pid %d, restart %d)", spec.name, child.pid, child.restarts)
+        self._write_processes()
+        try:
+            await self._wait_ready(child)
+        except StopRequested:
+            return
+        except ChildFailed:
+            code = child.process.returncode
+            if code is None:
+                _killpg(child.pid, signal.SIGKILL)
+                await _wait_exit(child.process, 10.0)
+                how = Exit(None, time.time(), f"not ready after {spec.ready_timeout}s")
+            else:
+                how = Exit(code, time.time(), _exit_reason(code) + " while starting")
+            self._exited(child, how)
+            return
+        child.state = "running"
+        _log.info("%s is ready again", spec.name)
+        self._write_processes()
+
+    def _write_processes(self) -> None:
+        """Writes what each child is doing to ``processes.json`` (atomically)."""
+        rows = [
+            {
+                "name": c.spec.name,
+                "pid": c.pid,
+                "state": c.state,
+                "restarts": c.restarts,
+                "started": c.started,
+                "last_exit": None
+                if c.last_exit is None
+                else {"code": c.last_exit.code, "at": c.last_exit.at, "reason": c.last_exit.reason},
+            }
+            for c in self._children
+        ]
+        path = self.state_dir / PROCESSES_FILE
+        try:
+            temporary = path.with_suffix(".tmp")
+            temporary.write_text(json.dumps({"supervisor": os.getpid(), "processes": rows}))
+            temporary.replace(path)
+        except OSError as exc:  # status is a convenience; never stop the suite for it
+            _log.warning("could not write %s: %s", path, exc)
+
     async def stop(self) -> None:
         """Stops every child, the last started first. Idempotent."""
         self._stopping = True
+        for task in list(self._restarting):
+            task.cancel()
+        if self._restarting:
+            await asyncio.gather(*self._restarting, return_exceptions=True)
         try:
             while self._children:
                 child = self._children[-1]
