@@ -12,8 +12,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import grpc
-
 from orchestra.common.v1 import chat_pb2
 from orchestra.router.v1 import chat_service_pb2 as chat_api
 from services.common.errors import reason_name
@@ -25,8 +23,8 @@ from services.router.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
-# The status recorded for a request the client cancelled (grpc.StatusCode.CANCELLED).
-_CANCELLED = grpc.StatusCode.CANCELLED.value[0]
+# The status number recorded for a request the client cancelled (gRPC's CANCELLED).
+_CANCELLED = 1
 _PARTIAL = (chat_pb2.FINISH_REASON_ERROR, chat_pb2.FINISH_REASON_CANCELLED)
 _STORABLE = (chat_pb2.FINISH_REASON_STOP, chat_pb2.FINISH_REASON_LENGTH)
 _STORE_MODES = (chat_api.CACHE_MODE_UNSPECIFIED, chat_api.CACHE_MODE_REFRESH)
