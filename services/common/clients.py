@@ -14,9 +14,14 @@ import grpc
 
 from services.common.identity import HEADER, IdentitySigner, service_identity
 
-# Retries transient failures of idempotent internal calls (all of ours are).
+# Retries transient failures of idempotent internal calls (all of ours are);
+# spreads calls over every address of the target (replicas given as a list,
+# or a DNS name with several addresses), skipping one whose health check does
+# not answer SERVING (a replica draining on SIGTERM).
 _SERVICE_CONFIG = json.dumps(
     {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": ""},
         "methodConfig": [
             {
                 "name": [{}],
@@ -28,7 +33,7 @@ _SERVICE_CONFIG = json.dumps(
                     "retryableStatusCodes": ["UNAVAILABLE"],
                 },
             }
-        ]
+        ],
     }
 )
 
@@ -54,16 +59,30 @@ class ServiceToken:
         return ((HEADER, self()),)
 
 
+def target(address: str) -> str:
+    """The gRPC target for an ORCHESTRA_<SERVICE>_ADDR value: one host:port as
+    is, a comma-separated list of IP:port as one ``ipv4:`` (or ``ipv6:``)
+    target whose addresses the channel balances over."""
+    entries = [a.strip() for a in address.split(",") if a.strip()]
+    if len(entries) == 1:
+        return entries[0]
+    scheme = "ipv6" if entries[0].startswith("[") else "ipv4"
+    return f"{scheme}:{','.join(entries)}"
+
+
 def channel(address: str) -> grpc.aio.Channel:
-    """An insecure channel to a peer service, retrying UNAVAILABLE.
+    """An insecure channel to a peer service (or its replicas), retrying UNAVAILABLE.
 
     The channel is for the suite's private network (or a mesh that adds mTLS).
     Calls carry the caller's identity explicitly (``ServiceToken.metadata()``):
     grpc.aio client interceptors would do it implicitly, but a task cancelled
     while awaiting an intercepted call does not finish cancelling.
+
+    Args:
+        address: host:port, or IP:port entries separated by commas (see `target`).
     """
     return grpc.aio.insecure_channel(
-        address,
+        target(address),
         options=[
             ("grpc.service_config", _SERVICE_CONFIG),
             ("grpc.enable_retries", 1),

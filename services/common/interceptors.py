@@ -10,6 +10,7 @@ incident id and the client gets INTERNAL with that id, never a stack trace.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -61,6 +62,12 @@ def _wrap_unary(behavior: _Unary, method: str) -> _Unary:
 
 
 def _wrap_stream(behavior: _Stream, method: str) -> _Stream:
+    if not inspect.isasyncgenfunction(behavior):
+        # The other style grpc.aio allows: a coroutine that sends its messages
+        # with context.write (grpc_health's Watch, which client-side health
+        # checking calls, is one).
+        return _wrap_unary(behavior, method)  # type: ignore[arg-type,return-value]
+
     async def handler(request: Any, context: _Context) -> AsyncIterator[Any]:
         try:
             async for item in behavior(request, context):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,9 +43,13 @@ class Settings:
         internal_key: HMAC key for edge-signed identities (ORCHESTRA_INTERNAL_KEY).
         database_url: PostgreSQL URL (DATABASE_URL).
         redis_url: Redis URL (REDIS_URL).
-        addrs: host:port of every service (ORCHESTRA_<SERVICE>_ADDR); a service
-            listens on the port of its own entry.
+        addrs: Where every service listens (ORCHESTRA_<SERVICE>_ADDR): one
+            host:port, or a comma-separated list of IP:port, one per replica,
+            which callers balance over (round robin, skipping a replica whose
+            health check is not SERVING).
         listen_host: Interface services bind to (ORCHESTRA_LISTEN_HOST).
+        port: The port this process binds (ORCHESTRA_PORT; None: the port of
+            the first address of its own service's entry).
         config: The parsed declarative config file (empty when none given).
         config_path: Where it came from (ORCHESTRA_CONFIG).
         otel: "" (off), "console" or "otlp" (ORCHESTRA_OTEL).
@@ -65,11 +70,17 @@ class Settings:
     grace_seconds: float
     log_level: str
     event_loop: str = "asyncio"
+    port: int | None = None
 
     def listen_addr(self, service: str) -> str:
         """The address ``service`` binds to: its port on ``listen_host``."""
-        port = self.addrs[service].rsplit(":", 1)[1]
+        port = self.port or int(addresses(self.addrs[service])[0].rsplit(":", 1)[1])
         return f"{self.listen_host}:{port}"
+
+
+def addresses(value: str) -> list[str]:
+    """The host:port entries of an ORCHESTRA_<SERVICE>_ADDR value."""
+    return [a.strip() for a in value.split(",") if a.strip()]
 
 
 def load(env: Mapping[str, str] | None = None) -> Settings:
@@ -101,9 +112,22 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         for name, default in DEFAULT_ADDRS.items()
     }
     for name, addr in addrs.items():
-        host, _, port = addr.rpartition(":")
-        if not host or not port.isdigit():
-            raise SettingsError(f"ORCHESTRA_{name.upper()}_ADDR must be host:port, got {addr!r}")
+        var = f"ORCHESTRA_{name.upper()}_ADDR"
+        entries = addresses(addr)
+        for entry in entries:
+            host, _, port = entry.rpartition(":")
+            if not host or not port.isdigit():
+                raise SettingsError(f"{var} must be host:port (or a list of them), got {addr!r}")
+            if len(entries) > 1 and not _is_ip(host):
+                raise SettingsError(
+                    f"{var}: a list of replicas takes IP addresses, got {host!r}"
+                    " (for a DNS name with several addresses, give the name alone)"
+                )
+        if not entries:
+            raise SettingsError(f"{var} must be host:port, got {addr!r}")
+    port_text = pick("ORCHESTRA_PORT", None)
+    if port_text and not (port_text.isdigit() and 0 < int(port_text) < 65536):
+        raise SettingsError(f"ORCHESTRA_PORT must be a TCP port, got {port_text!r}")
     otel = pick("ORCHESTRA_OTEL", server.otel).lower()
     if otel not in ("", "off", "console", "otlp"):
         raise SettingsError(f"ORCHESTRA_OTEL must be off, console or otlp, got {otel!r}")
@@ -128,7 +152,16 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         grace_seconds=grace,
         log_level=pick("ORCHESTRA_LOG_LEVEL", None, "INFO").upper(),
         event_loop=loop,
+        port=int(port_text) if port_text else None,
     )
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
 
 
 def require(value: str, var: str, service: str) -> str:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from orchestra.cache.v1 import cache_service_pb2 as cache_pb2
 from orchestra.cache.v1 import cache_service_pb2_grpc as cache_grpc
 from orchestra.common.v1 import errors_pb2, identity_pb2
-from services.common import errors, paging, telemetry
+from services.common import clients, errors, paging, telemetry
 from services.common.identity import IdentitySigner, has_scope, tenant_of
 
 
@@ -155,3 +157,62 @@ def test_telemetry_is_off_until_switched_on(monkeypatch: pytest.MonkeyPatch) -> 
 
         GrpcAioInstrumentorClient().uninstrument()  # type: ignore[no-untyped-call]
         monkeypatch.setattr(telemetry, "_enabled", False)
+
+
+class _Counting(_Broken):
+    """Answers Lookup with a miss and counts the calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def Lookup(self, request: Any, context: Any) -> Any:
+        self.calls += 1
+        return cache_pb2.LookupResponse()
+
+
+class _CountingService(_Service):
+    def __init__(self) -> None:
+        self.servicer = _Counting()
+
+    def register(self, server: grpc.aio.Server) -> None:
+        cache_grpc.add_CacheServiceServicer_to_server(self.servicer, server)
+
+
+async def test_health_watch_answers_through_the_interceptors(serve: Callable[..., Any]) -> None:
+    # Client-side health checking (the peers' channels) calls Watch, a
+    # streaming handler written in the context.write style.
+    running = await serve(_Service())
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+        first = await call.read()
+        call.cancel()
+    assert first.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_channel_to_replicas_balances_and_skips_one_not_serving(
+    serve: Callable[..., Any],
+) -> None:
+    one, two = _CountingService(), _CountingService()
+    first, second = await serve(one), await serve(two)
+    channel = clients.channel(f"127.0.0.1:{first.port},127.0.0.1:{second.port}")
+    try:
+        stub = cache_grpc.CacheServiceStub(channel)
+        for _ in range(20):
+            await stub.Lookup(cache_pb2.LookupRequest(), timeout=5)
+        assert one.servicer.calls > 0 and two.servicer.calls > 0
+        assert one.servicer.calls + two.servicer.calls == 20
+
+        await second.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)  # draining
+        await asyncio.sleep(0.5)  # the Watch stream carries the change to the channel
+        before = two.servicer.calls
+        for _ in range(20):
+            await stub.Lookup(cache_pb2.LookupRequest(), timeout=5)
+        assert two.servicer.calls == before
+    finally:
+        await channel.close()
+
+
+def test_a_replica_list_becomes_one_balanced_target() -> None:
+    assert clients.target("127.0.0.1:1") == "127.0.0.1:1"
+    assert clients.target("127.0.0.1:1, 127.0.0.1:2") == "ipv4:127.0.0.1:1,127.0.0.1:2"
+    assert clients.target("[::1]:1,[::1]:2") == "ipv6:[::1]:1,[::1]:2"
