@@ -269,11 +269,15 @@ async def status(state_dir: Path, out: TextIO = sys.stdout) -> bool:
     suite = up.read_suite_file(state_dir)
     if suite is None:
         raise CliError(f"no suite recorded in {state_dir}; start one with `orchestra up`")
-    services = suite["services"]
+    services = suite.get("replicas") or {
+        name: [addr]
+        for name, addr in dict(suite["services"]).items()  # type: ignore[call-overload]
+    }
     assert isinstance(services, dict)
     checks: dict[str, asyncio.Future[str] | asyncio.Task[str]] = {
         f"{name} ({addr})": asyncio.ensure_future(_grpc_health(str(addr)))
-        for name, addr in services.items()
+        for name, addrs in services.items()
+        for addr in addrs
     }
     checks[f"edge ({suite['edge']})"] = asyncio.ensure_future(_grpc_health(str(suite["edge"])))
     checks[f"envoy admin ({suite['admin']})"] = asyncio.ensure_future(

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from string import Template
 
@@ -27,7 +28,17 @@ SERVICES = ("router", "budget", "cache", "audit", "discovery")
 Address = tuple[str, int]
 """An upstream (host, port): an IP literal, or a DNS name resolved by Envoy."""
 
+Upstream = Address | Sequence[Address]
+"""One address, or one per replica (Envoy balances over them)."""
+
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
+
+
+# One line of a cluster's lb_endpoints, indented as in the template.
+_ENDPOINT = (
+    "        - endpoint: {{ address: {{ socket_address:"
+    " {{ address: {host}, port_value: {port} }} }} }}"
+)
 
 
 class EdgeConfigError(ValueError):
@@ -45,6 +56,14 @@ def _host(value: str) -> tuple[str, str]:
     return (f"'{ip}'" if ip.version == 6 else str(ip)), "STATIC"
 
 
+def _replicas(upstream: Upstream) -> list[Address]:
+    """One address as a list of one; a list as is."""
+    host, port = upstream[0], upstream[-1]
+    if len(upstream) == 2 and isinstance(host, str) and isinstance(port, int):
+        return [(host, port)]
+    return [a for a in upstream if isinstance(a, tuple)]
+
+
 def _port(value: int) -> str:
     if not 0 < value < 65536:
         raise EdgeConfigError(f"not a TCP port: {value!r}")
@@ -54,11 +73,11 @@ def _port(value: int) -> str:
 def render_envoy_config(
     out: Path,
     *,
-    router: Address,
-    budget: Address,
-    cache: Address,
-    audit: Address,
-    discovery: Address,
+    router: Upstream,
+    budget: Upstream,
+    cache: Upstream,
+    audit: Upstream,
+    discovery: Upstream,
     edge_port: int = 8080,
     admin_port: int = 9901,
     edge_host: str = "127.0.0.1",
@@ -70,9 +89,11 @@ def render_envoy_config(
 
     Args:
         out: File to write (its directory is created).
-        router: Address of the router service; also serves health and
-            reflection for the edge. Likewise ``budget`` (also the ext_authz
-            Check server), ``cache``, ``audit`` and ``discovery``.
+        router: Address of the router service, or a list with one per
+            replica; also serves health and reflection for the edge. Likewise
+            ``budget`` (also the ext_authz Check server), ``cache``, ``audit``
+            and ``discovery``. A list's addresses must all be IP literals or
+            all DNS names.
         budget: See ``router``.
         cache: See ``router``.
         audit: See ``router``.
@@ -106,9 +127,19 @@ def render_envoy_config(
         # Single-quoted in the template: YAML's only escape there is ''.
         "cors_origin_regex": cors_origin_regex.replace("'", "''"),
     }
-    for name, (host, port) in upstreams.items():
-        values[f"{name}_host"], values[f"{name}_type"] = _host(host)
-        values[f"{name}_port"] = _port(port)
+    for name, upstream in upstreams.items():
+        replicas = _replicas(upstream)
+        if not replicas:
+            raise EdgeConfigError(f"no address for {name}")
+        hosts = [_host(host) for host, _ in replicas]
+        types = {kind for _, kind in hosts}
+        if len(types) > 1:
+            raise EdgeConfigError(f"{name}: mix of IP addresses and DNS names: {replicas}")
+        values[f"{name}_type"] = types.pop()
+        values[f"{name}_endpoints"] = "\n".join(
+            _ENDPOINT.format(host=host, port=_port(port))
+            for (host, _), (_, port) in zip(hosts, replicas, strict=True)
+        )
     text = Template(template.read_text()).substitute(values)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)

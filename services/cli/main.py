@@ -70,6 +70,8 @@ def _add_up(sub: _Subparsers, state: argparse.ArgumentParser) -> None:
         parents=[state],
         help="start PostgreSQL, Redis, the local model, the five services and Envoy",
         description="Start the whole suite on this machine; Ctrl-C or SIGTERM stops it. "
+        "A part that exits is started again (backoff 0.5 s doubling to 30 s) while the rest "
+        "keeps serving; `orchestra status` shows restarts and last exits. "
         "DATABASE_URL / REDIS_URL use external servers instead of the embedded ones.",
     )
     p.add_argument("--config", type=Path, help="declarative config file (default: packaged)")
@@ -86,6 +88,21 @@ def _add_up(sub: _Subparsers, state: argparse.ArgumentParser) -> None:
         "--model-threads", type=int, default=2,
         help="CPU threads for the local model (use 1 on a shared CPU)",
     )  # fmt: skip
+    p.add_argument(
+        "--replicas", type=_replicas, default={}, metavar="SERVICE=N,...",
+        help="processes per service, e.g. router=2,cache=2 (default 1 each); replica k of a "
+        "service listens 5*k ports above the first, and Envoy and the services balance over "
+        "them",
+    )  # fmt: skip
+
+
+def _replicas(text: str) -> dict[str, int]:
+    from services.cli.up import parse_replicas
+
+    try:
+        return parse_replicas(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_client_commands(
@@ -195,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                     ports=ports,
                     local_model=not args.no_local_model,
                     model_threads=args.model_threads,
+                    replicas=args.replicas,
                 )
             )
             print(f"Orchestra stopped ({reason}).")
@@ -252,14 +270,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _edge(args: argparse.Namespace) -> int:
     from services.cli import edge
-    from services.common.settings import DEFAULT_ADDRS
+    from services.common.settings import DEFAULT_ADDRS, addresses
 
     addrs = {}
     for name in SERVICES:
-        host, _, port = os.environ.get(
-            f"ORCHESTRA_{name.upper()}_ADDR", DEFAULT_ADDRS[name]
-        ).rpartition(":")
-        addrs[name] = (host, int(port))
+        value = os.environ.get(f"ORCHESTRA_{name.upper()}_ADDR", DEFAULT_ADDRS[name])
+        replicas = []
+        for entry in addresses(value):
+            host, _, port = entry.rpartition(":")
+            replicas.append((host.strip("[]"), int(port)))
+        addrs[name] = replicas
     config = edge.render_envoy_config(
         args.out, edge_host=args.edge_host, edge_port=args.edge_port,
         admin_host="0.0.0.0", admin_port=args.admin_port, **addrs,  # type: ignore[arg-type]

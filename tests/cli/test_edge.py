@@ -78,6 +78,43 @@ def test_cluster_type_follows_the_address(tmp_path: Path) -> None:
         assert cluster["health_checks"][0]["grpc_health_check"] == {"service_name": ""}
 
 
+def test_replicas_become_endpoints_with_retries_and_outlier_detection(tmp_path: Path) -> None:
+    addresses = upstreams(("127.0.0.1", 50051)) | {
+        "router": [("127.0.0.1", 50051), ("127.0.0.1", 50056)],
+        "cache": [("cache-0.cache", 50053), ("cache-1.cache", 50053)],
+    }
+    path = render_envoy_config(tmp_path / "envoy.yaml", **addresses)
+    validate_envoy_config(path)
+    config = yaml.safe_load(path.read_text())
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+
+    def ports(name: str) -> list[tuple[str, int]]:
+        endpoints = clusters[name]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        return [
+            (e["endpoint"]["address"]["socket_address"]["address"],
+             e["endpoint"]["address"]["socket_address"]["port_value"])
+            for e in endpoints
+        ]  # fmt: skip
+
+    assert ports("router") == [("127.0.0.1", 50051), ("127.0.0.1", 50056)]
+    assert ports("cache") == [("cache-0.cache", 50053), ("cache-1.cache", 50053)]
+    assert clusters["cache"]["type"] == "STRICT_DNS" and clusters["router"]["type"] == "STATIC"
+    for cluster in clusters.values():
+        assert cluster["outlier_detection"]["max_ejection_percent"] == 50
+        assert "retry_budget" in cluster["circuit_breakers"]["thresholds"][0]
+    http = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    retry = http["typed_config"]["route_config"]["virtual_hosts"][0]["retry_policy"]
+    # Only failures before any response: never a stream that already answered.
+    assert set(retry["retry_on"].split(",")) == {
+        "connect-failure", "refused-stream", "reset", "unavailable"
+    }  # fmt: skip
+    with pytest.raises(EdgeConfigError, match="mix of IP addresses and DNS names"):
+        render_envoy_config(
+            tmp_path / "mixed.yaml",
+            **addresses | {"router": [("127.0.0.1", 50051), ("router", 50051)]},
+        )
+
+
 @pytest.mark.parametrize(
     ("host", "port"), [("router; rm -rf /", 50051), ("router\n  x: y", 50051), ("router", 0)]
 )

@@ -1,7 +1,8 @@
 """The whole suite as a user runs it: ``orchestra up``, then calls through Envoy.
 
 One ``orchestra up`` (a real subprocess, free ports, a temporary state dir,
-the packaged local model on one thread) serves every test in this module.
+the packaged local model on one thread, two replicas of the router and of the
+cache) serves every test in this module.
 Calls go through the edge with generated stubs, grpcurl and the CLI.
 """
 
@@ -45,7 +46,7 @@ class Suite:
         self.state_dir = state_dir
         self.edge_port = free_port()
         self.service_base = free_port()
-        while any(_in_use(self.service_base + i) for i in range(5)):
+        while any(_in_use(self.service_base + i) for i in range(10)):  # two port blocks
             self.service_base = free_port()
         command = [
             str(BIN / "orchestra"), "up",
@@ -56,6 +57,7 @@ class Suite:
             "--model-port", str(free_port()),
             "--redis-port", str(free_port()),
             "--model-threads", "1",
+            "--replicas", "router=2,cache=2",
         ]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
         self.log = (state_dir.parent / "up.log").open("w+")
@@ -314,14 +316,28 @@ def test_bad_requests_get_precise_statuses(
 def test_a_killed_service_is_started_again_and_chat_goes_on(
     suite: Suite, channel: grpc.Channel
 ) -> None:
-    # Last in the module: it takes the cache down for the tests after it.
-    def cache_row() -> dict[str, object]:
+    # Last in the module: it takes services down for the tests after it.
+    def row(name: str) -> dict[str, object]:
         recorded = json.loads((suite.state_dir / "processes.json").read_text())
-        return next(p for p in recorded["processes"] if p["name"] == "cache")
+        return next(p for p in recorded["processes"] if p["name"] == name)
+
+    def cache_row() -> dict[str, object]:
+        return row("cache")
+
+    stub = chat_grpc.ChatServiceStub(channel)
+    # One router replica gone: Envoy sends every new chat to the other (a
+    # refused connection is retried there), so no client sees a failure.
+    os.kill(int(str(row("router-2")["pid"])), signal.SIGKILL)
+    for i in range(6):
+        request = chat_api.ChatRequest(
+            messages=[_user(f"Count to {i}.")],
+            generation=chat_pb2.GenerationConfig(max_tokens=4, temperature=0.0),
+        )
+        events = list(stub.ChatStream(request, metadata=suite.auth(), timeout=CHAT_DEADLINE))
+        assert events[-1].WhichOneof("event") == "end", events[-1]
 
     killed = int(str(cache_row()["pid"]))
     os.kill(killed, signal.SIGKILL)
-    stub = chat_grpc.ChatServiceStub(channel)
     request = chat_api.ChatRequest(
         messages=[_user("Say yes, once.")],
         generation=chat_pb2.GenerationConfig(max_tokens=8, temperature=0.0),

@@ -14,9 +14,10 @@ No child outlives the supervisor: each runs in its own process group, is
 stopped (group-wide, escalating to SIGKILL) in reverse start order, and gets a
 parent-death signal so that a SIGKILLed supervisor leaves no orphans either.
 
-Modules: `probes` (free ports, readiness probes), `supervisor` (`Supervisor`,
-`ProcessSpec`), `postgres`, `redis`, `local_model` (start one server each),
-`credentials` (the generated passwords) and `errors`. Their public names are
+Modules: `probes` (free ports, readiness probes), `children` (`ProcessSpec`,
+`Backoff`, `Child`), `supervisor` (`Supervisor`), `postgres`, `redis`,
+`local_model` (start one server each), `credentials` (the generated
+passwords) and `errors`. Their public names are
 re-exported here, so callers import from ``services.cli.embedded``.
 
 Example::
@@ -34,6 +35,7 @@ last exit in ``<state_dir>/processes.json``.
 
 from __future__ import annotations
 
+from services.cli.embedded.children import Backoff, Child, Exit, ProcessSpec
 from services.cli.embedded.errors import (
     ChildFailed,
     EmbeddedError,
@@ -58,14 +60,7 @@ from services.cli.embedded.probes import (
     tcp_probe,
 )
 from services.cli.embedded.redis import RedisServer, start_redis
-from services.cli.embedded.supervisor import (
-    PROCESSES_FILE,
-    Backoff,
-    Child,
-    Exit,
-    ProcessSpec,
-    Supervisor,
-)
+from services.cli.embedded.supervisor import PROCESSES_FILE, Supervisor
 
 __all__ = [
     "LOCAL_MODEL_ALIAS",

@@ -12,9 +12,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.cli.embedded.children import Child, ProcessSpec
 from services.cli.embedded.errors import LocalModelUnavailable
 from services.cli.embedded.probes import http_probe
-from services.cli.embedded.supervisor import Child, ProcessSpec, Supervisor
+from services.cli.embedded.supervisor import Supervisor
 
 LOCAL_MODEL_ALIAS = "smollm2"
 _MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -15,9 +15,10 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.cli.embedded.children import Child, ProcessSpec
 from services.cli.embedded.credentials import read_or_create_secret
 from services.cli.embedded.probes import free_port, postgres_probe
-from services.cli.embedded.supervisor import Child, ProcessSpec, Supervisor
+from services.cli.embedded.supervisor import Supervisor
 
 POSTGRES_SYSTEM_USER = "embedded_postgres"
 """System user the server runs as when we are root (PostgreSQL refuses root)."""

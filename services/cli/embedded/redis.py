@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.cli.embedded.children import Child, ProcessSpec
 from services.cli.embedded.credentials import read_or_create_secret
 from services.cli.embedded.probes import redis_probe
-from services.cli.embedded.supervisor import Child, ProcessSpec, Supervisor
+from services.cli.embedded.supervisor import Supervisor
 
 
 @dataclass(frozen=True)
