@@ -41,6 +41,11 @@ POSTGRES_DOWN: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
+    # A pooled connection whose server went away under an operation can be
+    # left mid-protocol; the next use fails with "cannot switch to state …;
+    # another operation is in progress" (seen under bench/chaos.py's
+    # PostgreSQL restart). The pool replaces the connection.
+    asyncpg.InternalClientError,
 )
 """PostgreSQL is unreachable, restarting, shutting down or out of connections."""
 

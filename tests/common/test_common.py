@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -13,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from orchestra.cache.v1 import cache_service_pb2 as cache_pb2
 from orchestra.cache.v1 import cache_service_pb2_grpc as cache_grpc
 from orchestra.common.v1 import errors_pb2, identity_pb2
-from services.common import clients, errors, paging, telemetry
+from services.common import clients, errors, outages, paging, telemetry
 from services.common.identity import IdentitySigner, has_scope, tenant_of
 
 
@@ -216,3 +217,16 @@ def test_a_replica_list_becomes_one_balanced_target() -> None:
     assert clients.target("127.0.0.1:1") == "127.0.0.1:1"
     assert clients.target("127.0.0.1:1, 127.0.0.1:2") == "ipv4:127.0.0.1:1,127.0.0.1:2"
     assert clients.target("[::1]:1,[::1]:2") == "ipv6:[::1]:1,[::1]:2"
+
+
+async def test_a_connection_left_mid_protocol_by_a_postgres_restart_is_an_outage() -> None:
+    @outages.postgres_outage
+    async def query() -> None:
+        raise asyncpg.InternalClientError(
+            "cannot switch to state 12; another operation (2) is in progress"
+        )
+
+    with pytest.raises(errors.Unavailable) as raised:
+        await query()
+    assert raised.value.reason == errors_pb2.ERROR_REASON_STORE_UNAVAILABLE
+    assert raised.value.metadata["store"] == "postgresql"
