@@ -96,6 +96,11 @@ def cpu_delta(
     return spent
 
 
+def _counts(replicas: str) -> list[str]:
+    """The counts of an ``--replicas`` value."""
+    return [part.partition("=")[2] for part in replicas.split(",") if "=" in part]
+
+
 def _free_base(start: int, ports: int = 5) -> int:
     """The first base from ``start`` whose ``ports`` consecutive ports are all free now."""
     base = start
@@ -112,10 +117,13 @@ def _free_base(start: int, ports: int = 5) -> int:
 class Suite:
     """``orchestra up --no-local-model`` from ``checkout``, on free ports, state in a temp dir."""
 
-    def __init__(self, checkout: Path, config_text: str, label: str) -> None:
+    def __init__(self, checkout: Path, config_text: str, label: str, replicas: str = "") -> None:
+        """``replicas``: ``orchestra up --replicas`` (e.g. ``router=2,cache=2``; "" = one each)."""
         self.checkout = checkout.resolve()
         self.label = label
         self._config_text = config_text
+        self._replicas = replicas
+        self.state_dir = Path()
         self.process: subprocess.Popen[str] | None = None
         self.edge = ""
         self.redis_url = ""
@@ -128,7 +136,9 @@ class Suite:
         config = work / "orchestra.yaml"
         config.write_text(self._config_text)
         edge_port, redis_port = free_port(), free_port()
-        base = _free_base(52000 + (os.getpid() + hash(self.label)) % 1000 * 5)
+        blocks = 1 + max((int(n) - 1 for n in _counts(self._replicas)), default=0)
+        ports = len(SERVICES) * blocks
+        base = _free_base(52000 + (os.getpid() + hash(self.label)) % 1000 * 5, ports)
         env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
         # The checkout's own code and contracts come first on the path; its children
         # (started with -m from the same working directory) import it too.
@@ -140,7 +150,10 @@ class Suite:
             "--edge-port", str(edge_port), "--admin-port", str(free_port()),
             "--service-port-base", str(base), "--redis-port", str(redis_port),
         ]
+        if self._replicas:
+            argv += ["--replicas", self._replicas]
         # fmt: on
+        self.state_dir = work / "state"
         self.process = subprocess.Popen(
             argv,
             cwd=self.checkout,
