@@ -32,7 +32,6 @@ import dataclasses
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,11 +44,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.overhead import CONFIG, KEY, MODEL  # noqa: E402
-from bench.suite import Suite, wait_idle_outbox  # noqa: E402
+from bench.suite import Suite, start_fake_upstream, wait_idle_outbox  # noqa: E402
 from orchestra.common.v1 import chat_pb2  # noqa: E402
 from orchestra.router.v1 import chat_service_pb2 as chat_api  # noqa: E402
 from orchestra.router.v1 import chat_service_pb2_grpc as chat_grpc  # noqa: E402
-from services.cli.embedded import PROCESSES_FILE, free_port  # noqa: E402
+from services.cli.embedded import PROCESSES_FILE  # noqa: E402
 from services.common import errors  # noqa: E402
 
 REPLICAS = "router=2,budget=2,cache=2,audit=2,discovery=2"
@@ -283,15 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-ms", type=int, default=20, help="upstream time to first token")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON line")
     args = parser.parse_args(argv)
-    upstream_port = free_port()
-    upstream = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.openai_upstream", "--port", str(upstream_port),
-         "--latency-ms", str(args.latency_ms), "--chunks", "8", "--models", MODEL],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    suite = Suite(
-        ROOT, CONFIG.format(url=f"http://127.0.0.1:{upstream_port}/v1", key=KEY), "chaos", REPLICAS
-    )
+    upstream, upstream_url = start_fake_upstream(args.latency_ms, 8, MODEL)
+    suite = Suite(ROOT, CONFIG.format(url=upstream_url, key=KEY), "chaos", REPLICAS)
     try:
         suite.start()
         faults = list(QUICK_FAULTS) if args.quick else _all_faults(suite.state_dir)

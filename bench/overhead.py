@@ -53,11 +53,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import flame  # noqa: E402
-from bench.suite import PARTS, SERVICES, Suite, cpu_delta, cpu_seconds, wait_idle_outbox  # noqa: E402
+from bench.suite import (  # noqa: E402
+    PARTS,
+    SERVICES,
+    Suite,
+    cpu_delta,
+    cpu_seconds,
+    start_fake_upstream,
+    wait_idle_outbox,
+)
 from orchestra.common.v1 import chat_pb2  # noqa: E402
 from orchestra.router.v1 import chat_service_pb2 as chat_api  # noqa: E402
 from orchestra.router.v1 import chat_service_pb2_grpc as chat_grpc  # noqa: E402
-from services.cli.embedded import free_port  # noqa: E402
 
 MODEL = "gpt-4o-mini"  # a catalog model, so it is priced and routable
 KEY = "ok_bench_0123456789abcdefghijklmnop"
@@ -440,13 +447,7 @@ def main() -> int:
             print(json.dumps({"decision": decision}))
         return 0
 
-    upstream_port = free_port()
-    upstream = subprocess.Popen(
-        [sys.executable, "-m", "tests.fakes.openai_upstream", "--port", str(upstream_port),
-         "--latency-ms", str(args.latency_ms), "--chunks", "16", "--models", MODEL],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    upstream_url = f"http://127.0.0.1:{upstream_port}/v1"
+    upstream, upstream_url = start_fake_upstream(args.latency_ms, 16, MODEL)
     config = CONFIG.format(url=upstream_url, key=KEY)
     checkouts = [(args.baseline, "baseline")] if args.baseline else []
     checkouts.append((ROOT, "this"))

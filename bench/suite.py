@@ -220,3 +220,19 @@ def wait_idle_outbox(redis_url: str, timeout: float = 30.0) -> None:
     finally:
         client.close()
     raise TimeoutError("the outbox did not drain")
+
+
+def start_fake_upstream(
+    latency_ms: int, chunks: int, model: str
+) -> tuple[subprocess.Popen[bytes], str]:
+    """Starts the project's OpenAI-wire fake (tests/fakes/openai_upstream.py) on a free
+    port; returns the process and its base URL (``http://127.0.0.1:PORT/v1``)."""
+    from services.cli.embedded import free_port
+
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tests.fakes.openai_upstream", "--port", str(port),
+         "--latency-ms", str(latency_ms), "--chunks", str(chunks), "--models", model],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    return process, f"http://127.0.0.1:{port}/v1"
