@@ -185,7 +185,7 @@ async def test_a_child_that_exits_is_started_again_while_the_others_keep_running
         # Exits in a row wait longer each time: 0.1 s, then 0.2 s.
         os.kill(flaky.pid, signal.SIGKILL)
         await _until(lambda: flaky.restarts == 2 and flaky.state == "running")
-        assert flaky._delay == pytest.approx(0.2)
+        assert flaky.delay == pytest.approx(0.2)
         assert not waiting.done()  # only a signal ends the run now
 
         # `orchestra status` shows it.
@@ -207,7 +207,7 @@ async def test_a_child_that_keeps_failing_backs_off_to_the_longest_delay(tmp_pat
         await _until(marker.exists)
         os.kill(crashing.pid, signal.SIGKILL)
         await _until(lambda: crashing.restarts >= 4)
-        assert crashing._delay == pytest.approx(0.2)
+        assert crashing.delay == pytest.approx(0.2)
         assert crashing.last_exit is not None and crashing.last_exit.code == 7
         assert not waiting.done()
     finally:

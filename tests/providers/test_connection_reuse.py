@@ -23,6 +23,7 @@ from tests.fakes.gemini_upstream import FakeGemini
 from tests.fakes.ollama_upstream import FakeOllama
 from tests.fakes.openai_upstream import FakeOpenAI
 from tests.providers.common import TEXT, collect, request, text_of
+from tests.providers.local_app import serve
 
 KEY = "sk-reuse"
 CHATS = 3
@@ -91,11 +92,7 @@ async def test_a_body_held_open_after_its_end_marker_does_not_hold_the_answer() 
 
     app = web.Application()
     app.router.add_post("/v1/chat/completions", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve(app)
     adapter = OpenAIAdapter("openai", f"http://127.0.0.1:{port}/v1", credential=KEY)
     try:
         # Bounded only so that a regression fails instead of hanging.

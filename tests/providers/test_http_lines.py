@@ -17,6 +17,7 @@ from aiohttp import web
 from services.providers import http
 from services.providers.base import FailureKind, UpstreamError
 from services.providers.http import Answer
+from tests.providers.local_app import serve
 
 
 async def _serve(chunks: Sequence[bytes]) -> tuple[web.AppRunner, str]:
@@ -31,11 +32,7 @@ async def _serve(chunks: Sequence[bytes]) -> tuple[web.AppRunner, str]:
 
     app = web.Application()
     app.router.add_post("/chat", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await serve(app)
     return runner, f"http://127.0.0.1:{port}/chat"
 
 

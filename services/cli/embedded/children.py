@@ -86,6 +86,12 @@ class Backoff:
     longest: float = 30.0
     reset_after: float = 60.0
 
+    def next_delay(self, previous: float, ran: float) -> float:
+        """The wait before the next start, after a run of ``ran`` seconds
+        that followed a wait of ``previous`` (0: none yet)."""
+        doubled = previous * 2 if previous and ran < self.reset_after else self.first
+        return min(doubled, self.longest)
+
 
 @dataclass(frozen=True)
 class Exit:
@@ -115,6 +121,8 @@ class Child:
         restarts: How many times it was started again.
         last_exit: How its last run ended (None: it never exited).
         started: When its current process was started (seconds since the epoch).
+        delay: The last wait before a restart (0: it never exited).
+        restart_at: When a "restarting" child starts again (the loop's clock).
     """
 
     spec: ProcessSpec
@@ -124,8 +132,8 @@ class Child:
     restarts: int = 0
     last_exit: Exit | None = None
     started: float = field(default_factory=time.time)
-    _delay: float = 0.0
-    _restart_at: float = 0.0
+    delay: float = 0.0
+    restart_at: float = 0.0
 
     @property
     def pid(self) -> int:

@@ -202,7 +202,7 @@ class Supervisor:
                             self.request_stop(f"{child.spec.name} exited with code {code}")
                             break
                         self._exited(child, Exit(code, time.time(), exit_reason(code)))
-                    elif child.state == "restarting" and loop.time() >= child._restart_at:
+                    elif child.state == "restarting" and loop.time() >= child.restart_at:
                         child.state = "starting"
                         task = loop.create_task(self._restart(child))
                         self._restarting.add(task)
@@ -218,20 +218,16 @@ class Supervisor:
         """Records ``child``'s exit and schedules its restart after the backoff."""
         assert self._backoff is not None
         killpg(child.pid, signal.SIGKILL)  # what it left behind in its group
-        backoff = self._backoff
         ran = how.at - child.started
-        child._delay = (
-            backoff.first if ran >= backoff.reset_after or not child._delay else child._delay * 2
-        )
-        child._delay = min(child._delay, backoff.longest)
-        child._restart_at = asyncio.get_running_loop().time() + child._delay
+        child.delay = self._backoff.next_delay(child.delay, ran)
+        child.restart_at = asyncio.get_running_loop().time() + child.delay
         child.state, child.last_exit = "restarting", how
         _log.warning(
             "%s %s after %.1fs; starting it again in %.1fs",
             child.spec.name,
             how.reason,
             ran,
-            child._delay,
+            child.delay,
         )
         self._write_processes()
 
