@@ -164,7 +164,9 @@ class BudgetService:
         return [AdminAuditInterceptor(self.auditor, self._signer, AUDITED_CHANGES)]
 
     async def start(self) -> None:
-        """Starts the hold reaper, the key invalidation listener and the alert sender."""
+        """Starts the reaper, key invalidations, alerts and the admin audit outbox."""
+        if self.auditor is not None:
+            self.auditor.start()
         self._tasks = [
             asyncio.create_task(self._reap_forever(), name="budget-reaper"),
             asyncio.create_task(self.invalidations.listen(), name="budget-invalidations"),
@@ -224,7 +226,7 @@ async def build(settings: Settings, *, clock: Callable[[], float] = time.time) -
         reap_interval_seconds=config.reap_interval_seconds,
         reap_batch=config.reap_batch,
     )
-    app.auditor = AdminAuditor.connect(config.audit_addr, signer, "budget")
+    app.auditor = AdminAuditor.connect(config.audit_addr, signer, "budget", pool)
     try:
         await migrate(pool, "budget")
         report = await app.bootstrap.apply(list(config.tenants))

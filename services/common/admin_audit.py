@@ -8,23 +8,31 @@ naming the caller's key, the RPC, the resource ids it touched, and its request
 and response as JSON with secrets redacted. A failed RPC changed nothing and is
 not recorded.
 
-The record is queued with :meth:`AdminAuditor.submit`: the reply never waits
-on the audit service, and queued records are appended in order once it is
-reachable (see audit_client.py for what happens on shutdown).
+The record is written to the service's durable outbox
+(:meth:`AdminAuditor.submit`, one INSERT into its own PostgreSQL) before the
+reply goes out: the reply never waits on the audit service, and a crash after
+the reply loses nothing; outbox rows are appended in order once the audit
+service is reachable. If the outbox cannot be written (its database just
+failed), the record is appended directly, and logged at ERROR as JSON when
+that fails too.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any, TypeAlias
 
+import asyncpg
 import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from services.common.admin_records import admin_record, redact
-from services.common.audit_client import AdminAuditor
+from services.common.audit_client import AdminAuditor, log_unrecorded
 from services.common.identity import IdentitySigner, caller
+
+log = logging.getLogger(__name__)
 
 Changes = Mapping[str, Collection[str]]
 """Full gRPC service name -> the names of its RPCs that change something."""
@@ -84,12 +92,14 @@ class AdminAuditInterceptor(grpc.aio.ServerInterceptor):
     def _wrap(self, path: str, behavior: _Behavior) -> _Behavior:
         async def audited(request: Message, context: _Context) -> Any:
             response = await behavior(request, context)
-            self._record(path, request, response, context)
+            await self._record(path, request, response, context)
             return response
 
         return audited
 
-    def _record(self, path: str, request: Message, response: Message, context: _Context) -> None:
+    async def _record(
+        self, path: str, request: Message, response: Message, context: _Context
+    ) -> None:
         identity = caller(context, self._signer)  # the method already checked it
         asked, answered = _fields(request), _fields(response)
         ids: dict[str, str] = {}
@@ -102,4 +112,11 @@ class AdminAuditInterceptor(grpc.aio.ServerInterceptor):
             resource=",".join(f"{k}={v}" for k, v in sorted(ids.items())),
             details={"request": redact(asked), "response": redact(answered)},
         )
-        self._auditor.submit(record)
+        try:
+            await self._auditor.submit(record)
+        except (asyncpg.PostgresError, OSError) as exc:
+            log.warning("admin audit outbox unavailable (%r); appending directly", exc)
+            try:
+                await self._auditor.record(record)
+            except grpc.aio.AioRpcError as failed:
+                log_unrecorded(record, failed.code().name)

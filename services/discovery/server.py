@@ -64,7 +64,9 @@ class DiscoveryService:
         self._options = options
         self._cipher = CredentialCipher(settings.internal_key)
         self._signer = IdentitySigner(settings.internal_key)
-        self._auditor = AdminAuditor.connect(settings.addrs["audit"], self._signer, "discovery")
+        self._auditor = AdminAuditor.connect(
+            settings.addrs["audit"], self._signer, "discovery", pool
+        )
         self._store = DiscoveryStore(pool)
         self._feed = ModelFeed()
         # One client for every provider: pooled connections; timeouts per request.
@@ -110,6 +112,7 @@ class DiscoveryService:
 
     async def start(self) -> None:
         """Applies the config file's providers, loads the catalog, starts passes."""
+        self._auditor.start()
         await self.apply_config()
         await self.fanout.start()  # listen before loading: no change falls in between
         await self.discovery.refresh()  # watchers start from the last known models

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
+import asyncpg
 import grpc
 import pytest
 from google.protobuf import struct_pb2
@@ -25,6 +26,7 @@ from services.common.audit_client import AdminAuditor
 from services.common.clients import ServiceToken, channel
 from services.common.identity import IdentitySigner
 from services.common.server import start
+from services.common.stores import connect_postgres, migrate
 from tests.audit.conftest import Audit, Metadata
 
 
@@ -125,24 +127,39 @@ async def test_the_auditor_waits_for_the_audit_service_to_come_back(
             await running.stop(0)
 
 
-async def test_queued_records_wait_for_the_audit_service_in_order(
+@pytest.fixture
+async def outbox(pg_url: str) -> AsyncIterator[asyncpg.Pool]:
+    """The budget schema's PostgreSQL, holding budget.admin_outbox."""
+    pool = await connect_postgres(pg_url)
+    await migrate(pool, "budget")
+    yield pool
+    await pool.close()
+
+
+def _outboxed(chan: grpc.aio.Channel, signer: IdentitySigner, pool: asyncpg.Pool) -> AdminAuditor:
+    token = ServiceToken(signer, "budget")
+    return AdminAuditor(chan, token, pool, table="budget.admin_outbox", first_backoff=0.05)
+
+
+async def test_outbox_records_wait_for_the_audit_service_in_order(
     pg_url: str,
     make_settings: Callable[..., Any],
     signer: IdentitySigner,
-    reader: Callable[[str], Metadata],
+    outbox: asyncpg.Pool,
 ) -> None:
     port = free_port()
     async with channel(f"127.0.0.1:{port}") as chan:
-        auditor = AdminAuditor(chan, ServiceToken(signer, "budget"), first_backoff=0.05)
+        auditor = _outboxed(chan, signer, outbox)
+        auditor.start()
         for i in range(3):
-            auditor.submit(_revoke(f"e{i}"))
+            await auditor.submit(_revoke(f"e{i}"))
         await asyncio.sleep(0.3)
-        assert auditor.pending == 3  # nothing listens yet
+        assert await auditor.pending() == 3  # nothing listens yet
         service = await build(make_settings(DATABASE_URL=pg_url))
         running = await start(service, f"127.0.0.1:{port}")
         try:
             await auditor.flush()
-            assert auditor.pending == 0
+            assert await auditor.pending() == 0
             listed = await service.store.find(RecordFilter(tenant_id="acme"), None, 10)
             assert [row.event_id for row in listed] == ["e0", "e1", "e2"]
         finally:
@@ -150,19 +167,53 @@ async def test_queued_records_wait_for_the_audit_service_in_order(
             await running.stop(0)
 
 
-async def test_what_cannot_be_appended_is_logged_at_shutdown(
-    signer: IdentitySigner, caplog: pytest.LogCaptureFixture
+async def test_outbox_records_outlive_the_service_that_wrote_them(
+    pg_url: str,
+    make_settings: Callable[..., Any],
+    signer: IdentitySigner,
+    outbox: asyncpg.Pool,
 ) -> None:
-    async with channel(f"127.0.0.1:{free_port()}") as chan:
-        auditor = AdminAuditor(chan, ServiceToken(signer, "budget"), first_backoff=0.01)
-        auditor.submit(_revoke("lost-1"))
-        await auditor.aclose(grace=0.1)
+    port = free_port()
+    async with channel(f"127.0.0.1:{port}") as chan:
+        first = _outboxed(chan, signer, outbox)
+        first.start()
+        await first.submit(_revoke("before-crash"))
+        await first.submit(_revoke("before-crash"))  # a retried submit: one row
+        await first.aclose()  # the service stops while the audit service is away
+    service = await build(make_settings(DATABASE_URL=pg_url))
+    running = await start(service, f"127.0.0.1:{port}")
+    try:
+        async with channel(f"127.0.0.1:{port}") as chan:
+            second = _outboxed(chan, signer, outbox)  # the next start, or another replica
+            assert await second.pending() == 1
+            second.start()
+            await second.flush()
+            await second.aclose()
+        listed = await service.store.find(RecordFilter(tenant_id="acme"), None, 10)
+        assert [row.event_id for row in listed] == ["before-crash"]
+    finally:
+        await running.stop(0)
 
-    assert auditor.pending == 0
-    lost = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(lost) == 1
-    assert "audit record not appended (shutdown)" in lost[0]
-    assert '"eventId": "lost-1"' in lost[0]
+
+async def test_a_refused_record_is_kept_and_the_next_one_appended(
+    audit: Audit, signer: IdentitySigner, outbox: asyncpg.Pool
+) -> None:
+    bad = _revoke("bad")
+    bad.tenant_id = ""
+    async with channel(f"127.0.0.1:{audit.port}") as chan:
+        auditor = _outboxed(chan, signer, outbox)
+        auditor.start()
+        await auditor.submit(bad)
+        await auditor.submit(_revoke("good"))
+        await auditor.flush()
+        await auditor.aclose()
+
+    kept = await outbox.fetch("SELECT event_id, refused FROM budget.admin_outbox")
+    assert [(row["event_id"], row["refused"].split(":")[0]) for row in kept] == [
+        ("bad", "INVALID_ARGUMENT")
+    ]
+    listed = await audit.service.store.find(RecordFilter(tenant_id="acme"), None, 10)
+    assert [row.event_id for row in listed] == ["good"]
 
 
 async def test_the_auditor_gives_up_with_the_last_error(signer: IdentitySigner) -> None:
@@ -221,9 +272,12 @@ async def test_audited_changes_of_a_real_service_are_logged_without_secrets(
 ) -> None:
     from services.budget.server import build as build_budget
 
+    outbox = await connect_postgres(audit.pg_url)
+
     app = await build_budget(make_settings(DATABASE_URL=audit.pg_url, REDIS_URL=redis_url))
     async with channel(f"127.0.0.1:{audit.port}") as to_audit:
-        auditor = AdminAuditor(to_audit, ServiceToken(signer, "budget"))
+        auditor = _outboxed(to_audit, signer, outbox)
+        auditor.start()
         running = await serve(_AuditedAccounts(app, auditor, signer))
         async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as chan:
             accounts = account_grpc.AccountServiceStub(chan)
@@ -250,6 +304,7 @@ async def test_audited_changes_of_a_real_service_are_logged_without_secrets(
                 )
         await auditor.flush()
         await auditor.aclose()
+    await outbox.close()
 
     listed = await audit.stub.ListRecords(
         pb.ListRecordsRequest(tenant_id="initech"), metadata=operator
