@@ -16,6 +16,7 @@ from services.audit.audit_service import AuditServicer
 from services.audit.bodies import KeyWrapper
 from services.audit.body_store import BodyStore
 from services.audit.config import RETENTION_SWEEP_SECONDS, AuditConfig
+from services.audit.role import WRITER, provision_writer, writer_password
 from services.audit.signing import Signer, load_signer
 from services.audit.store import AuditStore
 from services.audit.tree_store import TreeStore
@@ -86,19 +87,29 @@ class AuditService:
 
 
 async def build(settings: Settings) -> AuditService:
-    """Connects to PostgreSQL, applies the audit migrations, builds the service.
+    """Applies the audit migrations as the owner, then connects as the writer role.
+
+    See :mod:`services.audit.role` for what the writer may do.
 
     Raises:
         SigningKeyError: The checkpoint signing key is misconfigured.
     """
     config = AuditConfig.from_settings(settings)
     checkpoint_signer = load_signer(config.signing_env, config.internal_key)
-    pool = await connect_postgres(config.database_url)
+    owner = await connect_postgres(config.database_url)
     try:
-        await migrate(pool, "audit")
+        await migrate(owner, "audit")
+        restricted = await provision_writer(owner, config.internal_key)
     except BaseException:
-        await pool.close()
+        await owner.close()
         raise
+    if restricted:
+        await owner.close()
+        pool = await connect_postgres(
+            config.database_url, user=WRITER, password=writer_password(config.internal_key)
+        )
+    else:
+        pool = owner
     return AuditService(
         pool,
         IdentitySigner(config.internal_key),

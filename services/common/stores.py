@@ -47,9 +47,18 @@ class _Connection(asyncpg.Connection):
 
 
 async def connect_postgres(
-    url: str, *, min_size: int = 1, max_size: int = 10, wait_seconds: float = 30.0
+    url: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    wait_seconds: float = 30.0,
+    user: str | None = None,
+    password: str | None = None,
 ) -> asyncpg.Pool:
     """Opens a pool, retrying while the server starts.
+
+    ``user`` and ``password``, when given, replace the URL's (the server and
+    database stay the URL's).
 
     Raises:
         Unavailable: STORE_UNAVAILABLE if it does not answer in ``wait_seconds``.
@@ -58,7 +67,12 @@ async def connect_postgres(
     while True:
         try:
             pool = await asyncpg.create_pool(
-                url, min_size=min_size, max_size=max_size, connection_class=_Connection
+                url,
+                min_size=min_size,
+                max_size=max_size,
+                connection_class=_Connection,
+                user=user,
+                password=password,
             )
             assert pool is not None
             return pool

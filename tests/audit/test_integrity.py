@@ -9,7 +9,9 @@ import asyncpg
 import pytest
 
 from orchestra.audit.v1 import audit_service_pb2 as pb
+from services.audit.role import WRITER, writer_password
 from services.audit.verify import verify
+from services.common.settings import Settings
 from tests.audit.conftest import Audit, Metadata
 from tests.audit.factory import admin, chat
 
@@ -174,3 +176,39 @@ async def test_appends_after_tampering_do_not_hide_it(
     mismatch = await verify(audit.service.store)
     assert mismatch is not None
     assert mismatch.index == 4
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE audit.records SET actor = 'mallory' WHERE index = 3",
+        "DELETE FROM audit.records WHERE index = 9",
+        "TRUNCATE audit.records",
+        "ALTER TABLE audit.records DISABLE TRIGGER USER",
+        "DROP TRIGGER records_no_update_delete ON audit.records",
+        "UPDATE audit.checkpoints SET tree_size = 0",
+        "DELETE FROM audit.subtrees",
+    ],
+    ids=["update", "delete", "truncate", "disable-triggers", "drop-trigger", "checkpoint", "tree"],
+)
+async def test_the_services_own_role_cannot_rewrite_history(
+    audit: Audit,
+    internal: Metadata,
+    superuser: asyncpg.Connection,
+    make_settings: Callable[..., Settings],
+    statement: str,
+) -> None:
+    await _seed(audit, internal)
+    key = make_settings(DATABASE_URL=audit.pg_url).internal_key
+    writer = await asyncpg.connect(audit.pg_url, user=WRITER, password=writer_password(key))
+    try:
+        # What the service does, it may do: read the log and add to it.
+        assert await writer.fetchval("SELECT count(*) FROM audit.records") == len(_RECORDS)
+        # Refused by the grants, before any trigger runs.
+        with pytest.raises(asyncpg.InsufficientPrivilegeError, match=r"permission denied|owner"):
+            await writer.execute(statement)
+    finally:
+        await writer.close()
+
+    assert await superuser.fetchval("SELECT count(*) FROM audit.records") == len(_RECORDS)
+    assert await verify(audit.service.store) is None
