@@ -21,6 +21,7 @@ from services.audit.store import AuditStore, RecordFilter, StoredRow, store_erro
 from services.audit.tree_store import StoredCheckpoint
 from services.common import paging
 from services.common.admin_records import admin_record
+from services.common.body_transit import BodyTransit, BodyTransitError
 from services.common.errors import InvalidArgument, NotFound
 from services.common.identity import IdentitySigner, caller, has_scope, tenant_of
 
@@ -53,10 +54,13 @@ def _beyond(field: str, size: int, log_size: int) -> InvalidArgument:
 class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
     """Serves the log kept by an :class:`AuditStore`."""
 
-    def __init__(self, store: AuditStore, signer: IdentitySigner, bodies: BodyStore) -> None:
+    def __init__(
+        self, store: AuditStore, signer: IdentitySigner, bodies: BodyStore, transit: BodyTransit
+    ) -> None:
         self._store = store
         self._signer = signer
         self._bodies = bodies
+        self._transit = transit  # opens bodies the router sealed for its outbox
 
     async def AppendRecord(
         self, request: pb.AppendRecordRequest, context: _Context
@@ -117,6 +121,8 @@ class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
                 raise _invalid(field, "only a RECORD_KIND_CHAT record keeps a body")
             if body.retention_days < 0:
                 raise _invalid(f"{field}.retention_days", "retention_days must not be negative")
+            if body.sealed_chat:
+                given[record.event_id] = (self._opened(record.event_id, body, field), field)
             subjects.add((record.tenant_id, record.chat.attribution.end_user))
         keys = await self._bodies.keys_for(subjects) if subjects else {}
         entries = []
@@ -129,6 +135,16 @@ class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
                 sealed = seal_for(key, record, body, when)
             entries.append(records.entry_of(record, field, sealed))
         return entries
+
+    def _opened(self, event_id: str, body: pb.RecordBody, field: str) -> pb.RecordBody:
+        """``body`` with its sealed_chat opened into chat."""
+        if body.HasField("chat"):
+            raise _invalid(f"{field}.sealed_chat", "set chat or sealed_chat, not both")
+        try:
+            chat = self._transit.open(event_id, body.sealed_chat)
+        except BodyTransitError as exc:
+            raise _invalid(f"{field}.sealed_chat", str(exc)) from None
+        return pb.RecordBody(event_id=body.event_id, chat=chat, retention_days=body.retention_days)
 
     async def ListRecords(
         self, request: pb.ListRecordsRequest, context: _Context

@@ -20,6 +20,7 @@ from services.audit.role import WRITER, provision_writer, writer_password
 from services.audit.signing import Signer, load_signer
 from services.audit.store import AuditStore
 from services.audit.tree_store import TreeStore
+from services.common.body_transit import BodyTransit
 from services.common.errors import Unavailable
 from services.common.identity import IdentitySigner
 from services.common.settings import Settings
@@ -46,7 +47,7 @@ class AuditService:
         self._sweep_seconds = retention_sweep_seconds
         self.store = AuditStore(pool, TreeStore(pool, checkpoint_signer))
         self.bodies = BodyStore(pool, KeyWrapper(internal_key))
-        self._servicer = AuditServicer(self.store, signer, self.bodies)
+        self._servicer = AuditServicer(self.store, signer, self.bodies, BodyTransit(internal_key))
         self._retention: asyncio.Task[None] | None = None
 
     def full_names(self) -> Sequence[str]:

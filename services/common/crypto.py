@@ -44,9 +44,7 @@ class CredentialCipher:
 
     def seal(self, provider_id: str, credential: str) -> bytes:
         """Encrypts ``credential`` for the provider ``provider_id``."""
-        nonce = os.urandom(_NONCE_BYTES)
-        sealed = self._aead.encrypt(nonce, credential.encode(), provider_id.encode())
-        return bytes([_VERSION]) + nonce + sealed
+        return self.seal_bytes(provider_id, credential.encode())
 
     def open(self, provider_id: str, sealed: bytes) -> str:
         """Decrypts a value :meth:`seal` produced for ``provider_id``.
@@ -55,11 +53,26 @@ class CredentialCipher:
             CredentialError: The value is malformed, or was sealed under another
                 key or for another provider.
         """
+        return self.open_bytes(provider_id, sealed).decode()
+
+    def seal_bytes(self, bound_to: str, plaintext: bytes) -> bytes:
+        """Encrypts ``plaintext``, bound to ``bound_to`` (associated data)."""
+        nonce = os.urandom(_NONCE_BYTES)
+        sealed = self._aead.encrypt(nonce, plaintext, bound_to.encode())
+        return bytes([_VERSION]) + nonce + sealed
+
+    def open_bytes(self, bound_to: str, sealed: bytes) -> bytes:
+        """Decrypts a value :meth:`seal_bytes` produced for ``bound_to``.
+
+        Raises:
+            CredentialError: The value is malformed, or was sealed under another
+                key or bound to something else.
+        """
         if len(sealed) < 1 + _NONCE_BYTES or sealed[0] != _VERSION:
             raise CredentialError("stored credential has an unknown format")
         nonce, body = sealed[1 : 1 + _NONCE_BYTES], sealed[1 + _NONCE_BYTES :]
         try:
-            return self._aead.decrypt(nonce, body, provider_id.encode()).decode()
+            return self._aead.decrypt(nonce, body, bound_to.encode())
         except InvalidTag:
             raise CredentialError(
                 "stored credential does not decrypt (was ORCHESTRA_INTERNAL_KEY changed?)"

@@ -14,6 +14,7 @@ from typing import Any
 
 from orchestra.common.v1 import chat_pb2
 from orchestra.router.v1 import chat_service_pb2 as chat_api
+from services.common.body_transit import BodyTransit
 from services.common.errors import reason_name
 from services.router import learning, records
 from services.router.answering import Run
@@ -33,9 +34,11 @@ _STORE_MODES = (chat_api.CACHE_MODE_UNSPECIFIED, chat_api.CACHE_MODE_REFRESH)
 class Accountant:
     """Hands each request's follow-up work to the outbox."""
 
-    def __init__(self, outbox: Outbox, audit_salt: bytes) -> None:
+    def __init__(self, outbox: Outbox, internal_key: bytes) -> None:
+        """``internal_key`` salts the audit digests and seals ENCRYPTED bodies."""
         self._outbox = outbox
-        self._salt = audit_salt
+        self._salt = internal_key
+        self._transit = BodyTransit(internal_key)
 
     async def account(
         self, ctx: RequestContext, run: Run, learner: learning.Learner | None
@@ -75,6 +78,7 @@ class Accountant:
             self._salt,
             body_mode=policy.audit_body_mode,
             retention_days=policy.retention_days,
+            transit=self._transit,
             tool_calls=list(answer.tool_calls),
             model=answer.model,
             provider="",
@@ -108,6 +112,7 @@ class Accountant:
             self._salt,
             body_mode=policy.audit_body_mode,
             retention_days=policy.retention_days,
+            transit=self._transit,
             tool_calls=list(run.tool_calls.values()),
             model=run.model.name if run.model else decision.model.name,
             provider=run.model.provider_id if run.model else "",

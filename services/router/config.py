@@ -9,7 +9,7 @@ environment and the config file), never from the environment directly:
 | ``default_model`` | ``routing.default_model`` | "" | the operator's default model, which wins ties |
 | ``default_max_tokens`` | ``routing.default_max_tokens`` | 512 | output cap when a request sets none |
 | ``max_request_bytes`` | ``routing.max_request_bytes`` | 1048576 | larger requests are refused |
-| ``audit_salt`` | ``ORCHESTRA_INTERNAL_KEY`` | required | salts the audit record's digests |
+| ``internal_key`` | ``ORCHESTRA_INTERNAL_KEY`` | required | salts the audit record's digests, seals ENCRYPTED bodies |
 | ``providers`` | ``providers:`` | none | the providers the router has adapters for |
 """  # noqa: E501 - a table reads better unwrapped
 
@@ -32,13 +32,14 @@ class EngineConfig:
         default_max_tokens: The output cap when a request sets none.
         default_model: The operator's default model, which wins ties.
         max_request_bytes: The largest request accepted.
-        audit_salt: Salts the prompt and answer digests in audit records.
+        internal_key: Salts the prompt and answer digests in audit records and
+            seals ENCRYPTED bodies for the audit service.
     """
 
     default_max_tokens: int = 512
     default_model: str = ""
     max_request_bytes: int = 1_048_576
-    audit_salt: bytes = b""
+    internal_key: bytes = b""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +72,7 @@ class RouterConfig:
                 default_max_tokens=routing.default_max_tokens,
                 default_model=routing.default_model,
                 max_request_bytes=routing.max_request_bytes,
-                audit_salt=settings.internal_key,
+                internal_key=settings.internal_key,
             ),
             providers=tuple(settings.config.providers),
         )

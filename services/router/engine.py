@@ -69,7 +69,7 @@ class Engine:
         self._outbox = outbox
         self._models = models
         self._adapters = adapters
-        self._accountant = Accountant(outbox, config.audit_salt)
+        self._accountant = Accountant(outbox, config.internal_key)
         self.breakers = breakers
         self.learner = learner
         self._background: set[asyncio.Task[Any]] = set()

@@ -19,6 +19,7 @@ from orchestra.budget.v1 import budget_service_pb2 as budget_pb2
 from orchestra.cache.v1 import cache_service_pb2 as cache_pb2
 from orchestra.common.v1 import chat_pb2, identity_pb2
 from orchestra.router.v1 import chat_service_pb2 as chat_api
+from services.common.body_transit import BodyTransit
 from services.router.decision import Decision
 
 
@@ -148,14 +149,16 @@ def audit_payload(
     tool_calls: Sequence[chat_pb2.ToolCall] = (),
     body_mode: account_pb2.AuditBodyMode.ValueType = account_pb2.AUDIT_BODY_MODE_UNSPECIFIED,
     retention_days: int = 0,
+    transit: BodyTransit,
 ) -> bytes:
     """The audit record of one chat, with its bodies as the tenant's policy says.
 
     ``body_mode`` and ``retention_days`` come from the tenant's policy.
     HASH (and UNSPECIFIED) keeps salted digests of the prompt and answer in the
-    record; ENCRYPTED sends the plaintext beside the record (``body``) for the
-    audit service to seal under the subject's key, and no digests (they would
-    outlive an erasure); NONE keeps neither.
+    record; ENCRYPTED sends the body beside the record, sealed by ``transit``
+    for the audit service (the outbox never holds the plaintext), which seals
+    it again under the subject's key; and no digests (they would outlive an
+    erasure); NONE keeps neither.
     """
     now = timestamp_pb2.Timestamp()
     now.GetCurrentTime()
@@ -194,11 +197,12 @@ def audit_payload(
     )
     append = audit_pb2.AppendRecordRequest(record=record)
     if body_mode == account_pb2.AUDIT_BODY_MODE_ENCRYPTED:
+        body = audit_pb2.ChatBody(
+            messages=request.messages, answer_text=answer_text, tool_calls=tool_calls
+        )
         append.body.CopyFrom(
             audit_pb2.RecordBody(
-                chat=audit_pb2.ChatBody(
-                    messages=request.messages, answer_text=answer_text, tool_calls=tool_calls
-                ),
+                sealed_chat=transit.seal(record.event_id, body),
                 retention_days=max(retention_days, 0),
             )
         )

@@ -247,6 +247,7 @@ class RecordBody(_message.Message):
     EVENT_ID_FIELD_NUMBER: _builtins.int
     CHAT_FIELD_NUMBER: _builtins.int
     RETENTION_DAYS_FIELD_NUMBER: _builtins.int
+    SEALED_CHAT_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """The record it belongs to (AppendRecords); empty in AppendRecord: the
     request's record.
@@ -255,9 +256,18 @@ class RecordBody(_message.Message):
     """Drop the sealed body this many days after the record's event_time
     (tenant policy retention_days); zero: keep until the subject is erased.
     """
+    sealed_chat: _builtins.bytes
+    """The ChatBody, serialized and sealed for the audit service by the suite
+    service that produced it (AES-256-GCM under a key derived from
+    ORCHESTRA_INTERNAL_KEY, bound to the record's event_id;
+    services/common/body_transit.py), so that the plaintext never waits in
+    the producer's outbox. The router always sends this form. A value that
+    does not open is refused with INVALID_ARGUMENT (INVALID_FIELD,
+    field "body.sealed_chat").
+    """
     @_builtins.property
     def chat(self) -> Global___ChatBody:
-        """The plaintext."""
+        """The plaintext. Set this or sealed_chat, not both."""
 
     def __init__(
         self,
@@ -265,10 +275,11 @@ class RecordBody(_message.Message):
         event_id: _builtins.str = ...,
         chat: Global___ChatBody | None = ...,
         retention_days: _builtins.int = ...,
+        sealed_chat: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "event_id", b"event_id", "retention_days", b"retention_days"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat", b"chat", "event_id", b"event_id", "retention_days", b"retention_days", "sealed_chat", b"sealed_chat"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
