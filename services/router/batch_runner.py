@@ -5,7 +5,8 @@ Every replica's runner claims items from the same Redis queues
 once, and answers each one through the engine as a unary chat would. The
 store's Lua scripts keep a batch under its ``max_concurrency`` across
 replicas and count each result once; an item whose replica dies is queued
-again when its lease expires. A stopping replica lets running items finish
+again when its lease expires, under the same request id, so it is charged
+once however many times it runs. A stopping replica lets running items finish
 for a grace period, then queues them again.
 """
 
@@ -116,9 +117,11 @@ class BatchRunner:
 
     async def _run(self, item: Claimed) -> None:
         identity = await self.store.identity(item.ref)
+        # A re-run (item.attempts > 0) keeps the item's request id, so budget
+        # sees the same request: its Reserve returns the earlier attempt's
+        # hold, and the settle charges the item once (a hold the reaper
+        # charged in full is corrected to the real cost; a settled one stays).
         request = item.request
-        if item.attempts:
-            request.request_id = f"{request.request_id}.r{item.attempts}"
         result = router_api.BatchResult(custom_id=item.custom_id)
         cost = 0
         try:

@@ -11,8 +11,9 @@ router restart, and every replica's runner
 Claiming an item, finishing it and cancelling are Lua scripts, so replicas
 never run more than ``max_concurrency`` items of a batch at once and never
 count a result twice. A claimed item holds a lease; if its replica dies, the
-lease expires and the item is queued again (it then runs with the request id
-``<batch_id>:<custom_id>.r<n>``, so budget admission sees a new request).
+lease expires and the item is queued again; it runs again under the same
+request id (``<batch_id>:<custom_id>`` unless the item set one), so budget
+charges it once.
 Runners take batches highest priority first, oldest first among equals.
 Finished batches are kept for ``RETENTION_SECONDS``.
 """

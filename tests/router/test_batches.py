@@ -197,6 +197,37 @@ async def test_a_dead_replicas_item_is_run_again_after_its_lease(suite: Suite) -
     await client.aclose()
 
 
+async def test_an_item_run_again_after_its_lease_is_charged_once(suite: Suite) -> None:
+    router = _router(suite)
+    await router.batches.stop()
+    await suite.router.CreateBatch(_batch("twice", 1), metadata=suite.metadata)
+    upstream_before = len(_chats(suite.primary)) + len(_chats(suite.backup))
+    client = aioredis.Redis.from_url(suite.settings.redis_url)
+    now = [1_800_000_000.0]
+    store = BatchStore(client, clock=lambda: now[0])
+    ref = f"{TENANT}/twice"
+    taken = await store.claim(ref)
+    assert isinstance(taken, Claimed)
+    # A replica answers the item (and settles it), then dies before recording the result.
+    await router.engine.chat(await store.identity(ref), taken.request, 30.0)
+    await suite.drain()
+    once = await suite.spent_micro_usd()
+    assert once > 0
+    now[0] += LEASE_SECONDS + 1  # its lease expires; another replica runs it again
+    runner = BatchRunner(store, router.engine, poll=0.05)
+    runner.start()
+    try:
+        batch = await _finished(suite, "twice")
+    finally:
+        await runner.stop()
+        await client.aclose()
+    assert batch.succeeded_items == 1
+    upstream = len(_chats(suite.primary)) + len(_chats(suite.backup))
+    assert upstream - upstream_before == 2  # it did run twice
+    await suite.drain()
+    assert await suite.spent_micro_usd() == once
+
+
 async def test_results_and_queues_survive_a_router_restart(suite: Suite) -> None:
     await suite.router.CreateBatch(_batch("done", 2), metadata=suite.metadata)
     before = await _results(suite, "done") if await _finished(suite, "done") else []
