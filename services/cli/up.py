@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 import sys
 from pathlib import Path
 
@@ -156,6 +157,9 @@ async def run(
                         ready=embedded.grpc_health_probe(f"127.0.0.1:{port}"),
                         env=env | {"ORCHESTRA_PORT": str(port)},
                         ready_timeout=60.0,
+                        # The whole suite stops together: no other replica takes
+                        # over, so SIGINT, which skips the SIGTERM drain.
+                        stop_signal=signal.SIGINT,
                     )
                 )
         envoy_config = edge.render_envoy_config(

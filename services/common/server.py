@@ -3,12 +3,15 @@
 A service is a :class:`Service`: it registers its servicers on a server and
 may run background work. :func:`start` adds health, reflection and the error
 interceptor and binds; :func:`main` runs one until SIGTERM or SIGINT, when
-health turns NOT_SERVING and the server drains for ``grace_seconds``.
+health turns NOT_SERVING, the server keeps serving for ``drain_seconds`` (on
+SIGTERM only, see :func:`serve_forever`) and then lets calls in flight finish
+for ``grace_seconds``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -120,15 +123,34 @@ async def start(
     return Running(server, health_servicer, port, service)
 
 
-async def serve_forever(running: Running, grace: float) -> None:
-    """Waits for SIGTERM/SIGINT, then stops gracefully."""
-    stop = asyncio.Event()
+async def serve_forever(running: Running, grace: float, drain: float = 0.0) -> None:
+    """Serves until SIGTERM or SIGINT, then stops gracefully.
+
+    Either signal turns health NOT_SERVING at once. SIGTERM (what an
+    orchestrator sends the one replica it stops) then drains: calls that still
+    arrive are served for ``drain`` seconds, while the edge's health checks and
+    the peers' health-watching channels move new calls to other replicas; a
+    second signal cuts the drain short. SIGINT (Ctrl-C, and ``orchestra up``
+    stopping the whole suite, where no other replica would take over) skips
+    it. Then the server takes no new call and lets those in flight finish for
+    up to ``grace`` seconds.
+    """
+    signals: asyncio.Queue[signal.Signals] = asyncio.Queue()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("%s draining for up to %.1fs", running.service.name, grace)
-    await running.stop(grace)
+        loop.add_signal_handler(sig, signals.put_nowait, sig)
+    try:
+        first = await signals.get()
+        await running.health.enter_graceful_shutdown()
+        if first == signal.SIGTERM and drain > 0:
+            log.info("%s NOT_SERVING; draining for %.1fs", running.service.name, drain)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(signals.get(), drain)
+        log.info("%s stopping; in-flight calls get up to %.1fs", running.service.name, grace)
+        await running.stop(grace)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
 
 def main(name: str, build: Callable[[settings_mod.Settings], Awaitable[Service]]) -> None:
@@ -149,7 +171,7 @@ def main(name: str, build: Callable[[settings_mod.Settings], Awaitable[Service]]
         # The edge sends reflection to the router, so it lists every service.
         names = all_service_names() if name == "router" else ()
         running = await start(service, cfg.listen_addr(name), reflection_names=names)
-        await serve_forever(running, cfg.grace_seconds)
+        await serve_forever(running, cfg.grace_seconds, cfg.drain_seconds)
 
     if cfg.event_loop == "uvloop":
         import uvloop

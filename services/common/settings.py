@@ -53,7 +53,10 @@ class Settings:
         config: The parsed declarative config file (empty when none given).
         config_path: Where it came from (ORCHESTRA_CONFIG).
         otel: "" (off), "console" or "otlp" (ORCHESTRA_OTEL).
-        grace_seconds: Drain time on SIGTERM (ORCHESTRA_GRACE_SECONDS).
+        grace_seconds: Time calls in flight get to finish when the service
+            stops (ORCHESTRA_GRACE_SECONDS).
+        drain_seconds: On SIGTERM, how long the service keeps serving while
+            NOT_SERVING moves traffic elsewhere (ORCHESTRA_DRAIN_SECONDS).
         log_level: Python logging level name (ORCHESTRA_LOG_LEVEL).
         event_loop: "uvloop" or "asyncio": the event loop a service process
             runs on (ORCHESTRA_EVENT_LOOP; uvloop wherever it is installed).
@@ -68,6 +71,7 @@ class Settings:
     config_path: Path | None
     otel: str
     grace_seconds: float
+    drain_seconds: float
     log_level: str
     event_loop: str = "asyncio"
     port: int | None = None
@@ -136,10 +140,9 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError(f"ORCHESTRA_EVENT_LOOP must be uvloop or asyncio, got {loop!r}")
     if loop == "uvloop" and DEFAULT_EVENT_LOOP != "uvloop":
         raise SettingsError("ORCHESTRA_EVENT_LOOP=uvloop, but uvloop is not installed")
-    try:
-        grace = float(pick("ORCHESTRA_GRACE_SECONDS", None, "5"))
-    except ValueError:
-        raise SettingsError("ORCHESTRA_GRACE_SECONDS must be a number") from None
+    grace = _seconds(pick("ORCHESTRA_GRACE_SECONDS", None, "5"), "ORCHESTRA_GRACE_SECONDS")
+    # Envoy takes a replica out after two failed health checks 2 s apart.
+    drain = _seconds(pick("ORCHESTRA_DRAIN_SECONDS", None, "5"), "ORCHESTRA_DRAIN_SECONDS")
     return Settings(
         internal_key=key.encode(),
         database_url=pick("DATABASE_URL", server.database_url),
@@ -150,10 +153,21 @@ def load(env: Mapping[str, str] | None = None) -> Settings:
         config_path=config_path,
         otel="" if otel == "off" else otel,
         grace_seconds=grace,
+        drain_seconds=drain,
         log_level=pick("ORCHESTRA_LOG_LEVEL", None, "INFO").upper(),
         event_loop=loop,
         port=int(port_text) if port_text else None,
     )
+
+
+def _seconds(value: str, name: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number of seconds, got {value!r}") from None
+    if not seconds >= 0:
+        raise SettingsError(f"{name} must not be negative, got {value!r}")
+    return seconds
 
 
 def _is_ip(host: str) -> bool:
