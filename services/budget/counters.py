@@ -1,19 +1,21 @@
 """Redis counters and holds, changed only by atomic Lua scripts.
 
-Layout (all keys under ``budget:``):
+Layout (every key starts with ``{budget}:``, a Redis Cluster hash tag: all of
+budget's keys share one slot, so each script's keys, which mix budgets, holds,
+the reaper's set and provider-wide rate limits, are always on one node):
 
-* ``budget:ctr:<budget_id>:<window>[:u:<end_user>]`` — hash with ``spent`` and
+* ``{budget}:ctr:<budget_id>:<window>[:u:<end_user>]`` — hash with ``spent`` and
   ``reserved`` micro-USD of one budget in one window.
-* ``budget:hold:<request_id>`` — hash describing a hold: who, how much, which
+* ``{budget}:hold:<request_id>`` — hash describing a hold: who, how much, which
   counters, ``state`` (held, released, settled), the settled ``cost`` and
   ``reaped`` ("1" while that cost is the reaper's full-hold charge, which a
   late Settle corrects once). Kept for a day after the hold expires so
   retries of Reserve, Settle and Release stay idempotent.
-* ``budget:holds`` — sorted set of open holds by expiry, for the reaper.
-* ``budget:ready`` — present once the counters were rebuilt from the ledger;
+* ``{budget}:holds`` — sorted set of open holds by expiry, for the reaper.
+* ``{budget}:ready`` — present once the counters were rebuilt from the ledger;
   its absence means Redis lost its data (cold start).
-* ``budget:rebuilding`` — the lock one replica holds while it rebuilds.
-* ``budget:rl:<scope>/<limit>:<minute>`` — requests or tokens counted in one
+* ``{budget}:rebuilding`` — the lock one replica holds while it rebuilds.
+* ``{budget}:rl:<scope>/<limit>:<minute>`` — requests or tokens counted in one
   minute for one rate limit (:mod:`services.budget.ratelimits`).
 
 A request admitted while Redis was down (fail open, :mod:`services.budget.failopen`)
@@ -40,7 +42,7 @@ from services.budget.ratelimits import TOKENS_PER_MINUTE, RateCheck
 from services.common.outages import redis_outage
 from services.common.stores import lua_script, text
 
-PREFIX = "budget:"
+PREFIX = "{budget}:"
 HOLDS = f"{PREFIX}holds"
 READY = f"{PREFIX}ready"
 REBUILDING = f"{PREFIX}rebuilding"

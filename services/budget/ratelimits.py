@@ -2,10 +2,10 @@
 
 Limits apply per tenant (policy), per API key and per provider (the
 provider's own quota, passed by the router from discovery and shared by every
-tenant: ``budget:rl:providers/<provider>/<rpm|tpm>:<minute>``).
+tenant: ``{budget}:rl:providers/<provider>/<rpm|tpm>:<minute>``).
 
 Windows are fixed calendar minutes (UTC epoch minute). Each limit has one
-Redis counter per minute, ``budget:rl:<scope>:<id>:<rpm|tpm>:<minute>``, that
+Redis counter per minute, ``{budget}:rl:<scope>:<id>:<rpm|tpm>:<minute>``, that
 the Reserve script increments together with the budget holds, all or nothing.
 The key carries the minute, so nothing is ever reset: the counter of a past
 minute simply expires a little after it ends.
@@ -26,7 +26,7 @@ import dataclasses
 
 from orchestra.common.v1 import identity_pb2
 
-PREFIX = "budget:rl:"
+PREFIX = "{budget}:rl:"  # the hash tag of services.budget.counters.PREFIX
 REQUESTS_PER_MINUTE = "requests_per_minute"
 TOKENS_PER_MINUTE = "tokens_per_minute"
 WINDOW_SECONDS = 60

@@ -1,6 +1,6 @@
 """Rebuilding the Redis counters from PostgreSQL after Redis lost its data.
 
-Redis' ``budget:ready`` key is set once the counters match PostgreSQL; its
+Redis' ``{budget}:ready`` key is set once the counters match PostgreSQL; its
 absence means a cold start (a new or flushed Redis). Reserve then refuses
 (UNAVAILABLE with RetryInfo) until one replica has, from one PostgreSQL
 snapshot, raised every current window's spent counter to the ledger's sum

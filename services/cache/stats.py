@@ -130,19 +130,32 @@ class StatsStore:
             if not pending:
                 return
             self._pending, self._since_ms = {}, {}
-            pipe = self._redis.pipeline(transaction=True)
-            for tenant, tally in pending.items():
-                key = stats_key(tenant)
-                for field, amount in tally.items():
-                    if amount:
-                        pipe.hincrby(key, field, amount)
-                pipe.hsetnx(key, "since_ms", since[tenant])
+            # One transaction per tenant (a tenant's keys share a Redis Cluster
+            # slot; different tenants' may not), all sent at once.
+            tenants = list(pending)
             try:
-                async with redis_errors():
-                    await pipe.execute()
-            except BaseException:
+                outcomes = await asyncio.gather(
+                    *(self._send(tenant, pending[tenant], since[tenant]) for tenant in tenants),
+                    return_exceptions=True,
+                )
+            except BaseException:  # cancelled: whether anything was written is unknown
                 self._keep(pending, since)
                 raise
+            failed = [t for t, outcome in zip(tenants, outcomes, strict=True) if outcome]
+            if failed:
+                self._keep({t: pending[t] for t in failed}, {t: since[t] for t in failed})
+                raise next(o for o in outcomes if isinstance(o, BaseException))
+
+    async def _send(self, tenant: str, tally: collections.Counter[str], since_ms: int) -> None:
+        """Adds one tenant's counts in one transaction (all or none)."""
+        key = stats_key(tenant)
+        pipe = self._redis.pipeline(transaction=True)
+        for field, amount in tally.items():
+            if amount:
+                pipe.hincrby(key, field, amount)
+        pipe.hsetnx(key, "since_ms", since_ms)
+        async with redis_errors():
+            await pipe.execute()
 
     def _keep(self, pending: dict[str, collections.Counter[str]], since: dict[str, int]) -> None:
         """Puts counts that were not written back, for the next flush."""

@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import logging
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -90,22 +90,46 @@ REDIS_MAX_CONNECTIONS = 64
 REDIS_POOL_WAIT_SECONDS = 2.0
 
 
+# A URL with one of these schemes names a Redis Cluster (any of its nodes).
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+# Connections per cluster node: redis-py's cluster client raises when they are
+# all busy (it has no blocking pool), so the cap is generous.
+REDIS_CLUSTER_CONNECTIONS_PER_NODE = 512
+
+
 def connect_redis(url: str) -> aioredis.Redis:
     """A Redis client (connections open lazily) with short, explicit timeouts.
 
-    Its calls wait (up to ``REDIS_POOL_WAIT_SECONDS``) for a free connection
-    when all ``REDIS_MAX_CONNECTIONS`` are busy: redis-py's default pool raises
+    ``redis://`` and ``rediss://`` URLs name one server. Its calls wait (up to
+    ``REDIS_POOL_WAIT_SECONDS``) for a free connection when all
+    ``REDIS_MAX_CONNECTIONS`` are busy: redis-py's default pool raises
     MaxConnectionsError instead, which a service would read as "Redis
     unreachable" (UNAVAILABLE, or a fail-open) under a burst of requests.
+
+    ``redis+cluster://host:port`` (or ``rediss+cluster://``) names a Redis
+    Cluster by any of its nodes: the client learns the others and routes each
+    command to the node that holds its key's slot. Every multi-key operation
+    of the services keeps its keys in one hash slot (the ``{...}`` part of the
+    key), so the same code runs on either.
     """
+    scheme, sep, rest = url.partition("://")
+    options: dict[str, Any] = {
+        "socket_connect_timeout": 2.0,
+        "socket_timeout": 2.0,
+        "health_check_interval": 30,
+        "decode_responses": False,
+    }
+    if sep and scheme in CLUSTER_SCHEMES:
+        cluster = aioredis.RedisCluster.from_url(
+            f"{CLUSTER_SCHEMES[scheme]}://{rest}",
+            max_connections=REDIS_CLUSTER_CONNECTIONS_PER_NODE,
+            **options,
+        )
+        # The cluster client answers the same commands, scripts and pipelines
+        # the services use; it is typed as a separate class.
+        return cast(aioredis.Redis, cluster)
     pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=REDIS_MAX_CONNECTIONS,
-        timeout=REDIS_POOL_WAIT_SECONDS,
-        socket_connect_timeout=2.0,
-        socket_timeout=2.0,
-        health_check_interval=30,
-        decode_responses=False,
+        url, max_connections=REDIS_MAX_CONNECTIONS, timeout=REDIS_POOL_WAIT_SECONDS, **options
     )
     return aioredis.Redis(connection_pool=pool)
 

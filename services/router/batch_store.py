@@ -1,6 +1,6 @@
 """Batches in Redis: many chats queued as one, their results kept for paging.
 
-A batch is a few Redis keys (under ``router:batch:<tenant>/<batch_id>``): its
+A batch is a few Redis keys (under ``router:{batches}:batch:<tenant>/<batch_id>``): its
 meta hash (state, counts, priority, concurrency limit, the creator's identity),
 the items, a queue of item ids still to run, the leases of running items, and
 the results (a hash, with a sorted set of ids for paging in custom_id order).
@@ -43,8 +43,10 @@ from services.router import validation
 
 log = logging.getLogger(__name__)
 
-PREFIX = "router:batch:"
-READY = "router:batches:ready"  # batches with items to run, by priority then age
+# One Redis Cluster hash tag for every batch key: creating a batch puts its keys
+# and the ready set in one transaction.
+PREFIX = "router:{batches}:batch:"
+READY = "router:{batches}:ready"  # batches with items to run, by priority then age
 MAX_ITEMS = 10_000
 DEFAULT_CONCURRENCY = 4
 MAX_CONCURRENCY = 64

@@ -21,6 +21,7 @@ from orchestra.budget.v1 import (
 )
 from services.budget.server import BudgetService, build
 from services.common import settings as settings_mod
+from services.common.stores import connect_redis
 
 Metadata = list[tuple[str, str]]
 
@@ -85,7 +86,7 @@ async def budget(start_budget: Callable[..., Awaitable[Budget]]) -> Budget:
 @pytest.fixture
 async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     """A direct client of the test's Redis db."""
-    client = aioredis.Redis.from_url(redis_url)
+    client = connect_redis(redis_url)
     yield client
     await client.aclose()
 

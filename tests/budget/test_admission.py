@@ -113,7 +113,7 @@ async def test_over_the_limit_is_refused_and_nothing_is_held(
     state = await status(acme, admin("acme"), team="ml")
     assert state[tenant_budget.budget_id].reserved_micro_usd == 600
     assert state[team_budget.budget_id].reserved_micro_usd == 600
-    assert not await redis_client.exists("budget:hold:r2")
+    assert not await redis_client.exists("{budget}:hold:r2")
     # Another team is not limited by "ml"'s budget.
     await reserve(acme, internal, "r3", 500, team="other")
 

@@ -108,7 +108,7 @@ async def test_tenant_requests_per_minute(
     assert _quota_subjects(error) == [f"tenants/acme/{RPM}"]
     assert details.retry_after is not None and 0 < details.retry_after <= 60
     # Nothing written for the refused request.
-    assert not await redis_client.exists("budget:hold:r3")
+    assert not await redis_client.exists("{budget}:hold:r3")
     assert await _count(redis_client, f"tenants/acme/{RPM}") == 3
     assert (await status(budget, admin("acme")))[limit.budget_id].reserved_micro_usd == 300
 
@@ -179,8 +179,8 @@ def test_windows_are_calendar_minutes(now: float, left: float) -> None:
         tokens=3,
     )
     assert [(c.name, c.limit, c.increment, c.counter) for c in checks] == [
-        (f"tenants/acme/{RPM}", 5, 1, f"budget:rl:tenants/acme/{RPM}:2"),
-        (f"tenants/acme/apiKeys/k1/{TPM}", 7, 3, f"budget:rl:tenants/acme/apiKeys/k1/{TPM}:2"),
+        (f"tenants/acme/{RPM}", 5, 1, f"{{budget}}:rl:tenants/acme/{RPM}:2"),
+        (f"tenants/acme/apiKeys/k1/{TPM}", 7, 3, f"{{budget}}:rl:tenants/acme/apiKeys/k1/{TPM}:2"),
     ]
     assert all(c.counter_expiry == 180 + ratelimits.COUNTER_GRACE_SECONDS for c in checks)
     assert ratelimits.seconds_until_next_window(now) == pytest.approx(left)

@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 from orchestra.cache.v1 import cache_service_pb2_grpc
 from services.cache.server import CacheService, build
 from services.common import settings as settings_mod
+from services.common.stores import connect_redis
 
 if TYPE_CHECKING:
     Stub = cache_service_pb2_grpc.CacheServiceAsyncStub
@@ -67,6 +68,6 @@ def admin(as_caller: Callable[..., list[tuple[str, str]]]) -> list[tuple[str, st
 @pytest.fixture
 async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     """A direct client on the test Redis, for inspecting what the service wrote."""
-    client = aioredis.Redis.from_url(redis_url)
+    client = connect_redis(redis_url)
     yield client
     await client.aclose()

@@ -9,13 +9,13 @@ from collections.abc import Callable
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
 from redis import exceptions as redis_exc
 
 from orchestra.cache.v1 import cache_service_pb2
 from services.cache.keyspace import stats_key
 from services.cache.stats import StatsStore
 from services.common import errors
+from services.common.stores import connect_redis
 from tests.cache.builders import answer, conversation, key, lookup_request, store_request
 from tests.cache.conftest import StartCache, Stub
 
@@ -94,7 +94,7 @@ async def test_counters_are_shared_by_replicas(
 
 
 async def test_counts_that_redis_refused_are_kept_for_the_next_write(redis_url: str) -> None:
-    admin = aioredis.Redis.from_url(redis_url)
+    admin = connect_redis(redis_url)
     user = f"stats-{uuid.uuid4().hex[:8]}"
     # A connection that may not write the counters, then may.
     await admin.acl_setuser(
@@ -103,7 +103,7 @@ async def test_counts_that_redis_refused_are_kept_for_the_next_write(redis_url: 
     parts = urllib.parse.urlsplit(redis_url)  # the embedded server's URL carries a password
     secret = f":{parts.password}" if parts.password else ""
     url = parts._replace(netloc=f"{user}{secret}@{parts.hostname}:{parts.port}").geturl()
-    client = aioredis.Redis.from_url(url)
+    client = connect_redis(url)
     tenant = f"t-{uuid.uuid4().hex[:8]}"
     stats = StatsStore(client, flush_seconds=3600)
     try:

@@ -16,6 +16,7 @@ from orchestra.router.v1 import router_service_pb2 as router_api
 from services.cli.embedded import free_port
 from services.common import errors
 from services.common.server import start
+from services.common.stores import connect_redis
 from services.router.batch_runner import BatchRunner
 from services.router.batch_store import LEASE_SECONDS, BatchStore, Claimed
 from services.router.server import RouterService
@@ -184,7 +185,7 @@ async def test_a_dead_replicas_item_is_run_again_after_its_lease(suite: Suite) -
     router = _router(suite)
     await router.batches.stop()
     await suite.router.CreateBatch(_batch("lease", 1), metadata=suite.metadata)
-    client = aioredis.Redis.from_url(suite.settings.redis_url)
+    client = connect_redis(suite.settings.redis_url)
     now = [1_800_000_000.0]
     store = BatchStore(client, clock=lambda: now[0])
     ref = f"{TENANT}/lease"
@@ -202,7 +203,7 @@ async def test_an_item_run_again_after_its_lease_is_charged_once(suite: Suite) -
     await router.batches.stop()
     await suite.router.CreateBatch(_batch("twice", 1), metadata=suite.metadata)
     upstream_before = len(_chats(suite.primary)) + len(_chats(suite.backup))
-    client = aioredis.Redis.from_url(suite.settings.redis_url)
+    client = connect_redis(suite.settings.redis_url)
     now = [1_800_000_000.0]
     store = BatchStore(client, clock=lambda: now[0])
     ref = f"{TENANT}/twice"

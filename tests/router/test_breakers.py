@@ -12,6 +12,7 @@ from orchestra.common.v1 import chat_pb2
 from orchestra.router.v1 import chat_service_pb2 as chat_api
 from orchestra.router.v1 import router_service_pb2 as router_api
 from services.common import errors
+from services.common.stores import connect_redis
 from services.router.breakers import BreakerConfig, Breakers, State
 from services.router.engine import Engine
 from tests.fakes.faults import Fault
@@ -33,7 +34,7 @@ class Clock:
 @pytest.fixture
 async def redis_pair(redis_url: str) -> AsyncIterator[tuple[aioredis.Redis, aioredis.Redis]]:
     """Two connections to one Redis, as two router replicas have."""
-    first, second = aioredis.Redis.from_url(redis_url), aioredis.Redis.from_url(redis_url)
+    first, second = connect_redis(redis_url), connect_redis(redis_url)
     yield first, second
     await first.aclose()
     await second.aclose()
@@ -232,11 +233,11 @@ async def router(suite: Suite) -> AsyncIterator[tuple[Suite, Clock, Breakers]]:
     """The suite's router with breakers that trip after 3 failures and a hand-moved clock."""
     engine: Engine = suite.running["router"].service.engine  # type: ignore[attr-defined]
     clock = Clock()
-    replica = aioredis.Redis.from_url(suite.settings.redis_url)
+    replica = connect_redis(suite.settings.redis_url)
     config = BreakerConfig(failures=3, cooldown=30)
     engine.breakers = Breakers(replica, config, clock=clock)
     # A second replica's view of the same breakers.
-    other = aioredis.Redis.from_url(suite.settings.redis_url)
+    other = connect_redis(suite.settings.redis_url)
     yield suite, clock, Breakers(other, config, clock=clock)
     await replica.aclose()
     await other.aclose()

@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
 
 from orchestra.budget.v1 import account_service_pb2 as account_pb2
 from orchestra.budget.v1 import account_service_pb2_grpc as account_grpc
@@ -20,6 +19,7 @@ from orchestra.common.v1 import chat_pb2, errors_pb2, identity_pb2
 from orchestra.router.v1 import chat_service_pb2 as chat_api
 from services.common import errors
 from services.common.key_invalidation import Invalidations
+from services.common.stores import connect_redis
 from services.router.keyauth import RemoteKeys
 from tests.router.conftest import TENANT, Suite
 
@@ -115,7 +115,7 @@ async def test_revocation_reaches_the_router_at_once(
     # A cache of its own that keeps answers for an hour: only the invalidation
     # message can make it forget the key.
     keys = RemoteKeys(router.peers, ttl_seconds=HOUR)  # type: ignore[attr-defined]
-    client = aioredis.from_url(redis_url)
+    client = connect_redis(redis_url)
     listener = Invalidations(client, keys)
     task = asyncio.create_task(listener.listen())
     try:

@@ -13,6 +13,7 @@ from orchestra.budget.v1 import account_service_pb2 as account_pb2
 from orchestra.common.v1 import chat_pb2, identity_pb2
 from orchestra.discovery.v1 import discovery_service_pb2 as discovery_pb2
 from orchestra.router.v1 import chat_service_pb2 as chat_api
+from services.common.stores import connect_redis
 from services.router import features, learning, policy, tasks
 
 TENANT = "acme"
@@ -88,8 +89,8 @@ async def _teach(learner: learning.Learner, n: int) -> None:
 @pytest.fixture
 async def clients(redis_url: str) -> AsyncIterator[tuple[aioredis.Redis, aioredis.Redis]]:
     """Two Redis clients, as two router replicas would have."""
-    one = aioredis.Redis.from_url(redis_url)
-    two = aioredis.Redis.from_url(redis_url)
+    one = connect_redis(redis_url)
+    two = connect_redis(redis_url)
     yield one, two
     await one.aclose()
     await two.aclose()

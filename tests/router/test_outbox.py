@@ -14,6 +14,7 @@ from orchestra.audit.v1 import audit_service_pb2 as audit_pb2
 from orchestra.audit.v1 import audit_service_pb2_grpc as audit_grpc
 from orchestra.common.v1 import chat_pb2
 from orchestra.router.v1 import chat_service_pb2 as chat_api
+from services.common.stores import connect_redis
 from services.router.outbox import DEAD, GROUP, STREAM, Outbox, PermanentFailure
 from tests.router.conftest import Suite
 
@@ -55,7 +56,7 @@ def _chat(text: str) -> chat_api.ChatRequest:
 
 @pytest.fixture
 async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
+    client = connect_redis(redis_url)
     yield client
     await client.aclose()
 
