@@ -128,11 +128,19 @@ class Accountant:
         )
 
 
-def _budget_job(ctx: RequestContext, run: Run, end: chat_api.ChatEnd) -> tuple[str, bytes]:
+def closing_job(ctx: RequestContext, run: Run) -> tuple[str, bytes]:
+    """The budget job that would close ``run`` if it stopped now (the router's journal)."""
+    end = run.end(ctx)
+    return _budget_job(ctx, run, end, partial=True)
+
+
+def _budget_job(
+    ctx: RequestContext, run: Run, end: chat_api.ChatEnd, *, partial: bool = False
+) -> tuple[str, bytes]:
     """Settle what was produced, or release the hold when nothing was."""
     if not run.started:
         return ("release", records.release_payload(ctx.request_id))
-    partial = run.finish in _PARTIAL
+    partial = partial or run.finish in _PARTIAL
     payload = records.settle_payload(ctx.request_id, end.cost_micro_usd, end.usage, partial=partial)
     return ("settle", payload)
 

@@ -16,7 +16,9 @@ The flow (docs/architecture.md has the picture):
 4. afterwards settle the real cost (what was produced, when the stream broke or
    the client cancelled), store the answer in the cache when eligible, and
    append the audit record — all through the durable outbox
-   (:mod:`services.router.accounting`).
+   (:mod:`services.router.accounting`). While a miss is answered, the
+   replica's journal holds the budget job that would close it if the replica
+   died (:mod:`services.router.journal`).
 
 The engine yields ``ChatStreamResponse`` events; the unary Chat RPC folds them.
 It raises :mod:`services.common.errors` exceptions, which the servers'
@@ -35,11 +37,12 @@ from orchestra.discovery.v1 import discovery_service_pb2 as discovery_pb2
 from orchestra.router.v1 import chat_service_pb2 as chat_api
 from services.providers.base import ProviderAdapter
 from services.router import answering, cache_step, context, learning, policy, records, validation
-from services.router.accounting import Accountant
+from services.router.accounting import Accountant, closing_job
 from services.router.breakers import Breakers
 from services.router.coalesce import coalesced
 from services.router.config import EngineConfig
 from services.router.context import PromptFeatures, RequestContext
+from services.router.journal import PROGRESS_SECONDS, Journal
 from services.router.outbox import Outbox
 from services.router.peers import Peers
 
@@ -63,6 +66,7 @@ class Engine:
         adapters: Mapping[str, ProviderAdapter],
         breakers: Breakers | None = None,
         learner: learning.Learner | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self._config = config
         self._peers = peers
@@ -72,6 +76,7 @@ class Engine:
         self._accountant = Accountant(outbox, config.internal_key)
         self.breakers = breakers
         self.learner = learner
+        self._journal = journal
         self._background: set[asyncio.Task[Any]] = set()
 
     @property
@@ -174,8 +179,21 @@ class Engine:
         # Adaptive cache mode: a near entry not served this time, to be compared
         # with the fresh answer when that is stored.
         explored = hit.explored_entry_id if hit is not None else ""
-        answer = self._answer(ctx, answering.Run(explored_entry_id=explored))
-        async for event in coalesced(answer):
+        run = answering.Run(explored_entry_id=explored)
+        answer = coalesced(self._answer(ctx, run))
+        journal = self._journal
+        if journal is None:
+            async for event in answer:
+                yield event
+            return
+        journal.opened(ctx.request_id, ("release", records.release_payload(ctx.request_id)))
+        loop, progress_at = asyncio.get_running_loop(), 0.0
+        async for event in answer:
+            # Once text is on its way to the client, a dying replica's chat
+            # is settled on what was produced; renewed every few seconds.
+            if run.started and (now := loop.time()) >= progress_at:
+                journal.opened(ctx.request_id, closing_job(ctx, run))
+                progress_at = now + PROGRESS_SECONDS
             yield event
 
     async def chat(
@@ -222,7 +240,12 @@ class Engine:
         finally:
             # Runs on success, failure and cancellation alike; a task of its
             # own, so the cancellation of this request does not stop it.
-            self._spawn(self._accountant.account(ctx, run, self.learner))
+            self._spawn(self._account(ctx, run))
+
+    async def _account(self, ctx: RequestContext, run: answering.Run) -> None:
+        await self._accountant.account(ctx, run, self.learner)
+        if self._journal is not None:
+            self._journal.ended(ctx.request_id)  # its own settlement is in the outbox
 
     def _spawn(self, work: Coroutine[object, object, object]) -> None:
         """Runs ``work`` off the request's path; :meth:`aclose` waits for it."""

@@ -36,6 +36,7 @@ from services.router.breakers import Breakers
 from services.router.chat_service import ChatServicer
 from services.router.config import RouterConfig
 from services.router.engine import Engine
+from services.router.journal import Journal
 from services.router.keyauth import RemoteKeys
 from services.router.outbox import Outbox
 from services.router.peers import Peers
@@ -90,6 +91,7 @@ class RouterService:
                 adapters[entry.id] = adapter
         self._adapters = adapters
         self.learner = learning.Learner(redis)
+        self.journal = Journal(redis, self.outbox.put)
         self.engine = Engine(
             config.engine,
             self.peers,
@@ -98,6 +100,7 @@ class RouterService:
             adapters,
             Breakers(redis),
             self.learner,
+            self.journal,
         )
         self.batches = BatchRunner(BatchStore(redis), self.engine)
         self._signer = signer
@@ -127,13 +130,14 @@ class RouterService:
         )
 
     async def start(self) -> None:
-        """Starts the outbox and the catalog watch.
+        """Starts the outbox, the journal and the catalog watch.
 
         Waits (briefly) for the first catalog snapshot so the router reports
         SERVING only once it knows some models; if discovery is down it starts
         anyway and catches up when discovery answers.
         """
         await self.outbox.start()
+        self.journal.start()
         self._key_listener = asyncio.create_task(
             self._key_invalidations.listen(), name="router-key-invalidations"
         )
@@ -150,6 +154,7 @@ class RouterService:
             self._key_listener.cancel()  # stop() alone ends it within a second
             await asyncio.wait([self._key_listener], timeout=2.0)
         await self.engine.aclose()
+        await self.journal.stop()
         await self.outbox.stop()
         await self.catalog.stop()
         for adapter in self._adapters.values():
