@@ -102,16 +102,19 @@ class Journal:
         self._written: set[str] = set()  # in Redis
         self._ended: set[str] = set()  # in Redis, to delete at the next flush
         self._task: asyncio.Task[None] | None = None
+        self._dirty = asyncio.Event()  # something to flush
 
     def opened(self, request_id: str, job: Job) -> None:
         """Records the job that closes ``request_id`` if this replica dies now."""
         self._pending[request_id] = job
+        self._dirty.set()
 
     def ended(self, request_id: str) -> None:
         """Forgets ``request_id``: its own settlement is in the outbox."""
         self._pending.pop(request_id, None)
         if request_id in self._written:
             self._ended.add(request_id)
+            self._dirty.set()
 
     async def flush(self) -> None:
         """Writes what changed since the last flush, in one round trip."""
@@ -132,6 +135,7 @@ class Journal:
             for rid, job in pending.items():  # unless superseded meanwhile
                 self._pending.setdefault(rid, job)
             self._ended |= ended
+            self._dirty.set()
             return
         self._written |= pending.keys()
         self._written -= ended
@@ -179,7 +183,6 @@ class Journal:
         beat_at = sweep_at = loop.time()
         while True:
             try:
-                await self.flush()
                 now = loop.time()
                 if now >= beat_at:
                     await self.heartbeat()
@@ -187,11 +190,20 @@ class Journal:
                 if now >= sweep_at:
                     sweep_at = now + SWEEP_SECONDS
                     await self.sweep()
+                # Idle until a chat opens or ends (or the next heartbeat), then
+                # let FLUSH_SECONDS of changes gather into one write.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._dirty.wait(), max(beat_at - loop.time(), 0))
+                if self._dirty.is_set():
+                    await asyncio.sleep(FLUSH_SECONDS)
+                    self._dirty.clear()
+                    await self.flush()
             except RedisError as exc:
                 log.warning("journal: Redis unavailable (%s); retrying", exc)
+                await asyncio.sleep(FLUSH_SECONDS)
             except Exception:  # the journal must outlive any one failure
                 log.exception("journal loop failed")
-            await asyncio.sleep(FLUSH_SECONDS)
+                await asyncio.sleep(FLUSH_SECONDS)
 
     async def stop(self) -> None:
         """Stops; writes the last changes and leaves the replica set (a clean stop)."""
