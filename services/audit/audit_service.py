@@ -294,8 +294,9 @@ class AuditServicer(audit_service_pb2_grpc.AuditServiceServicer):
         tenant = tenant_of(identity, request.tenant_id)
         if not tenant:
             raise _invalid("tenant_id", "tenant_id is required (the caller has no tenant)")
-        for name in ("tenant_id", "end_user", "reason"):
+        for name in ("tenant_id", "end_user"):
             records.check_text(getattr(request, name), name)
+        records.check_text(request.reason, "reason", records.MAX_REASON_CHARS)
         done: list[Erased] = []
 
         async def destroy(conn: Any) -> list[records.Entry]:

@@ -22,6 +22,8 @@ from services.audit.bodies import SealedBody
 from services.common.errors import InvalidArgument
 
 MAX_EVENT_ID_CHARS = 128
+MAX_ID_CHARS = 512  # tenant, actor, model and end-user ids
+MAX_REASON_CHARS = 4096
 
 AuditRecord = audit_service_pb2.AuditRecord
 
@@ -109,14 +111,18 @@ def validate(record: AuditRecord, field: str) -> None:
         )
 
 
-def check_text(value: str, field: str) -> None:
-    """Refuses a string PostgreSQL cannot store in a text column (it holds a NUL).
+def check_text(value: str, field: str, max_chars: int = MAX_ID_CHARS) -> None:
+    """Refuses a string PostgreSQL cannot store in a text column (it holds a NUL),
+    or one longer than ``max_chars`` (ids are indexed: an index entry holds at
+    most about 2.7 kB).
 
     Raises:
         InvalidArgument: INVALID_FIELD naming ``field``.
     """
     if "\x00" in value:
         raise _invalid(field, f"{field} must not contain NUL characters")
+    if len(value) > max_chars:
+        raise _invalid(field, f"{field} is longer than {max_chars} characters")
 
 
 def _check_columns(record: AuditRecord, field: str) -> None:
