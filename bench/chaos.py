@@ -44,11 +44,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.overhead import CONFIG, KEY, MODEL  # noqa: E402
-from bench.suite import Suite, start_fake_upstream, wait_idle_outbox  # noqa: E402
+from bench.suite import Suite, start_fake_upstream, supervised, wait_idle_outbox  # noqa: E402
 from orchestra.common.v1 import chat_pb2  # noqa: E402
 from orchestra.router.v1 import chat_service_pb2 as chat_api  # noqa: E402
 from orchestra.router.v1 import chat_service_pb2_grpc as chat_grpc  # noqa: E402
-from services.cli.embedded import PROCESSES_FILE  # noqa: E402
 from services.common import errors  # noqa: E402
 
 REPLICAS = "router=2,budget=2,cache=2,audit=2,discovery=2"
@@ -123,18 +122,13 @@ class Traffic:
         chat.fault = self.fault  # counted where it ended: a kill fails the chats in flight
 
 
-def _processes(state_dir: Path) -> dict[str, dict[str, Any]]:
-    recorded = json.loads((state_dir / PROCESSES_FILE).read_text())
-    return {row["name"]: row for row in recorded["processes"]}
-
-
 async def _inflict(state_dir: Path, name: str, after: float) -> float:
     """SIGKILLs ``name``; returns the seconds until the supervisor had it running again."""
-    killed = int(_processes(state_dir)[name]["pid"])
+    killed = int(supervised(state_dir)[name]["pid"])
     started = time.monotonic()
     os.kill(killed, signal.SIGKILL)
     while True:
-        row = _processes(state_dir)[name]
+        row = supervised(state_dir)[name]
         if row["state"] == "running" and int(row["pid"]) != killed:
             break
         if time.monotonic() - started > 120:
@@ -237,7 +231,7 @@ async def run(suite: Suite, faults: list[str], clients: int, after: float) -> di
 
 
 def _all_faults(state_dir: Path) -> list[str]:
-    names = list(_processes(state_dir))
+    names = list(supervised(state_dir))
     services = [
         n for n in names if n.split("-")[0] in ("router", "budget", "cache", "audit", "discovery")
     ]

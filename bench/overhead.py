@@ -59,6 +59,7 @@ from bench.suite import (  # noqa: E402
     Suite,
     cpu_delta,
     cpu_seconds,
+    grid,
     start_fake_upstream,
     wait_idle_outbox,
 )
@@ -361,12 +362,6 @@ async def measure_direct(args: argparse.Namespace, url: str) -> dict[int, dict[s
         }
 
 
-def _grid(header: tuple[str, ...], lines: list[tuple[str, ...]]) -> str:
-    rows = [header, *lines]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
-
-
 def _pair(figures: dict[str, float], name: str) -> str:
     return f"{figures[name + '_p50_ms']:.1f} / {figures[name + '_p99_ms']:.1f}"
 
@@ -392,7 +387,7 @@ def _print_latency(result: dict[str, Any], latency_ms: int, requests: int) -> No
         "conc", "chat", "direct TTFT", "gateway TTFT", "added TTFT", "direct total",
         "gateway total", "chats/s d / g", "g/d",
     )  # fmt: skip
-    print(_grid(header, lines))
+    print(grid(header, lines))
 
 
 def _print_cpu(results: list[dict[str, Any]], requests: int) -> None:
@@ -410,7 +405,7 @@ def _print_cpu(results: list[dict[str, Any]], requests: int) -> None:
                     result["label"], str(r["concurrency"]), kind,
                     *(f"{cpu[p]:.2f}" for p in PARTS), f"{cpu['total']:.2f}",
                 ))  # fmt: skip
-    print(_grid(header, lines))
+    print(grid(header, lines))
     for result in results:
         idle = result["idle_cpu_ms_per_s"]
         print(f"  idle ({result['label']}), CPU ms per second: " + ", ".join(

@@ -12,10 +12,14 @@ A part's CPU over a run, divided by the requests of the run, is its CPU per
 request: a figure that other load on a shared machine hardly moves (unlike
 latency). Processes that exit during a run lose what they spent; the suite's
 processes live as long as it does (PostgreSQL backends are pooled).
+:func:`proc_rss` and :func:`proc_pss` read a process's resident memory the same way, and
+:func:`supervised` what the supervisor recorded of its children (name, pid,
+state, restarts).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -23,8 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -32,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ("router", "budget", "cache", "audit", "discovery")
 PARTS = (*SERVICES, "envoy", "postgres", "redis")
 _TICK = os.sysconf("SC_CLK_TCK")
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def _part(cmdline: list[str], name: str) -> str | None:
@@ -53,6 +59,22 @@ def proc_cpu(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+def proc_rss(pid: int) -> int:
+    """Resident memory of one process, in bytes (field 2 of /proc/PID/statm)."""
+    with open(f"/proc/{pid}/statm") as handle:
+        return int(handle.read().split()[1]) * _PAGE
+
+
+def proc_pss(pid: int) -> int:
+    """Proportional set size of one process, in bytes (/proc/PID/smaps_rollup): its
+    resident memory with each shared page divided among the processes that map it."""
+    with open(f"/proc/{pid}/smaps_rollup") as handle:
+        for line in handle:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def processes(root_pid: int) -> dict[int, str]:
@@ -88,12 +110,28 @@ def cpu_delta(
 ) -> dict[str, float]:
     """CPU seconds each part spent between two :func:`cpu_seconds` readings.
 
-    A process that started in between counts from zero.
+    A process that started in between counts from zero. Readings keyed by
+    another label than the part (e.g. a replica's name) are summed by it.
     """
     spent = dict.fromkeys(PARTS, 0.0)
     for pid, (part, seconds) in after.items():
-        spent[part] += seconds - (before[pid][1] if pid in before else 0.0)
+        spent[part] = spent.get(part, 0.0) + seconds - (before[pid][1] if pid in before else 0.0)
     return spent
+
+
+def supervised(state_dir: Path) -> dict[str, dict[str, Any]]:
+    """name -> what the supervisor recorded of that child (pid, state, restarts, last exit)."""
+    from services.cli.embedded import PROCESSES_FILE
+
+    recorded = json.loads((state_dir / PROCESSES_FILE).read_text())
+    return {row["name"]: row for row in recorded["processes"]}
+
+
+def grid(header: tuple[str, ...], lines: Sequence[tuple[str, ...]]) -> str:
+    """A right-aligned text table."""
+    rows = [header, *lines]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
 def _counts(replicas: str) -> list[str]:
