@@ -445,11 +445,11 @@ async def test_edge_enforces_the_grpc_timeout_header_for_grpc_web(edge: Edge) ->
     assert reply.headers["grpc-message"] == "downstream duration timeout"
 
 
-@pytest.mark.asyncio
-async def test_fails_closed_when_budget_is_down(tmp_path: Path) -> None:
+async def _refused_with_one_service_down(tmp_path: Path, down: str, path: str) -> grpc.RpcError:
+    """The error of a call to ``path`` through an edge whose ``down`` service has no replica."""
     server, port = await start_upstream()
     edge_port, admin_port = free_port(), free_port()
-    addresses = upstreams(("127.0.0.1", port)) | {"budget": ("127.0.0.1", free_port())}
+    addresses = upstreams(("127.0.0.1", port)) | {down: ("127.0.0.1", free_port())}
     config = render_envoy_config(
         tmp_path / "envoy.yaml", edge_port=edge_port, admin_port=admin_port, **addresses
     )
@@ -457,45 +457,30 @@ async def test_fails_closed_when_budget_is_down(tmp_path: Path) -> None:
     try:
         await supervisor.start(envoy_spec(config, admin_port, concurrency=1))
         async with grpc.aio.insecure_channel(f"127.0.0.1:{edge_port}") as channel:
+            call: UnaryUnary = channel.unary_unary(path)
             with pytest.raises(grpc.aio.AioRpcError) as raised:
-                echo: UnaryUnary = channel.unary_unary(ECHO)
-                await echo(b"hi", metadata=GOOD_KEY, timeout=5)
-        error = errors.decode(raised.value)
-        assert (error.code, error.reason) == (
-            grpc.StatusCode.UNAVAILABLE,
-            "DEPENDENCY_UNAVAILABLE",
-        )
-        assert error.metadata == {"dependency": "budget"}
-        assert error.retry_after == 1.0
+                await call(b"hi", metadata=GOOD_KEY, timeout=5)
+        return raised.value
     finally:
         await supervisor.stop()
         await server.stop(None)
+
+
+@pytest.mark.asyncio
+async def test_fails_closed_when_budget_is_down(tmp_path: Path) -> None:
+    error = errors.decode(await _refused_with_one_service_down(tmp_path, "budget", ECHO))
+    assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE")
+    assert error.metadata == {"dependency": "budget"}
+    assert error.retry_after == 1.0
 
 
 @pytest.mark.asyncio
 async def test_a_service_with_no_replica_up_is_unavailable_with_a_reason(tmp_path: Path) -> None:
-    server, port = await start_upstream()
-    edge_port, admin_port = free_port(), free_port()
-    addresses = upstreams(("127.0.0.1", port)) | {"router": ("127.0.0.1", free_port())}
-    config = render_envoy_config(
-        tmp_path / "envoy.yaml", edge_port=edge_port, admin_port=admin_port, **addresses
-    )
-    supervisor = Supervisor(tmp_path)
-    try:
-        await supervisor.start(envoy_spec(config, admin_port, concurrency=1))
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{edge_port}") as channel:
-            chat: UnaryUnary = channel.unary_unary("/orchestra.router.v1.ChatService/Chat")
-            with pytest.raises(grpc.aio.AioRpcError) as raised:
-                await chat(b"", metadata=GOOD_KEY, timeout=5)
-        error = errors.decode(raised.value)
-        assert (error.code, error.reason) == (
-            grpc.StatusCode.UNAVAILABLE,
-            "DEPENDENCY_UNAVAILABLE",
-        )
-        assert raised.value.details() == "the edge reached no healthy replica of the service"
-    finally:
-        await supervisor.stop()
-        await server.stop(None)
+    chat = "/orchestra.router.v1.ChatService/Chat"
+    raised = await _refused_with_one_service_down(tmp_path, "router", chat)
+    error = errors.decode(raised)
+    assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "DEPENDENCY_UNAVAILABLE")
+    assert error.message == "the edge reached no healthy replica of the service"
 
 
 async def test_envoy_start_failure_is_reported(tmp_path: Path) -> None:
