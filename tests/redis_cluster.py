@@ -1,4 +1,4 @@
-"""A real three-node Redis Cluster on loopback ports, from the machine's redis-server.
+"""A real three-node Redis Cluster on loopback ports, from the machine's redis-server (7+).
 
 ``ORCHESTRA_TEST_REDIS=cluster`` makes the test session run on one (see
 tests/conftest.py); ``scripts/test`` runs the Redis-dependent suites that way
@@ -7,8 +7,10 @@ as well as against a single server.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,9 +30,9 @@ def redis_cluster(state_dir: Path) -> Iterator[str]:
     Raises:
         RuntimeError: redis-server or redis-cli is missing, or the cluster did not form.
     """
-    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    server, cli = machine_binary("redis-server"), machine_binary("redis-cli")
     if server is None or cli is None:
-        raise RuntimeError("a Redis Cluster needs redis-server and redis-cli on PATH")
+        raise RuntimeError("a Redis Cluster needs the machine's redis-server and redis-cli")
     ports = [free_port() for _ in range(NODES)]
     processes = []
     try:
@@ -64,6 +66,18 @@ def redis_cluster(state_dir: Path) -> Iterator[str]:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+def machine_binary(name: str) -> str | None:
+    """``name`` on PATH, skipping the virtualenv's bin (whose redis-server, from the
+    embedded wheel, is Redis 6.2: no ``--cluster-port``)."""
+    venv_bin = (Path(sys.prefix) / "bin").resolve()
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        if folder and Path(folder).resolve() != venv_bin:
+            found = shutil.which(name, path=folder)
+            if found is not None:
+                return found
+    return None
 
 
 def _formed(port: int) -> bool:
