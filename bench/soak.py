@@ -7,7 +7,8 @@ unique prompts, cache misses, and every fourth one of five repeated prompts,
 answered from the cache). After a warm-up, every ``--every`` seconds it reads
 the resident memory (``/proc/<pid>/statm``) and CPU seconds (``/proc/<pid>/stat``)
 of every process of the suite: the supervisor, each service replica, Envoy,
-PostgreSQL (its backends summed) and Redis. At the end it stops the traffic,
+PostgreSQL (its backends summed) and Redis (not its BGSAVE fork, whose
+copy-on-write pages are the parent's). At the end it stops the traffic,
 waits for the outboxes to drain, samples once more and prints:
 
 * per process: RSS at the start (after the warm-up) and at the end, the peak,
