@@ -6,10 +6,12 @@ import asyncio
 import urllib.parse
 import uuid
 from collections.abc import Callable
+from typing import Any
 
 import grpc
 import pytest
 from redis import exceptions as redis_exc
+from redis.asyncio.cluster import RedisCluster
 
 from orchestra.cache.v1 import cache_service_pb2
 from services.cache.keyspace import stats_key
@@ -18,6 +20,7 @@ from services.common import errors
 from services.common.stores import connect_redis
 from tests.cache.builders import answer, conversation, key, lookup_request, store_request
 from tests.cache.conftest import StartCache, Stub
+from tests.conftest import CLUSTER
 
 Metadata = list[tuple[str, str]]
 StatsRequest = cache_service_pb2.GetCacheStatsRequest
@@ -95,10 +98,12 @@ async def test_counters_are_shared_by_replicas(
 
 async def test_counts_that_redis_refused_are_kept_for_the_next_write(redis_url: str) -> None:
     admin = connect_redis(redis_url)
+    # A cluster keeps ACL users per node: the user must exist on every node.
+    every_node: dict[str, Any] = {"target_nodes": RedisCluster.ALL_NODES} if CLUSTER else {}
     user = f"stats-{uuid.uuid4().hex[:8]}"
     # A connection that may not write the counters, then may.
     await admin.acl_setuser(
-        user, enabled=True, nopass=True, keys=["*"], commands=["+@all", "-hincrby"]
+        user, enabled=True, nopass=True, keys=["*"], commands=["+@all", "-hincrby"], **every_node
     )
     parts = urllib.parse.urlsplit(redis_url)  # the embedded server's URL carries a password
     secret = f":{parts.password}" if parts.password else ""
@@ -112,7 +117,9 @@ async def test_counts_that_redis_refused_are_kept_for_the_next_write(redis_url: 
         stats.count_lookup(tenant, cache_service_pb2.MATCH_KIND_UNSPECIFIED, None, 2_000)
         with pytest.raises(redis_exc.RedisError):
             await stats.flush()
-        await admin.acl_setuser(user, enabled=True, nopass=True, keys=["*"], commands=["+@all"])
+        await admin.acl_setuser(
+            user, enabled=True, nopass=True, keys=["*"], commands=["+@all"], **every_node
+        )
         counters = await stats.read(tenant)  # sends the kept counts first
         assert (counters.lookups, counters.exact_hits, counters.saved_micro_usd) == (2, 1, 100)
         assert counters.since_ms == 1_000
@@ -120,7 +127,7 @@ async def test_counts_that_redis_refused_are_kept_for_the_next_write(redis_url: 
         assert (await stats.read(tenant)).lookups == 2
     finally:
         await client.aclose()
-        await admin.acl_deluser(user)
+        await admin.acl_deluser(user, **every_node)
         await admin.delete(stats_key(tenant))
         await admin.aclose()
 
