@@ -28,7 +28,7 @@ def new_key_id() -> str:
 
 def valid_key_id(key_id: str) -> bool:
     """Whether ``key_id`` has the form ids take: ``[a-z0-9][a-z0-9-]{0,62}``."""
-    return bool(_KEY_ID.match(key_id))
+    return bool(_KEY_ID.fullmatch(key_id))
 
 
 def new_secret(key_id: str) -> str:

@@ -27,31 +27,39 @@ def invalid(field: str, message: str) -> InvalidArgument:
 
 def tenant_id(value: str, field: str) -> str:
     """Checks a tenant id: ``[a-z0-9][a-z0-9-]{1,62}``."""
-    if not _TENANT_ID.match(value):
+    if not _TENANT_ID.fullmatch(value):
         raise invalid(field, f"{field} must match [a-z0-9][a-z0-9-]{{1,62}}, got {value!r}")
     return value
 
 
 def child_id(value: str, field: str) -> str:
     """Checks a team, project or key id: ``[a-z0-9][a-z0-9-]{0,62}``."""
-    if not _CHILD_ID.match(value):
+    if not _CHILD_ID.fullmatch(value):
         raise invalid(field, f"{field} must match [a-z0-9][a-z0-9-]{{0,62}}, got {value!r}")
     return value
 
 
+def _no_nul(value: str, field: str) -> None:
+    # PostgreSQL text cannot hold NUL; stored, it would fail as INTERNAL.
+    if "\x00" in value:
+        raise invalid(field, f"{field} must not contain a NUL character")
+
+
 def display_name(value: str, field: str) -> str:
-    """Checks a display name's length."""
+    """Checks a display name's length (and that it holds no NUL)."""
     if len(value) > MAX_NAME_CHARS:
         raise invalid(field, f"{field} is longer than {MAX_NAME_CHARS} characters")
+    _no_nul(value, field)
     return value
 
 
 def required_text(value: str, field: str, max_chars: int) -> str:
-    """Checks that a free-form identifier is present and not too long."""
+    """Checks that a free-form identifier is present, not too long, without NUL."""
     if not value:
         raise invalid(field, f"{field} is required")
     if len(value) > max_chars:
         raise invalid(field, f"{field} is longer than {max_chars} characters")
+    _no_nul(value, field)
     return value
 
 

@@ -45,7 +45,37 @@ _Continuation: TypeAlias = Callable[[grpc.HandlerCallDetails], Awaitable["_Handl
 
 
 def _fields(message: Message) -> dict[str, Any]:
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+    try:
+        return json_format.MessageToDict(message, preserving_proto_field_name=True)
+    except (ValueError, json_format.Error):  # a Timestamp or Duration JSON cannot print
+        printable = type(message)()
+        printable.CopyFrom(message)
+        _clear_unprintable(printable)
+        return json_format.MessageToDict(printable, preserving_proto_field_name=True)
+
+
+def _clear_unprintable(message: Message) -> None:
+    """Clears, at any depth, the Timestamps and Durations JSON cannot print."""
+    for field, value in message.ListFields():
+        if field.message_type is None:
+            continue
+        if field.message_type.full_name in _TIME_TYPES and not field.is_repeated:
+            try:
+                value.ToJsonString()
+            except ValueError:
+                message.ClearField(field.name)
+        elif field.message_type.GetOptions().map_entry:
+            for item in value.values():
+                if isinstance(item, Message):
+                    _clear_unprintable(item)
+        elif field.is_repeated:
+            for item in value:
+                _clear_unprintable(item)
+        else:
+            _clear_unprintable(value)
+
+
+_TIME_TYPES = frozenset({"google.protobuf.Timestamp", "google.protobuf.Duration"})
 
 
 def _ids(found: dict[str, str], value: Any, depth: int = 1) -> None:

@@ -28,6 +28,23 @@ def reason_name(reason: errors_pb2.ErrorReason.ValueType) -> str:
     return errors_pb2.ErrorReason.Name(reason).removeprefix(_REASON_PREFIX)
 
 
+# A refusal may quote what the client sent ("got '...'"). Quoted in full, an
+# 8 kB value made the status (grpc-message, percent-encoded, plus
+# grpc-status-details-bin, which repeats the message) too large for the
+# client's 16 KiB metadata limit or for Envoy's response headers: the client
+# got RESOURCE_EXHAUSTED or a reset instead of the refusal. Limits in UTF-8 bytes.
+MAX_MESSAGE_BYTES = 600
+MAX_METADATA_BYTES = 200
+
+
+def clip(text: str, limit: int) -> str:
+    """``text``, cut to at most ``limit`` UTF-8 bytes, the cut marked with "..."."""
+    encoded = text.encode("utf-8", "surrogatepass")
+    if len(encoded) <= limit:
+        return text
+    return encoded[: limit - 3].decode("utf-8", "ignore") + "..."
+
+
 class OrchestraError(Exception):
     """An error with a canonical gRPC code and an ``ErrorInfo`` reason.
 
@@ -52,10 +69,11 @@ class OrchestraError(Exception):
         field: str | None = None,
         quota_subject: str | None = None,
     ) -> None:
+        message = clip(message, MAX_MESSAGE_BYTES)
         super().__init__(message)
         self.reason = reason
         self.message = message
-        self.metadata = {k: str(v) for k, v in (metadata or {}).items()}
+        self.metadata = {k: clip(str(v), MAX_METADATA_BYTES) for k, v in (metadata or {}).items()}
         self.retry_after = retry_after
         self.field = field
         self.quota_subject = quota_subject

@@ -5,6 +5,8 @@ into ``context.abort_with_status``. ``NotImplementedError`` (what the generated
 base servicer raises for an RPC a service does not offer yet) becomes
 UNIMPLEMENTED. Anything else is a bug: it is logged with an
 incident id and the client gets INTERNAL with that id, never a stack trace.
+A request whose bytes do not parse as the RPC's request message is answered
+INVALID_ARGUMENT MALFORMED_REQUEST (grpc itself would answer UNKNOWN).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 import grpc
 
 from orchestra.common.v1 import errors_pb2
-from services.common.errors import Internal, OrchestraError
+from services.common.errors import Internal, InvalidArgument, OrchestraError
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +30,22 @@ _Unary = Callable[[Any, _Context], Awaitable[Any]]
 _Stream = Callable[[Any, _Context], AsyncIterator[Any]]
 
 
+# asyncpg's character_not_in_repertoire and untranslatable_character.
+_UNSTORABLE_TEXT = frozenset({"22021", "22P05"})
+
+
 def as_error(exc: BaseException, method: str) -> OrchestraError:
     """``exc`` itself if it is an OrchestraError; anything else is a bug, logged
     with an incident id and answered as INTERNAL naming only that id."""
     if isinstance(exc, OrchestraError):
         return exc
+    if getattr(exc, "sqlstate", None) in _UNSTORABLE_TEXT:
+        # A string PostgreSQL text cannot hold (NUL) that no check caught:
+        # the client's input, not a bug.
+        return InvalidArgument(
+            errors_pb2.ERROR_REASON_INVALID_FIELD,
+            "a text field holds a character that cannot be stored (NUL)",
+        )
     incident = uuid.uuid4().hex[:12]
     log.exception("unhandled error in %s (incident %s)", method, incident, exc_info=exc)
     return Internal(
@@ -49,9 +62,53 @@ async def _abort(context: _Context, exc: BaseException, method: str) -> None:
     await context.abort_with_status(as_error(exc, method).to_status())
 
 
+class _Undecodable:
+    """What the tolerant deserializer returns for bytes that do not parse.
+
+    grpc's own answer to a deserializer error is UNKNOWN "Unexpected
+    DecodeError" with no ErrorInfo; the handler answers this with
+    INVALID_ARGUMENT MALFORMED_REQUEST instead.
+    """
+
+    __slots__ = ("complaint",)
+
+    def __init__(self, complaint: str) -> None:
+        self.complaint = complaint
+
+    def refusal(self, method: str) -> InvalidArgument:
+        return InvalidArgument(
+            errors_pb2.ERROR_REASON_MALFORMED_REQUEST,
+            f"the request is not a valid {method} request message: {self.complaint}",
+            metadata={"error": self.complaint},
+        )
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError, or a string that is not UTF-8
+            return _Undecodable(str(exc) or type(exc).__name__)
+
+    return deserialize
+
+
+async def _checked(requests: AsyncIterator[Any], method: str) -> AsyncIterator[Any]:
+    """A client stream's messages; raises at the first that did not parse."""
+    async for request in requests:
+        if type(request) is _Undecodable:
+            raise request.refusal(method)
+        yield request
+
+
 def _wrap_unary(behavior: _Unary, method: str) -> _Unary:
     async def handler(request: Any, context: _Context) -> Any:
         try:
+            if type(request) is _Undecodable:
+                raise request.refusal(method)
             return await behavior(request, context)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
@@ -61,7 +118,7 @@ def _wrap_unary(behavior: _Unary, method: str) -> _Unary:
     return handler
 
 
-def _wrap_stream(behavior: _Stream, method: str) -> _Stream:
+def _wrap_stream(behavior: _Stream, method: str, *, client_streams: bool = False) -> _Stream:
     if not inspect.isasyncgenfunction(behavior):
         # The other style grpc.aio allows: a coroutine that sends its messages
         # with context.write (grpc_health's Watch, which client-side health
@@ -70,6 +127,10 @@ def _wrap_stream(behavior: _Stream, method: str) -> _Stream:
 
     async def handler(request: Any, context: _Context) -> AsyncIterator[Any]:
         try:
+            if client_streams:
+                request = _checked(request, method)
+            elif type(request) is _Undecodable:
+                raise request.refusal(method)
             async for item in behavior(request, context):
                 yield item
         except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -98,19 +159,19 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, method),  # type: ignore[arg-type]
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(handler.unary_stream, method),  # type: ignore[arg-type]
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_stream is not None:
             return grpc.stream_stream_rpc_method_handler(
-                _wrap_stream(handler.stream_stream, method),  # type: ignore[arg-type]
-                request_deserializer=handler.request_deserializer,
+                _wrap_stream(handler.stream_stream, method, client_streams=True),  # type: ignore[arg-type]
+                request_deserializer=_tolerant(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler  # no client-streaming-only RPCs in our contracts

@@ -73,7 +73,7 @@ def validate_id(provider_id: str, field: str = "provider_id") -> str:
     """
     if not provider_id:
         raise _invalid(field, f"{field} is required")
-    if not _ID.match(provider_id):
+    if not _ID.fullmatch(provider_id):
         raise _invalid(
             field, f"{field} must be lower-case letters, digits and '-' (at most 63 characters)"
         )
@@ -120,7 +120,7 @@ def _headers(headers: Mapping[str, str]) -> dict[str, str]:
     if len(headers) > _MAX_HEADERS:
         raise _invalid("provider.headers", f"at most {_MAX_HEADERS} headers")
     for name, value in headers.items():
-        if not _HEADER_NAME.match(name) or name.lower() in _RESERVED_HEADERS:
+        if not _HEADER_NAME.fullmatch(name) or name.lower() in _RESERVED_HEADERS:
             raise _invalid("provider.headers", f"{name!r} is not an allowed header name")
         if any(c in value for c in "\r\n\0"):
             raise _invalid("provider.headers", f"the value of header {name!r} is not one line")

@@ -141,7 +141,7 @@ class BatchStore:
             Unavailable: STORE_UNAVAILABLE: Redis cannot be reached.
         """
         batch_id = request.batch_id or f"batch_{uuid.uuid4().hex[:16]}"
-        if not _ID.match(batch_id):
+        if not _ID.fullmatch(batch_id):
             raise _invalid("batch_id", "batch_id must be 1-64 characters of [A-Za-z0-9._-]")
         items = _validated_items(batch_id, request, max_request_bytes)
         if not 0 <= request.max_concurrency <= MAX_CONCURRENCY:
@@ -326,7 +326,7 @@ def _validated_items(
     items: dict[str, chat_api.ChatRequest] = {}
     for index, item in enumerate(request.items):
         field = f"items[{index}]"
-        if not _ID.match(item.custom_id):
+        if not _ID.fullmatch(item.custom_id):
             raise _invalid(
                 f"{field}.custom_id", "custom_id must be 1-64 characters of [A-Za-z0-9._-]"
             )

@@ -38,7 +38,7 @@ def validate(request: chat_service_pb2.ChatRequest, max_request_bytes: int) -> N
             f"request is {size} bytes; the limit is {max_request_bytes}",
             metadata={"limit_bytes": str(max_request_bytes), "size_bytes": str(size)},
         )
-    if request.request_id and not _REQUEST_ID.match(request.request_id):
+    if request.request_id and not _REQUEST_ID.fullmatch(request.request_id):
         raise _bad("request_id", "request_id must be 1-128 characters of [A-Za-z0-9._:-]")
     if not request.messages or not any(_has_content(m) for m in request.messages):
         raise InvalidArgument(
@@ -64,7 +64,7 @@ def validate(request: chat_service_pb2.ChatRequest, max_request_bytes: int) -> N
     if len(gen.stop) > MAX_STOP_SEQUENCES:
         raise _bad("generation.stop", f"at most {MAX_STOP_SEQUENCES} stop sequences")
     for i, tool in enumerate(request.tools):
-        if not re.match(r"^[a-zA-Z0-9_-]{1,64}$", tool.function.name):
+        if not re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", tool.function.name):
             raise _bad(f"tools[{i}].function.name", "tool names are 1-64 of [a-zA-Z0-9_-]")
     if request.routing.max_cost_micro_usd < 0:
         raise _bad("routing.max_cost_micro_usd", "max_cost_micro_usd must not be negative")
@@ -72,7 +72,7 @@ def validate(request: chat_service_pb2.ChatRequest, max_request_bytes: int) -> N
 
 def is_request_id(value: str) -> bool:
     """Whether ``value`` is a well-formed request id (1-128 of [A-Za-z0-9._:-])."""
-    return bool(_REQUEST_ID.match(value))
+    return bool(_REQUEST_ID.fullmatch(value))
 
 
 def request_id(request: chat_service_pb2.ChatRequest) -> str:

@@ -38,10 +38,12 @@ class _Broken(cache_grpc.CacheServiceServicer):
         raise NotImplementedError  # what the generated base raises for an RPC not written yet
 
     async def BatchStore(self, request: Any, context: Any) -> Any:
-        raise NotImplementedError
+        # What asyncpg raises for a string with NUL that reached PostgreSQL.
+        raise asyncpg.exceptions.CharacterNotInRepertoireError("invalid byte sequence: 0x00")
 
-    def LookupStream(self, request: Any, context: Any) -> Any:
-        raise NotImplementedError
+    async def LookupStream(self, requests: Any, context: Any) -> Any:
+        async for _ in requests:
+            yield cache_pb2.LookupResponse()
 
     async def GetCacheStats(self, request: Any, context: Any) -> Any:
         raise NotImplementedError
@@ -96,6 +98,53 @@ async def test_a_bug_is_internal_with_an_incident_id_and_no_internals(
     assert details.code == grpc.StatusCode.INTERNAL and details.reason == "INTERNAL"
     assert details.metadata["incident_id"] in details.message
     assert "passwd" not in details.message and "Traceback" not in details.message
+
+
+async def test_text_postgresql_cannot_store_is_invalid_argument(
+    serve: Callable[..., Any],
+) -> None:
+    running = await serve(_Service())
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await cache_grpc.CacheServiceStub(channel).BatchStore(cache_pb2.BatchStoreRequest())
+    details = errors.decode(raised.value)
+    assert (details.code, details.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_FIELD")
+
+
+@pytest.mark.parametrize("body", [b"\xee\xea", b"\x0a\x05ab"], ids=["corrupt", "truncated"])
+async def test_bytes_that_do_not_parse_are_malformed_request(
+    serve: Callable[..., Any], body: bytes
+) -> None:
+    running = await serve(_Service())
+    path = "/orchestra.cache.v1.CacheService/"
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        raw: Any = channel
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await raw.unary_unary(path + "Lookup")(body)
+        unary = errors.decode(raised.value)
+        # A client stream: the good message is answered, the bad one refused.
+        call = raw.stream_stream(path + "LookupStream")()
+        await call.write(cache_pb2.LookupRequest().SerializeToString())
+        assert cache_pb2.LookupResponse.FromString(await call.read()) == cache_pb2.LookupResponse()
+        await call.write(body)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await call.read()
+        streamed = errors.decode(raised.value)
+    for details in (unary, streamed):
+        assert details.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert details.reason == "MALFORMED_REQUEST" and details.metadata["error"]
+
+
+def test_a_refusal_quotes_at_most_a_few_hundred_bytes_of_what_it_was_sent() -> None:
+    value = "\u00e9" * 10_000
+    refusal = errors.InvalidArgument(
+        errors_pb2.ERROR_REASON_INVALID_FIELD, f"got {value!r}", metadata={"got": value}
+    )
+    status = refusal.to_rpc_status().SerializeToString()
+    assert len(status) < 2_000  # was about 60 kB: over a client's 16 KiB metadata limit
+    assert refusal.message.startswith("got '\u00e9") and refusal.message.endswith("...")
+    short = errors.InvalidArgument(errors_pb2.ERROR_REASON_INVALID_FIELD, "got 'x'")
+    assert short.message == "got 'x'"
 
 
 async def test_an_rpc_not_offered_yet_is_unimplemented(serve: Callable[..., Any]) -> None:

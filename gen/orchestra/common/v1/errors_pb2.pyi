@@ -36,6 +36,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """The prompt plus max_tokens does not fit the model's context window."""
     ERROR_REASON_INVALID_PAGE_TOKEN: _ErrorReason.ValueType  # 5
     """A page_token was not produced by this RPC with the same filter."""
+    ERROR_REASON_MALFORMED_REQUEST: _ErrorReason.ValueType  # 6
+    """The request body is not a valid message of the RPC's request type
+    (corrupt wire format, or a string field that is not UTF-8). Every RPC can
+    return it; metadata["error"] is the parser's complaint.
+    """
     ERROR_REASON_API_KEY_MISSING: _ErrorReason.ValueType  # 10
     """--- UNAUTHENTICATED / PERMISSION_DENIED ---
     No API key in the "authorization: Bearer …" or "x-api-key" metadata.
@@ -154,6 +159,11 @@ ERROR_REASON_CONTEXT_TOO_LONG: ErrorReason.ValueType  # 4
 """The prompt plus max_tokens does not fit the model's context window."""
 ERROR_REASON_INVALID_PAGE_TOKEN: ErrorReason.ValueType  # 5
 """A page_token was not produced by this RPC with the same filter."""
+ERROR_REASON_MALFORMED_REQUEST: ErrorReason.ValueType  # 6
+"""The request body is not a valid message of the RPC's request type
+(corrupt wire format, or a string field that is not UTF-8). Every RPC can
+return it; metadata["error"] is the parser's complaint.
+"""
 ERROR_REASON_API_KEY_MISSING: ErrorReason.ValueType  # 10
 """--- UNAUTHENTICATED / PERMISSION_DENIED ---
 No API key in the "authorization: Bearer …" or "x-api-key" metadata.
